@@ -1,0 +1,3 @@
+from ti_trainer.cli import main
+
+raise SystemExit(main())

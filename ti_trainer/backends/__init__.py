@@ -1,0 +1,1 @@
+"""Backends wrap one loaded model and expose what training needs (DESIGN.md, Layers)."""

@@ -1,0 +1,133 @@
+"""The standalone backend: diffusers' UNet and VAE with a transformers CLIP text encoder.
+
+Its text path follows the WebUI's rules (conditioning.py), so an embedding trained here behaves the same in
+A1111: SD 2.x uses the penultimate layer + final norm and pads with id 0 after the end token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ti_trainer.backends.base import LatentDistribution, PreviewRequest
+from ti_trainer.conditioning import (
+    PromptChunker,
+    PromptEncoder,
+    TextRules,
+    TokenIds,
+    injected_token_embedding,
+)
+from ti_trainer.diffusion import NoiseSchedule
+
+SAMPLERS = ("Euler a", "Euler", "DDIM", "DPM++ 2M")
+
+
+class DiffusersBackend:
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        vae: torch.nn.Module,
+        text_encoder: torch.nn.Module,
+        tokenize: Callable[[list[str]], list[list[int]]],
+        token_ids: TokenIds,
+        schedule: NoiseSchedule,
+        penultimate: bool,
+        model_name: str,
+        model_hash: str | None = None,
+        device: torch.device | str = "cpu",
+        rules: TextRules | None = None,
+    ):
+        self.device = torch.device(device)
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        for module in (unet, vae, text_encoder):
+            module.requires_grad_(False)  # only the embedding learns (DESIGN invariant 2)
+            module.eval()
+            module.to(self.device)
+        self.schedule = schedule
+        self.penultimate = penultimate
+        self.model_name = model_name
+        self.model_hash = model_hash
+        self.tokenize = tokenize
+        self.latent_scale = float(getattr(vae.config, "scaling_factor", 0.18215))
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.text_width = int(text_encoder.config.hidden_size)
+        # transformers 4.x nests the layers under `.text_model`; 5.x puts them on the model itself.
+        self._text_model = getattr(text_encoder, "text_model", text_encoder)
+        embeddings = self._text_model.embeddings
+        # We own this model, so the injecting wrapper stays installed; with no fixes it is the plain layer.
+        self._injection = injected_token_embedding(embeddings, "token_embedding")
+        injector = self._injection.__enter__()
+        self.prompt_encoder = PromptEncoder(
+            PromptChunker(tokenize, token_ids, rules), injector, self._encode_chunk, self.device
+        )
+
+    @property
+    def token_embedding_weight(self) -> torch.Tensor:
+        return self._text_model.embeddings.token_embedding.weight
+
+    def token_vectors(self, text: str) -> torch.Tensor:
+        ids = self.tokenize([text])[0]
+        return self.token_embedding_weight[torch.tensor(ids, dtype=torch.long)].detach().float().cpu()
+
+    def _encode_chunk(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.penultimate:
+            out = self.text_encoder(input_ids=tokens, output_hidden_states=True)
+            return self._text_model.final_layer_norm(out.hidden_states[-2])
+        return self.text_encoder(input_ids=tokens).last_hidden_state
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> LatentDistribution:
+        dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+        return LatentDistribution(
+            (dist.mean * self.latent_scale).float().cpu(), (dist.std * self.latent_scale).float().cpu()
+        )
+
+    def predict(
+        self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor
+    ) -> torch.Tensor:
+        dtype = self.unet.dtype
+        return self.unet(noisy_latents.to(dtype), timesteps, encoder_hidden_states=cond.to(dtype)).sample
+
+    @torch.no_grad()
+    def render(self, request: PreviewRequest) -> Image.Image:
+        scheduler = self._scheduler(request.sampler)
+        scheduler.set_timesteps(request.steps)
+        generator = torch.Generator().manual_seed(int(request.seed))
+        factor = self.vae_scale_factor
+        shape = (1, self.unet.config.in_channels, request.height // factor, request.width // factor)
+        latents = torch.randn(shape, generator=generator).to(self.device) * scheduler.init_noise_sigma
+        cond = self.prompt_encoder([request.prompt], request.vectors)
+        uncond = self.prompt_encoder([request.negative_prompt], request.vectors)
+        for t in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(latents, t)
+            with_text = self.predict(model_input, t, cond).float()
+            without_text = self.predict(model_input, t, uncond).float()
+            guided = without_text + request.cfg_scale * (with_text - without_text)
+            latents = scheduler.step(guided, t, latents, generator=generator).prev_sample
+        pixels = self.vae.decode((latents / self.latent_scale).to(self.vae.dtype)).sample
+        array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+        return Image.fromarray(np.ascontiguousarray(array))
+
+    def _scheduler(self, sampler: str):
+        import diffusers
+
+        classes = {
+            "Euler a": diffusers.EulerAncestralDiscreteScheduler,
+            "Euler": diffusers.EulerDiscreteScheduler,
+            "DDIM": diffusers.DDIMScheduler,
+            "DPM++ 2M": diffusers.DPMSolverMultistepScheduler,
+        }
+        cls = classes.get(sampler, diffusers.EulerAncestralDiscreteScheduler)
+        alphas = self.schedule.alphas_cumprod.double()
+        betas = 1 - alphas / torch.cat([torch.ones(1, dtype=alphas.dtype), alphas[:-1]])
+        prediction = "v_prediction" if self.schedule.parameterization == "v" else "epsilon"
+        return cls(
+            num_train_timesteps=len(betas),
+            trained_betas=betas.numpy(),
+            prediction_type=prediction,
+            timestep_spacing="leading",
+            steps_offset=1,
+        )

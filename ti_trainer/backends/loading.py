@@ -1,0 +1,100 @@
+"""Pick and load the standalone backend: the built-in tiny model, a diffusers folder, or a checkpoint file."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from ti_trainer.errors import UserError
+
+TINY = "tiny"
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_backend(model: str = TINY, device: str = "auto", parameterization: str | None = None):
+    """`model` is "tiny", a diffusers folder, or a single-file .safetensors/.ckpt checkpoint."""
+    target = resolve_device(device)
+    if model == TINY:
+        from ti_trainer.backends.tiny import tiny_backend
+
+        return tiny_backend(parameterization or "v", device=target)
+    path = Path(model)
+    if not path.exists():
+        raise UserError(f"Model not found: {model}. Give a checkpoint file, a diffusers folder, or 'tiny'.")
+    return _load_pipeline_backend(path, target, parameterization)
+
+
+def _load_pipeline_backend(path: Path, device: torch.device, parameterization: str | None):
+    try:
+        import diffusers
+    except ImportError as error:
+        raise UserError(
+            "The standalone trainer needs diffusers and transformers: pip install 'ti_trainer[standalone]'"
+        ) from error
+    try:
+        if path.is_dir():
+            pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+                str(path), safety_checker=None, requires_safety_checker=False, local_files_only=True
+            )
+        else:
+            pipe = diffusers.StableDiffusionPipeline.from_single_file(str(path))
+    except Exception as error:  # diffusers raises many types; the user needs the reason, not the class
+        raise UserError(
+            f"Could not load {path}: {error}. A single-file checkpoint needs its model configuration, which "
+            "diffusers fetches from the Hugging Face hub the first time; load it once online, or convert it to "
+            "a diffusers folder and pass that folder."
+        ) from error
+    return pipeline_backend(pipe, path, device, parameterization)
+
+
+def pipeline_backend(pipe, source: Path, device: torch.device, parameterization: str | None):
+    from ti_trainer.backends.diffusers_backend import DiffusersBackend
+    from ti_trainer.conditioning import TokenIds
+    from ti_trainer.diffusion import NoiseSchedule
+
+    tokenizer = pipe.tokenizer
+    is_sd2 = int(pipe.text_encoder.config.hidden_size) == 1024
+    prediction = parameterization or (
+        "v" if pipe.scheduler.config.get("prediction_type") == "v_prediction" else "eps"
+    )
+    alphas = torch.tensor(pipe.scheduler.alphas_cumprod, dtype=torch.float64)
+    vocab = tokenizer.get_vocab()
+
+    def tokenize(texts: list[str]) -> list[list[int]]:
+        return [tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"] for text in texts]
+
+    ids = TokenIds(
+        start=tokenizer.bos_token_id,
+        end=tokenizer.eos_token_id,
+        # SD 2.x pads with id 0 after the end token; SD 1.x keeps padding with the end token.
+        pad=0 if is_sd2 else tokenizer.eos_token_id,
+        comma=vocab.get(",</w>", -1),
+    )
+    return DiffusersBackend(
+        pipe.unet,
+        pipe.vae,
+        pipe.text_encoder,
+        tokenize,
+        ids,
+        NoiseSchedule(alphas, prediction),
+        penultimate=is_sd2,
+        model_name=source.stem.replace("/", "_"),
+        model_hash=checkpoint_short_hash(source) if source.is_file() else None,
+        device=device,
+    )
+
+
+def checkpoint_short_hash(path: Path) -> str:
+    """A1111's checkpoint short hash: the first 10 hex digits of the file's sha256."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:10]

@@ -1,0 +1,112 @@
+"""`TrainConfig`: the single description of a run. The UI, CLI, API and the saved settings JSON all use it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ti_trainer.errors import UserError
+
+LATENT_SAMPLING = ("once", "deterministic", "random")
+CLIP_MODES = ("disabled", "value", "norm")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    # What to train, on what
+    embedding_name: str = ""
+    data_dir: str = ""
+    embeddings_dir: str = "embeddings"
+    log_dir: str = "textual_inversion"
+    template: str = "style_filewords.txt"
+    templates_dirs: list[str] = field(default_factory=list)
+    # Optimisation (A1111's Train tab and defaults, reference/a1111.md §1.11)
+    learn_rate: str = "0.005"
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    max_steps: int = 3000
+    clip_grad_mode: str = "disabled"
+    clip_grad_value: str = "0.1"
+    weight_decay: float = 0.0
+    # Data
+    width: int = 512
+    height: int = 512
+    keep_size: bool = False  # A1111's "Do not resize images": every distinct size is its own bucket
+    aspect_buckets: bool = False  # resize each image to the bucket nearest its aspect ratio (A1111 #6507)
+    latent_sampling: str = "once"
+    shuffle_tags: bool = False
+    tag_dropout: float = 0.0
+    use_alpha_weight: bool = False
+    filename_regex: str = ""
+    filename_join: str = " "
+    # Saving
+    save_every: int = 50
+    preview_every: int = 50
+    write_csv_every: int = 1
+    save_image_with_embedding: bool = True
+    save_optimizer_state: bool = True
+    # Previews: an empty prompt means "the first caption of the current batch", as in A1111
+    preview_prompt: str = ""
+    preview_negative_prompt: str = ""
+    preview_steps: int = 20
+    preview_sampler: str = "Euler a"
+    preview_cfg_scale: float = 7.0
+    # A fixed preview seed (not A1111's -1) so previews of different steps differ only by the embedding.
+    preview_seed: int = 1
+    preview_width: int = 0  # 0 = training width
+    preview_height: int = 0
+    # Reproducibility and numerics
+    seed: int | None = None  # None: chosen at start and recorded in the settings and the .optim file
+    precision: str = "auto"
+
+    def validate(self) -> None:
+        """Check everything that can be checked without the model or the images."""
+        problems = []
+        if self.batch_size < 1:
+            problems.append(f"Batch size must be at least 1 (got {self.batch_size}).")
+        if self.gradient_accumulation < 1:
+            problems.append(
+                f"Gradient accumulation steps must be at least 1 (got {self.gradient_accumulation})."
+            )
+        if self.max_steps < 1:
+            problems.append(f"Max steps must be at least 1 (got {self.max_steps}).")
+        for name in ("save_every", "preview_every", "write_csv_every"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be 0 (off) or a positive number of steps.")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value < 64 or value % 8:
+                problems.append(f"Training {name} must be a multiple of 8 and at least 64 (got {value}).")
+        if self.latent_sampling not in LATENT_SAMPLING:
+            problems.append(f"Latent sampling must be one of {', '.join(LATENT_SAMPLING)}.")
+        if self.clip_grad_mode not in CLIP_MODES:
+            problems.append(f"Gradient clipping must be one of {', '.join(CLIP_MODES)}.")
+        if not 0.0 <= self.tag_dropout <= 1.0:
+            problems.append(f"Tag dropout is a probability between 0 and 1 (got {self.tag_dropout}).")
+        if self.precision not in PRECISIONS:
+            problems.append(f"Precision must be one of {', '.join(PRECISIONS)}.")
+        if self.keep_size and self.aspect_buckets:
+            problems.append("Choose either 'keep size' or 'aspect-ratio buckets', not both.")
+        if problems:
+            raise UserError("\n".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+    @classmethod
+    def from_settings_file(cls, path: Path) -> TrainConfig:
+        """Read a run's settings JSON (ours, written beside its log) back into a config."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise UserError(f"Could not read the settings file {path}: {error}") from error
+        return cls.from_dict(data.get("ti_trainer_config", data))

@@ -1,0 +1,40 @@
+"""Create a new embedding file from initialization text (reference/a1111.md §1.4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ti_trainer.embedding import Embedding, vectors_from_init
+from ti_trainer.embedding_files import save_embedding
+from ti_trainer.errors import UserError
+from ti_trainer.fsutil import confined_path, validate_embedding_name
+
+MAX_VECTORS = 75  # one chunk of prompt tokens
+
+
+def existing_embedding_file(embeddings_dir: Path, name: str) -> Path | None:
+    for suffix in (".pt", ".safetensors"):
+        path = confined_path(Path(embeddings_dir), name, suffix)
+        if path.is_file():
+            return path
+    return None
+
+
+def create_embedding(
+    backend, name: str, init_text: str, num_vectors: int, embeddings_dir: Path, overwrite: bool = False
+) -> Path:
+    """Write `<embeddings_dir>/<name>.pt` at step 0, initialised from `init_text`'s token embeddings."""
+    name = validate_embedding_name(name)
+    if not 1 <= num_vectors <= MAX_VECTORS:
+        raise UserError(f"Vectors per token must be between 1 and {MAX_VECTORS} (got {num_vectors}).")
+    embeddings_dir = Path(embeddings_dir)
+    existing = existing_embedding_file(embeddings_dir, name)
+    if existing and not overwrite:
+        raise UserError(
+            f"An embedding named {name!r} already exists: {existing}. Choose another name, or overwrite it "
+            "(--overwrite / 'Overwrite old embedding')."
+        )
+    init = backend.token_vectors(init_text) if init_text else None
+    embedding = Embedding(name, vectors_from_init(init, num_vectors, backend.text_width), step=0)
+    path = confined_path(embeddings_dir, name, ".pt")
+    return save_embedding(embedding, path)

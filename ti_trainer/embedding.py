@@ -1,0 +1,56 @@
+"""The in-memory embedding and how A1111 initialises one from text (reference/a1111.md §1.1, §1.4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Embedding:
+    """An embedding's vectors and the metadata A1111 keeps beside them.
+
+    `vectors` is a float32 tensor `[num_vectors, width]` (width 1024 for SD 2.x, 768 for SD 1.x).
+    `step` is the number of optimizer steps it has been trained for.
+    """
+
+    name: str
+    vectors: torch.Tensor
+    step: int = 0
+    sd_checkpoint: str | None = None
+    sd_checkpoint_name: str | None = None
+
+    @property
+    def num_vectors(self) -> int:
+        return int(self.vectors.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.vectors.shape[-1])
+
+    def checksum(self) -> str:
+        return vectors_checksum(self.vectors)
+
+
+def vectors_from_init(init_token_vectors: torch.Tensor, num_vectors: int, width: int) -> torch.Tensor:
+    """A1111's initial vectors: row i copies init token floor(i*T/num_vectors).
+
+    Fewer tokens than vectors repeats each token in blocks (T=2, n=4 -> 0,0,1,1); more tokens than vectors
+    strides through them (T=4, n=2 -> 0,2). No init tokens gives zeros.
+    """
+    if num_vectors < 1:
+        raise ValueError("num_vectors must be at least 1")
+    vectors = torch.zeros(num_vectors, width, dtype=torch.float32)
+    tokens = init_token_vectors.shape[0] if init_token_vectors is not None else 0
+    for i in range(num_vectors if tokens else 0):
+        vectors[i] = init_token_vectors[i * tokens // num_vectors].detach().float().cpu()
+    return vectors
+
+
+def vectors_checksum(vectors: torch.Tensor) -> str:
+    """A1111's 4-hex-digit checksum of the values, used to pair a `.optim` file with its embedding."""
+    r = 0
+    for value in (vectors.detach().float().cpu().reshape(-1) * 100).tolist():
+        r = ((r * 281) ^ (int(value) * 997)) & 0xFFFFFFFF
+    return f"{r & 0xFFFF:04x}"

@@ -1,0 +1,184 @@
+"""Embedding files in every format A1111 reads, written the way A1111 writes them (reference/a1111.md §1.2).
+
+Loading never unpickles arbitrary objects: `.pt`/`.bin` go through `torch.load(weights_only=True)`, which
+admits only containers, primitives and tensors (what A1111's own safe unpickler admits), safetensors hold
+tensors only, and images carry JSON.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ti_trainer.embedding import Embedding
+from ti_trainer.errors import UserError
+from ti_trainer.fsutil import atomic_write
+
+IMAGE_SUFFIXES = (".png", ".webp", ".jxl", ".avif")
+TENSOR_SUFFIXES = (".pt", ".bin", ".safetensors")
+
+# Written by A1111 for every embedding: the token id of "*" in SD1's CLIP vocabulary, a legacy of the
+# original textual_inversion code. Kept for files that older tools read.
+_LEGACY_STRING_TO_TOKEN = {"*": 265}
+
+
+def embedding_to_dict(embedding: Embedding) -> dict[str, Any]:
+    """The six keys A1111 writes, holding only primitives and a plain float32 CPU tensor."""
+    return {
+        "string_to_token": dict(_LEGACY_STRING_TO_TOKEN),
+        "string_to_param": {"*": embedding.vectors.detach().to("cpu", torch.float32).clone().contiguous()},
+        "name": embedding.name,
+        "step": int(embedding.step),
+        "sd_checkpoint": embedding.sd_checkpoint,
+        "sd_checkpoint_name": embedding.sd_checkpoint_name,
+    }
+
+
+def save_embedding(embedding: Embedding, path: Path) -> Path:
+    """Write `.pt` (A1111's dict) or `.safetensors` (one tensor; metadata as strings) atomically."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import save_file
+
+        tensors = {"emb_params": embedding_to_dict(embedding)["string_to_param"]["*"]}
+        metadata = {"name": embedding.name, "step": str(int(embedding.step))}
+        for key in ("sd_checkpoint", "sd_checkpoint_name"):
+            if getattr(embedding, key):
+                metadata[key] = str(getattr(embedding, key))
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    if path.suffix.lower() != ".pt":
+        raise UserError(f"Cannot save an embedding as {path.name}: use a .pt or .safetensors file name.")
+    data = embedding_to_dict(embedding)
+    return atomic_write(path, lambda tmp: torch.save(data, tmp))
+
+
+def load_embedding(path: Path) -> Embedding:
+    """Read any embedding A1111 reads; raise UserError naming the file when it is not one."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise UserError(f"Embedding file not found: {path}")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is empty (0 bytes): it is not an embedding. Delete it or train again.")
+    default_name = path.stem
+    if suffix in IMAGE_SUFFIXES:
+        from ti_trainer.image_embedding import extract_embedding_data
+
+        data = extract_embedding_data(path)
+        if data is None:
+            raise UserError(f"{path} is an image without an embedding in it (no sd-ti-embedding data).")
+        default_name = data.get("name") or default_name
+    elif suffix == ".safetensors":
+        data = _load_safetensors(path)
+    elif suffix in (".pt", ".bin"):
+        data = _load_torch(path)
+    else:
+        raise UserError(
+            f"{path.name}: not an embedding file. Use .pt, .bin, .safetensors or a .png with one."
+        )
+    return embedding_from_data(data, default_name, path)
+
+
+def _load_torch(path: Path) -> dict:
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, AttributeError) as error:
+        raise UserError(
+            f"{path} could not be read as an embedding: {str(error).splitlines()[0]}. It may be damaged, or hold "
+            "objects other than tensors, which are not loaded for safety."
+        ) from error
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a {type(data).__name__}, not an embedding dictionary.")
+    return data
+
+
+def _load_safetensors(path: Path) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            data: dict[str, Any] = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            metadata = handle.metadata() or {}
+    except Exception as error:  # safetensors raises its own error types across versions
+        raise UserError(f"{path} could not be read as safetensors: {error}") from error
+    meta = {key: metadata[key] for key in ("name", "sd_checkpoint", "sd_checkpoint_name") if key in metadata}
+    if "step" in metadata and metadata["step"].isdigit():
+        meta["step"] = int(metadata["step"])
+    return {"__tensors__": data, **meta}
+
+
+def embedding_from_data(data: dict, default_name: str, source: Path | str = "") -> Embedding:
+    """Interpret the dict shapes A1111 accepts: `string_to_param`, SDXL `clip_g`/`clip_l`, or one tensor."""
+    tensors = data.pop("__tensors__", None) if "__tensors__" in data else None
+    if tensors is None and "string_to_param" in data:
+        params = data["string_to_param"]
+        params = getattr(params, "_parameters", params)  # legacy torch ParameterDict
+        if len(params) != 1:
+            raise UserError(
+                f"{source}: the embedding holds {len(params)} terms; A1111 embeddings hold exactly one."
+            )
+        vectors = next(iter(params.values()))
+    else:
+        tensors = (
+            tensors if tensors is not None else {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+        )
+        if "clip_g" in tensors and "clip_l" in tensors:
+            raise UserError(
+                f"{source} is an SDXL embedding (clip_g/clip_l); this trainer works with SD 1.x/2.x."
+            )
+        if len(tensors) != 1:
+            raise UserError(
+                f"{source}: expected one tensor, found {len(tensors)} ({', '.join(sorted(tensors)) or 'none'}). "
+                "A1111 would not load this file either."
+            )
+        vectors = next(iter(tensors.values()))
+    if not isinstance(vectors, torch.Tensor):
+        raise UserError(f"{source}: the embedding's vectors are not a tensor.")
+    vectors = vectors.detach().to("cpu", torch.float32)
+    if vectors.dim() == 1:
+        vectors = vectors.unsqueeze(0)
+    if vectors.dim() != 2:
+        raise UserError(f"{source}: vectors have shape {tuple(vectors.shape)}; expected [vectors, width].")
+    step = data.get("step")
+    return Embedding(
+        name=str(data.get("name") or default_name),
+        vectors=vectors.clone(),
+        step=int(step) if isinstance(step, int) else 0,
+        sd_checkpoint=data.get("sd_checkpoint"),
+        sd_checkpoint_name=data.get("sd_checkpoint_name"),
+    )
+
+
+def optimizer_state_path(embedding_path: Path) -> Path:
+    """A1111's sibling name: `foo.pt` -> `foo.pt.optim`."""
+    embedding_path = Path(embedding_path)
+    return embedding_path.with_name(embedding_path.name + ".optim")
+
+
+def save_optimizer_state(
+    embedding: Embedding, embedding_path: Path, state: dict, extra: dict | None = None
+) -> Path:
+    """Write `<file>.optim` with A1111's keys (`hash`, `optimizer_state_dict`) plus our resume keys."""
+    data = {"hash": embedding.checksum(), "optimizer_state_dict": state}
+    if extra:
+        data["ti_trainer"] = extra
+    path = optimizer_state_path(embedding_path)
+    return atomic_write(path, lambda tmp: torch.save(data, tmp))
+
+
+def load_optimizer_state(embedding: Embedding, embedding_path: Path) -> dict | None:
+    """The `.optim` beside the file if it belongs to these vectors (A1111's checksum rule), else None."""
+    path = optimizer_state_path(embedding_path)
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a damaged optimizer file only costs the optimizer's momentum: start it afresh
+        return None
+    if not isinstance(data, dict) or data.get("hash") != embedding.checksum():
+        return None
+    return data

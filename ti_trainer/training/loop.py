@@ -1,0 +1,250 @@
+"""The training loop: one function you can read top to bottom.
+
+Only the embedding's vectors learn: the backend's weights are frozen, and AdamW holds the vectors alone.
+Every random draw (images in a batch, prompt template and tags, noise, timesteps) comes from generators seeded
+by (seed, micro-batch index), so a run resumed from a saved step ends with the same vectors as one that never
+stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ti_trainer.backends.base import PreviewRequest
+from ti_trainer.config import TrainConfig
+from ti_trainer.dataset import TrainingData, encode_dataset, prepare_images
+from ti_trainer.diffusion import denoising_loss, noisy_latents_and_target
+from ti_trainer.errors import UserError
+from ti_trainer.training import outputs
+from ti_trainer.training.precision import autocast, grad_scaler, resolve_precision
+from ti_trainer.training.prepare import PreparedRun, prepare_run
+
+MAX_CONSECUTIVE_BAD_STEPS = 10
+
+
+@dataclass
+class StepReport:
+    step: int
+    end_step: int
+    loss: float
+    learn_rate: float
+    epoch: int
+    skipped: bool
+    seconds: float
+
+
+@dataclass
+class TrainingHooks:
+    """How a host follows and steers a run. All optional."""
+
+    on_step: Callable[[StepReport], None] = lambda report: None
+    on_message: Callable[[str], None] = print
+    should_stop: Callable[[], bool] = lambda: False
+    render_preview: Callable[[PreviewRequest], Image.Image | None] | None = None
+    on_saved: Callable[[Path], None] = lambda path: None
+    on_preview: Callable[[Path], None] = lambda path: None
+
+
+@dataclass
+class TrainResult:
+    embedding_path: Path
+    log_folder: Path
+    steps_done: int
+    interrupted: bool
+    skipped_steps: list[int] = field(default_factory=list)
+    last_loss: float = float("nan")
+
+    @property
+    def summary(self) -> str:
+        state = "interrupted" if self.interrupted else "finished"
+        text = f"Training {state} at {self.steps_done} steps. Embedding saved to {self.embedding_path}"
+        if self.skipped_steps:
+            text += f" ({len(self.skipped_steps)} step(s) skipped for a non-finite loss)"
+        return text
+
+
+def step_generator(seed: int, micro_index: int) -> torch.Generator:
+    """A generator for one micro-batch, derived from the run's seed by an explicit (version-stable) mix."""
+    mixed = (seed * 6364136223846793005 + (micro_index + 1) * 1442695040888963407) % (2**63)
+    return torch.Generator().manual_seed(mixed)
+
+
+def train(config: TrainConfig, backend, hooks: TrainingHooks | None = None) -> TrainResult:
+    hooks = hooks or TrainingHooks()
+    run = prepare_run(config, backend)  # every check that needs no GPU work
+    for message in run.messages:
+        hooks.on_message(message)
+
+    folders = outputs.RunFolders.for_run(config.log_dir, run.embedding.name)
+    run.embedding.sd_checkpoint = backend.model_hash
+    run.embedding.sd_checkpoint_name = backend.model_name
+
+    prepared = prepare_images(
+        run.folder.images, config.width, config.height, config.keep_size, config.aspect_buckets
+    )
+    images = encode_dataset(backend, prepared, config.latent_sampling, config.use_alpha_weight, run.seed)
+    data = TrainingData(images, config.batch_size, config.gradient_accumulation, run.seed)
+    outputs.write_settings(
+        folders,
+        config,
+        {
+            "model_name": backend.model_name,
+            "model_hash": backend.model_hash,
+            "num_of_dataset_images": len(images),
+            "num_vectors_per_token": run.embedding.num_vectors,
+            "initial_step": run.initial_step,
+            "template_file": str(run.template.path),
+        },
+    )
+    loss_log = outputs.LossLog(folders.loss_csv, data.steps_per_epoch, run.initial_step)
+    return _loop(run, backend, hooks, folders, data, loss_log)
+
+
+def _loop(run: PreparedRun, backend, hooks, folders, data: TrainingData, loss_log) -> TrainResult:
+    config, embedding, name = run.config, run.embedding, run.embedding.name
+    device = backend.device
+    precision = resolve_precision(config.precision, device)
+    vectors = embedding.vectors.to(device).requires_grad_(True)
+    optimizer = torch.optim.AdamW(
+        [vectors], lr=run.learn_rate.value_at(run.initial_step), weight_decay=config.weight_decay
+    )
+    if run.optimizer_state is not None:
+        optimizer.load_state_dict(run.optimizer_state["optimizer_state_dict"])
+        hooks.on_message(f"Loaded optimizer state from {run.embedding_path.name}.optim")
+    scaler = grad_scaler(precision, device)
+    accumulation = data.gradient_accumulation
+    resume_state = {"seed": run.seed}
+
+    def optimizer_state() -> dict | None:
+        return optimizer.state_dict() if config.save_optimizer_state else None
+
+    def sync_embedding(step: int) -> None:
+        embedding.vectors = vectors.detach().float().cpu().clone()
+        embedding.step = step
+
+    step, skipped, bad_in_a_row, interrupted, loss_value = run.initial_step, [], 0, False, float("nan")
+    for step_index in range(run.initial_step, run.end_step):
+        if hooks.should_stop():
+            interrupted = True
+            break
+        started = time.perf_counter()
+        learn_rate = run.learn_rate.value_at(step_index)
+        for group in optimizer.param_groups:
+            group["lr"] = learn_rate
+        optimizer.zero_grad(set_to_none=True)
+
+        loss_value, first_prompt = 0.0, ""
+        for micro in range(accumulation):
+            micro_index = step_index * accumulation + micro
+            generator = step_generator(run.seed, micro_index)
+            batch = data.micro_batch(micro_index, generator)
+            prompt_rng = random.Random(f"prompt:{run.seed}:{micro_index}")
+            prompts = [run.prompts(caption, prompt_rng) for caption in batch.captions]
+            first_prompt = first_prompt or prompts[0]
+            latents = batch.latents.to(device)
+            noise = torch.randn(latents.shape, generator=generator).to(device)
+            timesteps = torch.randint(
+                0, backend.schedule.num_timesteps, (latents.shape[0],), generator=generator
+            )
+            noisy, target = noisy_latents_and_target(backend.schedule, latents, noise, timesteps.to(device))
+            with autocast(precision, device):
+                cond = backend.prompt_encoder(prompts, {name: vectors})
+                prediction = backend.predict(noisy, timesteps.to(device), cond)
+            # Averaged over the accumulation group, so the step's loss is the mean of its micro-batches.
+            loss = denoising_loss(prediction, target, batch.weights) / accumulation
+            (scaler.scale(loss) if scaler else loss).backward()
+            loss_value += loss.item()
+
+        if scaler:
+            scaler.unscale_(optimizer)  # clip thresholds are in true gradient units, unlike A1111's
+        gradient = vectors.grad
+        finite = math.isfinite(loss_value) and gradient is not None and bool(torch.isfinite(gradient).all())
+        if step_index == run.initial_step and finite and not gradient.abs().sum() > 0:
+            raise UserError(
+                f"No gradient reached {name!r}: its vectors would never change. Check that the prompt template "
+                "puts [name] in every prompt and that the model's text encoder is the one the embedding is for."
+            )
+        if finite:
+            if run.clip_value is not None:
+                limit = run.clip_value.value_at(step_index)
+                if config.clip_grad_mode == "value":
+                    torch.nn.utils.clip_grad_value_([vectors], limit)
+                else:
+                    torch.nn.utils.clip_grad_norm_([vectors], limit)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            bad_in_a_row = 0
+        else:
+            # A NaN/inf never reaches the vectors: the update is dropped and the last good vectors kept.
+            if scaler:
+                scaler.update()
+            skipped.append(step_index + 1)
+            bad_in_a_row += 1
+            hooks.on_message(
+                f"Step {step_index + 1}: the loss was not finite; update skipped, vectors unchanged."
+            )
+            if bad_in_a_row >= MAX_CONSECUTIVE_BAD_STEPS:
+                sync_embedding(step_index + 1 - bad_in_a_row)
+                outputs.save_current(embedding, run.embedding_path, optimizer_state(), resume_state)
+                raise UserError(
+                    f"{bad_in_a_row} steps in a row gave a non-finite loss; training stopped and the last good "
+                    f"vectors were saved to {run.embedding_path}. Lower the learning rate, or train in fp32/bf16."
+                )
+        step = step_index + 1
+        sync_embedding(step)
+        epoch = (step - 1) // max(1, data.steps_per_epoch)
+        hooks.on_step(
+            StepReport(
+                step, run.end_step, loss_value, learn_rate, epoch, not finite, time.perf_counter() - started
+            )
+        )
+        if config.write_csv_every and step % config.write_csv_every == 0 and finite:
+            loss_log.write(step, loss_value, learn_rate)
+        if config.save_every and step % config.save_every == 0:
+            hooks.on_saved(outputs.save_step_copy(folders, embedding, optimizer_state(), resume_state))
+            outputs.save_current(embedding, run.embedding_path, optimizer_state(), resume_state)
+        if config.preview_every and step % config.preview_every == 0:
+            _preview(run, backend, hooks, folders, first_prompt)
+
+    sync_embedding(step)
+    outputs.save_current(embedding, run.embedding_path, optimizer_state(), resume_state)
+    hooks.on_saved(run.embedding_path)
+    return TrainResult(run.embedding_path, folders.root, step, interrupted, skipped, loss_value)
+
+
+def _preview(run: PreparedRun, backend, hooks: TrainingHooks, folders, batch_prompt: str) -> None:
+    config, embedding = run.config, run.embedding
+    request = PreviewRequest(
+        prompt=config.preview_prompt or batch_prompt,
+        negative_prompt=config.preview_negative_prompt,
+        steps=config.preview_steps,
+        cfg_scale=config.preview_cfg_scale,
+        seed=config.preview_seed,
+        width=config.preview_width or config.width,
+        height=config.preview_height or config.height,
+        sampler=config.preview_sampler,
+        vectors={embedding.name: embedding.vectors},
+    )
+    render = hooks.render_preview or backend.render
+    image = render(request)
+    if image is None:
+        return
+    infotext = (
+        f"{request.prompt}\nNegative prompt: {request.negative_prompt}\nSteps: {request.steps}, Sampler: "
+        f"{request.sampler}, CFG scale: {request.cfg_scale}, Seed: {request.seed}, Size: {request.width}x"
+        f"{request.height}, Model: {embedding.sd_checkpoint_name}"
+    )
+    hooks.on_preview(outputs.save_preview(folders, embedding, image, infotext))
+    if config.save_image_with_embedding:
+        outputs.save_preview_with_embedding(folders, embedding, image)

@@ -1,0 +1,161 @@
+"""Everything a run writes, in A1111's log layout (reference/a1111.md §1.5, §1.10, §8).
+
+`<log_dir>/<YYYY-MM-DD>/<name>/` holds `embeddings/<name>-<step>.pt`, `images/<name>-<step>.png`,
+`image_embeddings/<name>-<step>.png`, `textual_inversion_loss.csv` and `settings-<datetime>.json`.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+from ti_trainer.config import TrainConfig
+from ti_trainer.embedding import Embedding
+from ti_trainer.embedding_files import embedding_to_dict, save_embedding, save_optimizer_state
+from ti_trainer.fsutil import atomic_write, atomic_write_text
+
+LOSS_CSV = "textual_inversion_loss.csv"
+LOSS_COLUMNS = ("step", "epoch", "epoch_step", "loss", "learn_rate")
+
+
+@dataclass
+class RunFolders:
+    root: Path
+
+    @property
+    def embeddings(self) -> Path:
+        return self.root / "embeddings"
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def image_embeddings(self) -> Path:
+        return self.root / "image_embeddings"
+
+    @property
+    def loss_csv(self) -> Path:
+        return self.root / LOSS_CSV
+
+    @classmethod
+    def for_run(cls, log_dir: str | Path, name: str, today: datetime.date | None = None) -> RunFolders:
+        day = (today or datetime.date.today()).strftime("%Y-%m-%d")
+        folders = cls(Path(log_dir) / day / name)
+        folders.root.mkdir(parents=True, exist_ok=True)
+        return folders
+
+
+def write_settings(folders: RunFolders, config: TrainConfig, extra: dict) -> Path:
+    """A1111's settings keys (so its readers work) plus our whole config, which reproduces the run."""
+    now = datetime.datetime.now()
+    data = {
+        "datetime": now.strftime("%Y-%m-%d %H:%M:%S"),
+        "embedding_name": config.embedding_name,
+        "learn_rate": config.learn_rate,
+        "batch_size": config.batch_size,
+        "gradient_step": config.gradient_accumulation,
+        "data_root": config.data_dir,
+        "log_directory": str(folders.root),
+        "training_width": config.width,
+        "training_height": config.height,
+        "steps": config.max_steps,
+        "clip_grad_mode": config.clip_grad_mode,
+        "clip_grad_value": config.clip_grad_value,
+        "latent_sampling_method": config.latent_sampling,
+        "create_image_every": config.preview_every,
+        "save_embedding_every": config.save_every,
+        "save_image_with_stored_embedding": config.save_image_with_embedding,
+        **extra,
+        "ti_trainer_config": config.to_dict(),
+    }
+    path = folders.root / f"settings-{now.strftime('%Y-%m-%d-%H-%M-%S')}.json"
+    return atomic_write_text(path, json.dumps(data, indent=4))
+
+
+class LossLog:
+    """Appends one row per logged step. On resume, rows past the resume step (from a run that crashed after
+    its last save) are dropped first, so the file describes one continuous run."""
+
+    def __init__(self, path: Path, steps_per_epoch: int, resume_step: int):
+        self.path = path
+        self.steps_per_epoch = max(1, steps_per_epoch)
+        if path.exists():
+            with path.open(newline="", encoding="utf-8") as handle:
+                rows = [row for row in csv.DictReader(handle) if row.get("step", "").isdigit()]
+            kept = [row for row in rows if int(row["step"]) <= resume_step]
+            if len(kept) != len(rows):
+                buffer = io.StringIO()
+                writer = csv.DictWriter(buffer, fieldnames=LOSS_COLUMNS, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(kept)
+                atomic_write_text(path, buffer.getvalue())
+
+    def write(self, step: int, loss: float, learn_rate: float) -> None:
+        new = not self.path.exists()
+        with self.path.open("a", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            if new:
+                writer.writerow(LOSS_COLUMNS)
+            epoch, epoch_step = divmod(step - 1, self.steps_per_epoch)
+            writer.writerow([step, epoch, epoch_step, f"{loss:.7f}", learn_rate])
+
+
+def save_step_copy(
+    folders: RunFolders, embedding: Embedding, optimizer_state: dict | None, resume_state: dict
+) -> Path:
+    """`embeddings/<name>-<step>.pt`: its stored name is `<name>-<step>` and its stored step is `<step>`."""
+    copy = Embedding(
+        f"{embedding.name}-{embedding.step}",
+        embedding.vectors,
+        embedding.step,
+        embedding.sd_checkpoint,
+        embedding.sd_checkpoint_name,
+    )
+    path = save_embedding(copy, folders.embeddings / f"{copy.name}.pt")
+    if optimizer_state is not None:
+        save_optimizer_state(copy, path, optimizer_state, resume_state)
+    return path
+
+
+def save_current(embedding: Embedding, path: Path, optimizer_state: dict | None, resume_state: dict) -> Path:
+    save_embedding(embedding, path)
+    if optimizer_state is not None:
+        save_optimizer_state(embedding, path, optimizer_state, resume_state)
+    return path
+
+
+def save_preview(folders: RunFolders, embedding: Embedding, image: Image.Image, infotext: str) -> Path:
+    """`images/<name>-<step>.png` with the generation parameters as A1111 writes them."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", infotext)
+    path = folders.images / f"{embedding.name}-{embedding.step}.png"
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
+def save_preview_with_embedding(folders: RunFolders, embedding: Embedding, image: Image.Image) -> Path:
+    """`image_embeddings/<name>-<step>.png`: the preview carrying the embedding (text chunk + pixel block)."""
+    from ti_trainer.image_embedding import save_image_with_embedding
+
+    copy = Embedding(
+        f"{embedding.name}-{embedding.step}",
+        embedding.vectors,
+        embedding.step,
+        embedding.sd_checkpoint,
+        embedding.sd_checkpoint_name,
+    )
+    return save_image_with_embedding(
+        image,
+        embedding_to_dict(copy),
+        folders.image_embeddings / f"{copy.name}.png",
+        title=f"<{copy.name}>",
+        footer_left=embedding.sd_checkpoint_name or "",
+        footer_mid=f"[{embedding.sd_checkpoint}]" if embedding.sd_checkpoint else "",
+        footer_right=f"{embedding.num_vectors}v {embedding.step}s",
+    )
