@@ -130,6 +130,8 @@ def test_nibble_blocks_follow_a1111_sizing():
     flat_low, flat_high = low.reshape(-1), high.reshape(-1)
     assert flat_low[:12].tolist() == list(range(12)) and (flat_high[:12] == 0xA).all()
     assert flat_low[12:].tolist() == list(range(12))  # padding repeats the payload from its start
+    # Length 10: up to 12, which is already a multiple of 3*4, and still a full 12 more.
+    assert image_embedding._nibble_blocks(bytes(10), height=4)[0].shape == (4, 2, 3)
 
 
 def test_lcg_stream_matches_the_plain_recurrence():

@@ -123,7 +123,7 @@ def _extract_from_image(image: Image.Image) -> dict | None:
             pass  # a damaged chunk: the pixel copy may still be whole (A1111 would give up here)
     try:
         data = _read_data_block(image)
-    except Exception:  # garbage where a block should be fails in zlib, JSON, torch or PIL: no embedding
+    except KeyError:  # garbage where a block should be fails in zlib, JSON, torch or PIL: no embedding
         return None
     return data if data is not None and _holds_vectors(data) else None
 
@@ -200,7 +200,7 @@ def _nibble_blocks(payload: bytes, height: int) -> tuple[np.ndarray, np.ndarray]
     # (zlib ignores what follows its stream). Matching this keeps our images pixel-identical to A1111's.
     size = len(values) + height - len(values) % height
     size += 3 * height - size % (3 * height)
-    padded = np.pad(values, (0, size - len(values))).reshape(height, -1, 3)
+    padded = np.resize(values, size).reshape(height, -1, 3)
     return padded & 0x0F, padded >> 4
 
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from PIL import Image
@@ -42,6 +43,31 @@ class StepReport:
 
 
 @dataclass
+class RunContext:
+    """What a monitor may read about the run it watches (it must not change any of it)."""
+
+    config: TrainConfig
+    backend: object
+    data: TrainingData
+    folders: outputs.RunFolders
+    embedding_name: str
+    seed: int
+    initial_step: int
+    end_step: int
+
+
+class TrainingMonitor(Protocol):
+    """Watches a run (validation loss, early stopping, norms...). `after_step` returns True to ask the run
+    to stop at this step boundary; the run then saves as on Interrupt."""
+
+    def start(self, context: RunContext) -> None: ...
+
+    def after_step(self, step: int, vectors: torch.Tensor) -> bool: ...
+
+    def finish(self, step: int) -> None: ...
+
+
+@dataclass
 class TrainingHooks:
     """How a host follows and steers a run. All optional."""
 
@@ -51,6 +77,7 @@ class TrainingHooks:
     render_preview: Callable[[PreviewRequest], Image.Image | None] | None = None
     on_saved: Callable[[Path], None] = lambda path: None
     on_preview: Callable[[Path], None] = lambda path: None
+    monitors: list[TrainingMonitor] = field(default_factory=list)
 
 
 @dataclass
@@ -61,6 +88,7 @@ class TrainResult:
     interrupted: bool
     skipped_steps: list[int] = field(default_factory=list)
     last_loss: float = float("nan")
+    stopped_by_monitor: bool = False
 
     @property
     def summary(self) -> str:
@@ -105,6 +133,11 @@ def train(config: TrainConfig, backend, hooks: TrainingHooks | None = None) -> T
         },
     )
     loss_log = outputs.LossLog(folders.loss_csv, data.steps_per_epoch, run.initial_step)
+    context = RunContext(
+        config, backend, data, folders, run.embedding.name, run.seed, run.initial_step, run.end_step
+    )
+    for monitor in hooks.monitors:
+        monitor.start(context)
     return _loop(run, backend, hooks, folders, data, loss_log)
 
 
@@ -131,6 +164,7 @@ def _loop(run: PreparedRun, backend, hooks, folders, data: TrainingData, loss_lo
         embedding.step = step
 
     step, skipped, bad_in_a_row, interrupted, loss_value = run.initial_step, [], 0, False, float("nan")
+    stopped_by_monitor = False
     for step_index in range(run.initial_step, run.end_step):
         if hooks.should_stop():
             interrupted = True
@@ -216,11 +250,19 @@ def _loop(run: PreparedRun, backend, hooks, folders, data: TrainingData, loss_lo
             outputs.save_current(embedding, run.embedding_path, optimizer_state(), resume_state)
         if config.preview_every and step % config.preview_every == 0:
             _preview(run, backend, hooks, folders, first_prompt)
+        stop_requests = [monitor.after_step(step, vectors.detach()) for monitor in hooks.monitors]
+        if any(stop_requests):
+            stopped_by_monitor = True
+            break
 
     sync_embedding(step)
     outputs.save_current(embedding, run.embedding_path, optimizer_state(), resume_state)
     hooks.on_saved(run.embedding_path)
-    return TrainResult(run.embedding_path, folders.root, step, interrupted, skipped, loss_value)
+    for monitor in hooks.monitors:
+        monitor.finish(step)
+    return TrainResult(
+        run.embedding_path, folders.root, step, interrupted, skipped, loss_value, stopped_by_monitor
+    )
 
 
 def _preview(run: PreparedRun, backend, hooks: TrainingHooks, folders, batch_prompt: str) -> None:
