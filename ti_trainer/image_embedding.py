@@ -123,7 +123,7 @@ def _extract_from_image(image: Image.Image) -> dict | None:
             pass  # a damaged chunk: the pixel copy may still be whole (A1111 would give up here)
     try:
         data = _read_data_block(image)
-    except KeyError:  # garbage where a block should be fails in zlib, JSON, torch or PIL: no embedding
+    except Exception:  # garbage where a block should be fails in zlib, JSON, torch or PIL: no embedding
         return None
     return data if data is not None and _holds_vectors(data) else None
 
@@ -224,7 +224,7 @@ def _dot_pattern(shape: tuple[int, ...], shades: np.ndarray) -> np.ndarray:
     for column, left in enumerate(range(-6, width, 8)):
         for row, top in enumerate(tops):
             # Shades are used column by column, top to bottom, cycling when the vector runs out.
-            grey = int(shades[(column * len(tops) + row) % len(shades)])
+            grey = int(shades[(row * len(tops) + column) % len(shades)])
             shift = 4 if row % 2 == 0 else 0
             draw.ellipse((left + shift, top, left + shift + 6, top + 6), fill=(grey, grey, grey))
     return np.asarray(canvas, dtype=np.uint8) & 0xF0

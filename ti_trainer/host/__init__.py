@@ -1,0 +1,1 @@
+"""Hosts: the only code that knows where it runs (the A1111 WebUI, or standalone)."""
