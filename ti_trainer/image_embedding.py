@@ -40,6 +40,9 @@ _DOT_SHADES = 1024
 # A 75-vector SD2 embedding is under 2 MB of JSON; the cap stops a crafted image from inflating without end.
 _MAX_JSON_BYTES = 64 * 2**20
 
+# Glyphs spanning a line's full height, used to size caption text by the line rather than by its own glyphs.
+_LINE_GLYPHS = "Hg[]|"
+
 
 def encode_embedding_text(data: dict) -> str:
     """The value of A1111's `sd-ti-embedding` text chunk: base64 of the JSON."""
@@ -119,7 +122,7 @@ def _extract_from_image(image: Image.Image) -> dict | None:
             data = decode_embedding_text(text)
             if _holds_vectors(data):
                 return data
-        except (ValueError, TypeError, RecursionError):
+        except (ValueError, TypeError, RuntimeError):
             pass  # a damaged chunk: the pixel copy may still be whole (A1111 would give up here)
     try:
         data = _read_data_block(image)
@@ -224,7 +227,7 @@ def _dot_pattern(shape: tuple[int, ...], shades: np.ndarray) -> np.ndarray:
     for column, left in enumerate(range(-6, width, 8)):
         for row, top in enumerate(tops):
             # Shades are used column by column, top to bottom, cycling when the vector runs out.
-            grey = int(shades[(row * len(tops) + column) % len(shades)])
+            grey = int(shades[(column * len(tops) + row) % len(shades)])
             shift = 4 if row % 2 == 0 else 0
             draw.ellipse((left + shift, top, left + shift + 6, top + 6), fill=(grey, grey, grey))
     return np.asarray(canvas, dtype=np.uint8) & 0xF0
@@ -324,6 +327,9 @@ def _text_mask(text: str, max_width: float, max_height: float) -> Image.Image | 
     font = _default_font(max(8, round(max_height)))
     probe = ImageDraw.Draw(Image.new("L", (1, 1)))
     left, top, right, bottom = probe.textbbox((0, 0), text, font=font)
+    # Height from tall and deep glyphs too, so strings drawn to the same height share one font size.
+    _, line_top, _, line_bottom = probe.textbbox((0, 0), _LINE_GLYPHS, font=font)
+    top, bottom = min(top, line_top), max(bottom, line_bottom)
     if right <= left or bottom <= top:
         return None
     mask = Image.new("L", (right - left, bottom - top))
