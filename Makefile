@@ -1,10 +1,17 @@
-# Every target does its own set-up: a .venv in the checkout with the pinned CPU torch.
+# Every target does its own set-up: virtual environments in the checkout, with the pinned CPU torch.
+#   .venv        the core, the CLI and the demo (current diffusers/transformers)
+#   .venv-a1111  everything A1111-facing, under the WebUI's pins (gradio 3.41.2, transformers 4.30.2, ldm)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+A1111_VENV := .venv-a1111
+A1111_BIN := $(A1111_VENV)/bin
+A1111_STAMP := $(A1111_VENV)/.installed-stamp
+# Tests that need the WebUI's pins live here and run in .venv-a1111 only.
+A1111_TESTS := tests/a1111 tests/ui
 
-.PHONY: demo test lint format clean
+.PHONY: demo test test-core test-a1111 lint format clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,19 +22,33 @@ $(STAMP): pyproject.toml requirements-dev.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
+$(A1111_STAMP): pyproject.toml requirements-a1111.txt
+	test -x $(A1111_BIN)/python || $(PYTHON) -m venv $(A1111_VENV)
+	$(A1111_BIN)/python -m pip install -q torch==2.13.0
+	$(A1111_BIN)/python -m pip install -q -r requirements-a1111.txt
+	$(A1111_BIN)/python -m pip install -q --no-deps stable-diffusion-sdkit==2.1.5
+	# open_clip pulls a torchvision built for CUDA torch, which cannot load here; the tests shim it.
+	$(A1111_BIN)/python -m pip uninstall -q -y torchvision || true
+	$(A1111_BIN)/python -m pip install -q --no-deps -e .
+	touch $(A1111_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/python -m ti_trainer demo --out runs/demo
 
-test: $(STAMP)
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q -n 2
+test: lint test-core test-a1111
+
+test-core: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 tests $(addprefix --ignore=,$(A1111_TESTS))
+
+test-a1111: $(A1111_STAMP)
+	$(A1111_BIN)/python -m pytest -q -n 2 $(wildcard $(A1111_TESTS))
 
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 format: $(STAMP)
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(A1111_VENV) runs .pytest_cache .ruff_cache

@@ -27,7 +27,8 @@ CHUNK_LENGTH = 75
 class TextRules:
     """The WebUI options that change how a prompt becomes conditioning."""
 
-    emphasis: str = "Original"  # "Original" | "No norm" | "None"
+    # A1111's choices: "Original" | "No norm" | "Ignore" | "None"; it treats any other name as "Original".
+    emphasis: str = "Original"
     comma_padding_backtrack: int = 20
 
 
@@ -247,7 +248,9 @@ class PromptEncoder:
         self.injector.fixes = [[(offset, vectors[name]) for offset, name in chunk.fixes] for chunk in batch]
         z = self.encode_chunk(tokens)
         self.injector.fixes = None
-        if self.chunker.rules.emphasis == "None":
+        if self.chunker.rules.emphasis in ("None", "Ignore"):
+            # "Ignore" still parses the brackets (they vanish from the text, BREAK still splits) but, like
+            # "None", leaves the output unweighted.
             return z
         multipliers = torch.tensor([chunk.multipliers for chunk in batch], dtype=z.dtype, device=z.device)
         if self.chunker.rules.emphasis == "No norm":

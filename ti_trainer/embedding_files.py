@@ -7,7 +7,9 @@ tensors only, and images carry JSON.
 
 from __future__ import annotations
 
-import pickle
+import io
+import re
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,15 @@ TENSOR_SUFFIXES = (".pt", ".bin", ".safetensors")
 # Written by A1111 for every embedding: the token id of "*" in SD1's CLIP vocabulary, a legacy of the
 # original textual_inversion code. Kept for files that older tools read.
 _LEGACY_STRING_TO_TOKEN = {"*": 265}
+
+# A1111 v1.10.1 checks a .pt before unpickling it (modules/safe.py) and refuses, as "may be malicious", any
+# zip entry other than data.pkl, data/<n>, version, byteorder and .data/serialization_id. torch 2.4 and later
+# add .format_version and .storage_alignment, so those two are left out: torch reads archives without them,
+# as torch 2.1 (which A1111 ships) writes them.
+_A1111_ZIP_ENTRIES = re.compile(r"^[^/]+/(data/\d+|version|byteorder|\.data/serialization_id|data\.pkl)$")
+# torch starts each record's bytes on a 64-byte boundary (so the file can be memory-mapped, as diffusers does);
+# the padding goes in an extra field of the local header, as torch's own writer does it.
+_RECORD_ALIGNMENT = 64
 
 
 def embedding_to_dict(embedding: Embedding) -> dict[str, Any]:
@@ -53,7 +64,25 @@ def save_embedding(embedding: Embedding, path: Path) -> Path:
     if path.suffix.lower() != ".pt":
         raise UserError(f"Cannot save an embedding as {path.name}: use a .pt or .safetensors file name.")
     data = embedding_to_dict(embedding)
-    return atomic_write(path, lambda tmp: torch.save(data, tmp))
+    return atomic_write(path, lambda tmp: torch_save_for_a1111(data, tmp))
+
+
+def torch_save_for_a1111(data: dict, path: Path) -> None:
+    """`torch.save`, with only the zip entries A1111's safe loader admits (see _A1111_ZIP_ENTRIES)."""
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    buffer.seek(0)
+    with zipfile.ZipFile(buffer) as source, Path(path).open("wb") as handle:
+        with zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED) as target:
+            for info in source.infolist():
+                if not _A1111_ZIP_ENTRIES.match(info.filename):
+                    continue
+                entry = zipfile.ZipInfo(info.filename, date_time=info.date_time)
+                # local header: 30 fixed bytes, the name, then our extra field (4-byte header + padding)
+                data_start = handle.tell() + 30 + len(info.filename.encode("utf-8")) + 4
+                padding = -data_start % _RECORD_ALIGNMENT
+                entry.extra = b"FB" + struct.pack("<H", padding) + b"Z" * padding
+                target.writestr(entry, source.read(info))
 
 
 def load_embedding(path: Path) -> Embedding:
@@ -64,14 +93,16 @@ def load_embedding(path: Path) -> Embedding:
         raise UserError(f"Embedding file not found: {path}")
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty (0 bytes): it is not an embedding. Delete it or train again.")
-    default_name = path.stem
+    # A1111 names an embedding after its file (the word written in prompts), except that an image carries
+    # its own name.
+    name = path.stem
     if suffix in IMAGE_SUFFIXES:
         from ti_trainer.image_embedding import extract_embedding_data
 
         data = extract_embedding_data(path)
         if data is None:
             raise UserError(f"{path} is an image without an embedding in it (no sd-ti-embedding data).")
-        default_name = data.get("name") or default_name
+        name = data.get("name") or name
     elif suffix == ".safetensors":
         data = _load_safetensors(path)
     elif suffix in (".pt", ".bin"):
@@ -80,16 +111,17 @@ def load_embedding(path: Path) -> Embedding:
         raise UserError(
             f"{path.name}: not an embedding file. Use .pt, .bin, .safetensors or a .png with one."
         )
-    return embedding_from_data(data, default_name, path)
+    return embedding_from_data(data, name, path)
 
 
 def _load_torch(path: Path) -> dict:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, AttributeError) as error:
+    except Exception as error:  # damaged files raise anything from KeyError to struct.error
+        # torch's own message would suggest weights_only=False, the unsafe load we refuse to do.
         raise UserError(
-            f"{path} could not be read as an embedding: {str(error).splitlines()[0]}. It may be damaged, or hold "
-            "objects other than tensors, which are not loaded for safety."
+            f"{path} could not be read as an embedding: it is damaged, not an embedding, or holds objects other "
+            "than tensors, which are not loaded for safety. Use a .pt/.bin saved by A1111 or a .safetensors file."
         ) from error
     if not isinstance(data, dict):
         raise UserError(f"{path} holds a {type(data).__name__}, not an embedding dictionary.")
@@ -111,8 +143,12 @@ def _load_safetensors(path: Path) -> dict:
     return {"__tensors__": data, **meta}
 
 
-def embedding_from_data(data: dict, default_name: str, source: Path | str = "") -> Embedding:
-    """Interpret the dict shapes A1111 accepts: `string_to_param`, SDXL `clip_g`/`clip_l`, or one tensor."""
+def embedding_from_data(data: dict, name: str, source: Path | str = "") -> Embedding:
+    """Interpret the dict shapes A1111 accepts: `string_to_param`, SDXL `clip_g`/`clip_l`, or one tensor.
+
+    `name` is the name A1111 gives it (the file stem, or the name an image carries); the `name` stored in a
+    `.pt` does not count, as in A1111.
+    """
     tensors = data.pop("__tensors__", None) if "__tensors__" in data else None
     if tensors is None and "string_to_param" in data:
         params = data["string_to_param"]
@@ -145,7 +181,7 @@ def embedding_from_data(data: dict, default_name: str, source: Path | str = "") 
         raise UserError(f"{source}: vectors have shape {tuple(vectors.shape)}; expected [vectors, width].")
     step = data.get("step")
     return Embedding(
-        name=str(data.get("name") or default_name),
+        name=name,
         vectors=vectors.clone(),
         step=int(step) if isinstance(step, int) else 0,
         sd_checkpoint=data.get("sd_checkpoint"),
@@ -167,7 +203,7 @@ def save_optimizer_state(
     if extra:
         data["ti_trainer"] = extra
     path = optimizer_state_path(embedding_path)
-    return atomic_write(path, lambda tmp: torch.save(data, tmp))
+    return atomic_write(path, lambda tmp: torch_save_for_a1111(data, tmp))
 
 
 def load_optimizer_state(embedding: Embedding, embedding_path: Path) -> dict | None:

@@ -31,3 +31,9 @@ class HostServices:
     captioners: dict[str, Callable[[Image.Image], str]] = field(default_factory=dict)
     # Defaults from the host's settings page, keyed like TrainConfig fields.
     defaults: dict[str, object] = field(default_factory=dict)
+    # Long jobs (training, preprocessing) go through the host's queue and progress machinery.
+    # A1111: wrap_gradio_gpu_call and shared.state; standalone: a lock and an Event.
+    wrap_job: Callable[[Callable], Callable] = lambda fn: fn
+    job_progress: Callable[[int, int, str], None] = lambda done, total, text: None
+    interrupt_requested: Callable[[], bool] = lambda: False
+    request_interrupt: Callable[[], None] = lambda: None
