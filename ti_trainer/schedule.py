@@ -42,28 +42,34 @@ def parse_schedule(text: str, max_steps: int, what: str = "learning rate") -> Sc
         raise UserError(
             f"The {what} is empty. Write a number such as 0.005, or a schedule such as {EXAMPLE}."
         )
-    pieces: list[tuple[float, int]] = []
+    # Read every item first, so a mistake is reported even where training would stop before reaching it.
+    items_read: list[tuple[float, int | None]] = []
     previous_end = 0
-    for item in items:
+    for index, item in enumerate(items):
         rate_text, _, step_text = item.partition(":")
         value = _number(rate_text, item, what)
         if value <= 0:
             raise UserError(f"The {what} {item!r} must be greater than 0. Example: {EXAMPLE}")
-        if not step_text.strip():
-            pieces.append((value, max_steps))
-            break
-        end = _step(step_text, item, what)
-        if end == -1:
-            pieces.append((value, max_steps))
-            break
-        if end <= previous_end:
+        end = _step(step_text, item, what) if step_text.strip() else None
+        if end in (None, -1):
+            if index != len(items) - 1:
+                raise UserError(
+                    f"In the {what} schedule {text!r}, {item!r} runs to the end, so nothing may follow it. "
+                    f"Example: {EXAMPLE}"
+                )
+            end = None
+        elif end <= previous_end:
             raise UserError(
                 f"In the {what} schedule {text!r}, step {end} in {item!r} does not come after step {previous_end}. "
                 f"Steps must increase, e.g. {EXAMPLE}"
             )
-        pieces.append((value, min(end, max_steps)))
-        previous_end = end
-        if end >= max_steps:
+        else:
+            previous_end = end
+        items_read.append((value, end))
+    pieces: list[tuple[float, int]] = []
+    for value, end in items_read:
+        pieces.append((value, max_steps if end is None else min(end, max_steps)))
+        if end is None or end >= max_steps:
             break
     return Schedule(tuple(pieces), str(text))
 

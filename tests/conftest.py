@@ -1,0 +1,66 @@
+"""Shared fixtures: the built-in tiny model and small image sets the tests draw themselves."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from ti_trainer.backends.tiny import tiny_backend
+from ti_trainer.config import TrainConfig
+from ti_trainer.create import create_embedding
+from ti_trainer.demo import draw_image
+
+
+def draw_dataset(folder: Path, count: int = 4, size: int = 64, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes, colours = ("circle", "square", "triangle", "stripes"), ("red", "blue", "green", "orange")
+    for index in range(count):
+        shape, colour = shapes[index % 4], colours[(index // 4 + index) % 4]
+        draw_image(shape, colour, size, rng).save(folder / f"{index:02d}-{shape}.png")
+        (folder / f"{index:02d}-{shape}.txt").write_text(
+            f"a {colour} {shape}, simple shapes", encoding="utf-8"
+        )
+    return folder
+
+
+@pytest.fixture
+def backend():
+    return tiny_backend("v")
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    return draw_dataset(tmp_path / "data")
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, dataset: Path, backend):
+    """A TrainConfig for a fast run, with the embedding already created."""
+
+    def make(name: str = "testemb", vectors: int = 2, create: bool = True, **overrides) -> TrainConfig:
+        embeddings = tmp_path / "embeddings"
+        if create:
+            create_embedding(backend, name, "painting", vectors, embeddings, overwrite=True)
+        settings = dict(
+            embedding_name=name,
+            data_dir=str(dataset),
+            embeddings_dir=str(embeddings),
+            log_dir=str(tmp_path / "logs"),
+            template="filewords_name.txt",
+            learn_rate="0.01",
+            batch_size=2,
+            gradient_accumulation=1,
+            max_steps=6,
+            width=64,
+            height=64,
+            save_every=2,
+            preview_every=0,
+            seed=7,
+        )
+        settings.update(overrides)
+        return TrainConfig(**settings)
+
+    return make

@@ -1,0 +1,186 @@
+"""The loop end to end on the tiny SD2 model: what changes, what must not, and what it writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from ti_trainer.embedding_files import load_embedding, optimizer_state_path
+from ti_trainer.errors import UserError
+from ti_trainer.training.loop import TrainingHooks, train
+
+
+def weights_snapshot(backend) -> dict[str, torch.Tensor]:
+    modules = {"unet": backend.unet, "vae": backend.vae, "text": backend.text_encoder}
+    return {f"{m}.{n}": p.detach().clone() for m, mod in modules.items() for n, p in mod.state_dict().items()}
+
+
+def test_only_the_embedding_learns(backend, make_config, tmp_path):
+    config = make_config()
+    before_vectors = load_embedding(tmp_path / "embeddings" / "testemb.pt").vectors
+    before_weights = weights_snapshot(backend)
+
+    result = train(config, backend, TrainingHooks(on_message=lambda text: None))
+
+    after = load_embedding(result.embedding_path)
+    assert after.step == 6
+    assert not torch.allclose(after.vectors, before_vectors), "training did not change the vectors"
+    for key, value in weights_snapshot(backend).items():
+        assert torch.equal(value, before_weights[key]), f"model weight {key} changed"
+    for module in (backend.unet, backend.vae, backend.text_encoder):
+        assert all(p.grad is None and not p.requires_grad for p in module.parameters())
+
+
+def test_copies_carry_the_step_in_their_name(backend, make_config):
+    result = train(make_config(), backend, TrainingHooks(on_message=lambda text: None))
+
+    copies = sorted((result.log_folder / "embeddings").glob("*.pt"))
+    assert [p.name for p in copies] == ["testemb-2.pt", "testemb-4.pt", "testemb-6.pt"]
+    for path in copies:
+        embedding = load_embedding(path)
+        assert embedding.name == path.stem
+        assert embedding.step == int(path.stem.rsplit("-", 1)[1])
+        assert optimizer_state_path(path).is_file()
+
+
+def test_loss_csv_and_settings_reproduce_the_run(backend, make_config):
+    config = make_config(learn_rate="0.01:3, 0.002")
+    result = train(config, backend, TrainingHooks(on_message=lambda text: None))
+
+    with (result.log_folder / "textual_inversion_loss.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["step", "epoch", "epoch_step", "loss", "learn_rate"]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [float(r["learn_rate"]) for r in rows] == [0.01, 0.01, 0.01, 0.002, 0.002, 0.002]
+    # 4 images, batch 2, accumulation 1: two steps per epoch.
+    assert [(int(r["epoch"]), int(r["epoch_step"])) for r in rows[:3]] == [(0, 0), (0, 1), (1, 0)]
+
+    settings = json.loads(next(result.log_folder.glob("settings-*.json")).read_text())
+    assert settings["embedding_name"] == "testemb" and settings["num_of_dataset_images"] == 4
+    assert settings["ti_trainer_config"]["seed"] == 7
+    assert settings["ti_trainer_config"] == config.to_dict()
+
+
+def test_same_seed_same_vectors_and_resume_matches_uninterrupted(backend, make_config, tmp_path):
+    straight = train(
+        make_config(name="straight", max_steps=6), backend, TrainingHooks(on_message=lambda t: None)
+    )
+
+    first = make_config(name="resumed", max_steps=6)
+    stops = iter([False] * 4 + [True])
+    interrupted = train(
+        first, backend, TrainingHooks(on_message=lambda t: None, should_stop=lambda: next(stops))
+    )
+    assert interrupted.interrupted and interrupted.steps_done == 4
+    assert load_embedding(interrupted.embedding_path).step == 4
+
+    resumed = train(
+        make_config(name="resumed", create=False, max_steps=6),
+        backend,
+        TrainingHooks(on_message=lambda t: None),
+    )
+
+    a = load_embedding(straight.embedding_path).vectors
+    b = load_embedding(resumed.embedding_path).vectors
+    assert load_embedding(resumed.embedding_path).step == 6
+    assert torch.equal(a, b), "a resumed run must end with the same vectors as one that never stopped"
+
+
+def test_resume_without_optimizer_state_differs_and_says_so(backend, make_config):
+    train(make_config(name="a", max_steps=3), backend, TrainingHooks(on_message=lambda t: None))
+    config = make_config(name="a", create=False, max_steps=6)
+    optimizer_state_path(__import__("pathlib").Path(config.embeddings_dir) / "a.pt").unlink()
+    messages = []
+    train(config, backend, TrainingHooks(on_message=messages.append))
+    assert any("without optimizer state" in m for m in messages)
+
+
+def test_gradient_accumulation_averages_micro_batches(backend, make_config):
+    # batch 1 x accumulation 4 sees all 4 images per step: an epoch is one step.
+    result = train(
+        make_config(batch_size=1, gradient_accumulation=4, max_steps=2),
+        backend,
+        TrainingHooks(on_message=lambda t: None),
+    )
+    with (result.log_folder / "textual_inversion_loss.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+
+
+def test_non_finite_loss_never_reaches_the_vectors(backend, make_config, monkeypatch):
+    config = make_config(max_steps=4, save_every=1)
+    original = backend.predict
+    calls = {"n": 0}
+
+    def sometimes_nan(noisy, t, cond):
+        calls["n"] += 1
+        out = original(noisy, t, cond)
+        return out * float("nan") if calls["n"] == 3 else out
+
+    monkeypatch.setattr(backend, "predict", sometimes_nan)
+    messages = []
+    result = train(config, backend, TrainingHooks(on_message=messages.append))
+
+    assert result.skipped_steps == [3]
+    assert any("Step 3" in m and "skipped" in m for m in messages)
+    step2 = load_embedding(result.log_folder / "embeddings" / "testemb-2.pt").vectors
+    step3 = load_embedding(result.log_folder / "embeddings" / "testemb-3.pt").vectors
+    assert torch.equal(step2, step3), "the NaN step must keep the last good vectors"
+    assert torch.isfinite(load_embedding(result.embedding_path).vectors).all()
+
+
+def test_persistent_nan_stops_with_a_message_and_keeps_good_vectors(backend, make_config, monkeypatch):
+    config = make_config(max_steps=30)
+    monkeypatch.setattr(
+        backend, "predict", lambda noisy, t, cond: torch.full_like(noisy, float("nan")) + cond.sum() * 0
+    )
+    with pytest.raises(UserError, match="non-finite loss"):
+        train(config, backend, TrainingHooks(on_message=lambda t: None))
+    saved = load_embedding(__import__("pathlib").Path(config.embeddings_dir) / "testemb.pt")
+    assert torch.isfinite(saved.vectors).all() and saved.step == 0
+
+
+@pytest.mark.parametrize(
+    ("mode", "measure"),
+    [("norm", lambda g: g.norm().item()), ("value", lambda g: g.abs().max().item())],
+)
+def test_clipping_limits_the_gradient_the_optimizer_sees(backend, make_config, monkeypatch, mode, measure):
+    seen = []
+    original_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append(measure(self.param_groups[0]["params"][0].grad))
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    # The clip value is a schedule too: 1e-4 for the first step, then 1e-5.
+    config = make_config(clip_grad_mode=mode, clip_grad_value="1e-4:1, 1e-5", max_steps=3)
+    train(config, backend, TrainingHooks(on_message=lambda t: None))
+    assert len(seen) == 3
+    assert seen[0] <= 1e-4 * 1.0001 and seen[0] > 1e-5
+    assert all(value <= 1e-5 * 1.0001 for value in seen[1:])
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "v"])
+def test_both_parameterizations_train(parameterization, make_config, tmp_path):
+    from ti_trainer.backends.tiny import tiny_backend
+
+    backend = tiny_backend(parameterization)
+    result = train(make_config(max_steps=2), backend, TrainingHooks(on_message=lambda t: None))
+    assert load_embedding(result.embedding_path).step == 2
+
+
+def test_previews_carry_the_embedding(backend, make_config):
+    config = make_config(max_steps=2, preview_every=2, preview_steps=2)
+    result = train(config, backend, TrainingHooks(on_message=lambda t: None))
+
+    preview = result.log_folder / "images" / "testemb-2.png"
+    carrier = result.log_folder / "image_embeddings" / "testemb-2.png"
+    assert preview.is_file() and carrier.is_file()
+    from_image = load_embedding(carrier)
+    from_copy = load_embedding(result.log_folder / "embeddings" / "testemb-2.pt")
+    assert from_image.name == "testemb-2" and from_image.step == 2
+    assert torch.allclose(from_image.vectors, from_copy.vectors, atol=1e-6)
