@@ -7,6 +7,7 @@ tensors only, and images carry JSON.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import struct
@@ -72,17 +73,20 @@ def torch_save_for_a1111(data: dict, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(data, buffer)
     buffer.seek(0)
-    with zipfile.ZipFile(buffer) as source, Path(path).open("wb") as handle:
-        with zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED) as target:
-            for info in source.infolist():
-                if not _A1111_ZIP_ENTRIES.match(info.filename):
-                    continue
-                entry = zipfile.ZipInfo(info.filename, date_time=info.date_time)
-                # local header: 30 fixed bytes, the name, then our extra field (4-byte header + padding)
-                data_start = handle.tell() + 30 + len(info.filename.encode("utf-8")) + 4
-                padding = -data_start % _RECORD_ALIGNMENT
-                entry.extra = b"FB" + struct.pack("<H", padding) + b"Z" * padding
-                target.writestr(entry, source.read(info))
+    with (
+        zipfile.ZipFile(buffer) as source,
+        Path(path).open("wb") as handle,
+        zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED) as target,
+    ):
+        for info in source.infolist():
+            if not _A1111_ZIP_ENTRIES.match(info.filename):
+                continue
+            entry = zipfile.ZipInfo(info.filename, date_time=info.date_time)
+            # local header: 30 fixed bytes, the name, then our extra field (4-byte header + padding)
+            data_start = handle.tell() + 30 + len(info.filename.encode("utf-8")) + 4
+            padding = -data_start % _RECORD_ALIGNMENT
+            entry.extra = b"FB" + struct.pack("<H", padding) + b"Z" * padding
+            target.writestr(entry, source.read(info))
 
 
 def load_embedding(path: Path) -> Embedding:
@@ -115,8 +119,13 @@ def load_embedding(path: Path) -> Embedding:
 
 
 def _load_torch(path: Path) -> dict:
+    # Embeddings saved under torch 1.11 keep their vectors in a ParameterDict, which A1111's safe loader admits
+    # too. torch before 2.5 cannot be told so; those few files then get the message below.
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    admitted = safe_globals([torch.nn.ParameterDict]) if safe_globals else contextlib.nullcontext()
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with admitted:
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # damaged files raise anything from KeyError to struct.error
         # torch's own message would suggest weights_only=False, the unsafe load we refuse to do.
         raise UserError(

@@ -8,6 +8,7 @@ stopped.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -107,6 +108,14 @@ def step_generator(seed: int, micro_index: int) -> torch.Generator:
 
 def train(config: TrainConfig, backend, hooks: TrainingHooks | None = None) -> TrainResult:
     hooks = hooks or TrainingHooks()
+    # A backend over a model it does not own (the WebUI's) borrows it for the run and gives it back as it
+    # found it, however the run ends.
+    session = getattr(backend, "training_session", None)
+    with session() if session else contextlib.nullcontext():
+        return _train(config, backend, hooks)
+
+
+def _train(config: TrainConfig, backend, hooks: TrainingHooks) -> TrainResult:
     run = prepare_run(config, backend)  # every check that needs no GPU work
     for message in run.messages:
         hooks.on_message(message)
@@ -256,6 +265,9 @@ def _loop(run: PreparedRun, backend, hooks, folders, data: TrainingData, loss_lo
             break
 
     sync_embedding(step)
+    if config.save_every and step % config.save_every and step > run.initial_step:
+        # The last step gets a copy too, so the choice among copies includes where the run ended.
+        hooks.on_saved(outputs.save_step_copy(folders, embedding, optimizer_state(), resume_state))
     outputs.save_current(embedding, run.embedding_path, optimizer_state(), resume_state)
     hooks.on_saved(run.embedding_path)
     for monitor in hooks.monitors:
