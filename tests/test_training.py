@@ -164,13 +164,16 @@ def test_clipping_limits_the_gradient_the_optimizer_sees(backend, make_config, m
     assert all(value <= 1e-5 * 1.0001 for value in seen[1:])
 
 
-@pytest.mark.parametrize("parameterization", ["eps", "v"])
-def test_both_parameterizations_train(parameterization, make_config, tmp_path):
+@pytest.mark.parametrize(("family", "parameterization"), [("sd2", "eps"), ("sd2", "v"), ("sd1", "eps")])
+def test_sd2_base_sd2_768_v_and_sd1_train(family, parameterization, make_config):
     from ti_trainer.backends.tiny import tiny_backend
 
-    backend = tiny_backend(parameterization)
-    result = train(make_config(max_steps=2), backend, TrainingHooks(on_message=lambda t: None))
-    assert load_embedding(result.embedding_path).step == 2
+    backend = tiny_backend(parameterization, family=family)
+    config = make_config(max_steps=2)
+    before = load_embedding(__import__("pathlib").Path(config.embeddings_dir) / "testemb.pt").vectors
+    result = train(config, backend, TrainingHooks(on_message=lambda t: None))
+    after = load_embedding(result.embedding_path)
+    assert after.step == 2 and not torch.equal(after.vectors, before)
 
 
 def test_previews_carry_the_embedding(backend, make_config):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import html
+import json
 from collections import Counter
+from pathlib import Path
 
 import regex
 
@@ -47,12 +49,14 @@ def _word_symbols(word: str) -> tuple[str, ...]:
 class ClipBpeTokenizer:
     """`encode(text)` gives token ids without start/end tokens, like the WebUI's `tokenize`."""
 
-    def __init__(self, merges: list[tuple[str, str]]):
-        base = list(byte_to_unicode().values())
-        vocab = (
-            base + [symbol + "</w>" for symbol in base] + ["".join(pair) for pair in merges] + [START, END]
-        )
-        self.encoder = {token: index for index, token in enumerate(vocab)}
+    def __init__(self, merges: list[tuple[str, str]], encoder: dict[str, int] | None = None):
+        if encoder is None:
+            # CLIP's layout: bytes, bytes ending a word, one token per merge, then the two specials.
+            base = list(byte_to_unicode().values())
+            words = [symbol + "</w>" for symbol in base]
+            vocab = base + words + ["".join(pair) for pair in merges] + [START, END]
+            encoder = {token: index for index, token in enumerate(vocab)}
+        self.encoder = dict(encoder)
         self.decoder = {index: token for token, index in self.encoder.items()}
         self.ranks = {pair: rank for rank, pair in enumerate(merges)}
         self._cache: dict[str, list[str]] = {}
@@ -114,6 +118,30 @@ class ClipBpeTokenizer:
             symbols = merged
         self._cache[word] = symbols
         return symbols
+
+    @classmethod
+    def from_files(cls, vocab_json: Path, merges_txt: Path) -> ClipBpeTokenizer:
+        """A model's own `vocab.json` + `merges.txt` (the layout diffusers/transformers save)."""
+        encoder = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
+        lines = Path(merges_txt).read_text(encoding="utf-8").splitlines()
+        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+        return cls([pair for pair in merges if len(pair) == 2], encoder)
+
+    @classmethod
+    def from_tokenizer_json(cls, path: Path) -> ClipBpeTokenizer:
+        """The BPE model inside a `tokenizer.json` (what transformers 5 saves instead of the two files)."""
+        model = json.loads(Path(path).read_text(encoding="utf-8"))["model"]
+        merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        return cls([pair for pair in merges if len(pair) == 2], model["vocab"])
+
+    def save_files(self, folder: Path) -> None:
+        """Write `vocab.json` and `merges.txt` that transformers' CLIPTokenizer reads."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "vocab.json").write_text(json.dumps(self.encoder), encoding="utf-8")
+        merges = sorted(self.ranks, key=self.ranks.get)
+        lines = ["#version: 0.2"] + [" ".join(pair) for pair in merges]
+        (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def learn_merges(words: list[str], max_merges: int) -> list[tuple[str, str]]:

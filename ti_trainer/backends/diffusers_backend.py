@@ -21,6 +21,7 @@ from ti_trainer.conditioning import (
     injected_token_embedding,
 )
 from ti_trainer.diffusion import NoiseSchedule
+from ti_trainer.memory import MemoryPlan, on_device
 
 SAMPLERS = ("Euler a", "Euler", "DDIM", "DPM++ 2M")
 
@@ -78,9 +79,21 @@ class DiffusersBackend:
             return self._text_model.final_layer_norm(out.hidden_states[-2])
         return self.text_encoder(input_ids=tokens).last_hidden_state
 
+    @property
+    def upcasts_attention(self) -> bool:
+        """The model wants fp32 attention scores (SD 2.1's config says so)."""
+        return bool(getattr(self.unet.config, "upcast_attention", False))
+
+    def memory_levers(self, plan: MemoryPlan):
+        """Apply a memory plan for the duration of a `with` block (backends/diffusers_memory.py)."""
+        from ti_trainer.backends.diffusers_memory import diffusers_memory_levers
+
+        return diffusers_memory_levers(self.unet, self.vae, self.text_encoder, plan)
+
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> LatentDistribution:
-        dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+        with on_device(self.vae, self.device):  # it may be waiting in RAM while training
+            dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
         return LatentDistribution(
             (dist.mean * self.latent_scale).float().cpu(), (dist.std * self.latent_scale).float().cpu()
         )
@@ -107,7 +120,8 @@ class DiffusersBackend:
             without_text = self.predict(model_input, t, uncond).float()
             guided = without_text + request.cfg_scale * (with_text - without_text)
             latents = scheduler.step(guided, t, latents, generator=generator).prev_sample
-        pixels = self.vae.decode((latents / self.latent_scale).to(self.vae.dtype)).sample
+        with on_device(self.vae, self.device):  # it may be waiting in RAM while training
+            pixels = self.vae.decode((latents / self.latent_scale).to(self.vae.dtype)).sample
         array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
         return Image.fromarray(np.ascontiguousarray(array))
 

@@ -60,21 +60,20 @@ def pipeline_backend(pipe, source: Path, device: torch.device, parameterization:
     from ti_trainer.diffusion import NoiseSchedule
 
     tokenizer = pipe.tokenizer
-    is_sd2 = int(pipe.text_encoder.config.hidden_size) == 1024
     prediction = parameterization or (
         "v" if pipe.scheduler.config.get("prediction_type") == "v_prediction" else "eps"
     )
-    alphas = torch.tensor(pipe.scheduler.alphas_cumprod, dtype=torch.float64)
+    alphas = torch.as_tensor(pipe.scheduler.alphas_cumprod, dtype=torch.float64)
     vocab = tokenizer.get_vocab()
 
-    def tokenize(texts: list[str]) -> list[list[int]]:
-        return [tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"] for text in texts]
+    tokenize = reference_tokenizer(tokenizer)
 
     ids = TokenIds(
         start=tokenizer.bos_token_id,
         end=tokenizer.eos_token_id,
-        # SD 2.x pads with id 0 after the end token; SD 1.x keeps padding with the end token.
-        pad=0 if is_sd2 else tokenizer.eos_token_id,
+        # SD 2.x tokenizers pad with "!" (id 0), which is what A1111 puts after the end token; SD 1.x pads
+        # with the end token itself.
+        pad=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         comma=vocab.get(",</w>", -1),
     )
     return DiffusersBackend(
@@ -84,11 +83,35 @@ def pipeline_backend(pipe, source: Path, device: torch.device, parameterization:
         tokenize,
         ids,
         NoiseSchedule(alphas, prediction),
-        penultimate=is_sd2,
+        # diffusers stores SD 2.x's text encoder already cut at OpenCLIP's penultimate layer (23 of 24), so
+        # its last hidden state (with the final norm) is what A1111 computes with `layer: penultimate`.
+        penultimate=False,
         model_name=source.stem.replace("/", "_"),
         model_hash=checkpoint_short_hash(source) if source.is_file() else None,
         device=device,
     )
+
+
+def reference_tokenizer(tokenizer):
+    """Tokenize with CLIP's reference BPE over the model's own vocabulary, as A1111 (open_clip) does.
+
+    transformers' CLIPTokenizer agrees with it on words but not everywhere (5.x encodes a final "!" as "!"
+    where CLIP gives "!</w>"), and a different token means a different conditioning than in the WebUI.
+    Falls back to the model's tokenizer when its vocabulary files cannot be found.
+    """
+    from ti_trainer.backends.clip_bpe import ClipBpeTokenizer
+
+    folder = Path(getattr(tokenizer, "name_or_path", "") or "")
+    vocab, merges = folder / "vocab.json", folder / "merges.txt"
+    if vocab.is_file() and merges.is_file():
+        return ClipBpeTokenizer.from_files(vocab, merges)
+    if (folder / "tokenizer.json").is_file():
+        return ClipBpeTokenizer.from_tokenizer_json(folder / "tokenizer.json")
+
+    def tokenize(texts: list[str]) -> list[list[int]]:
+        return [tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"] for text in texts]
+
+    return tokenize
 
 
 def checkpoint_short_hash(path: Path) -> str:

@@ -18,7 +18,9 @@ TINY_WIDTH = 32
 TINY_SEED = 1234
 
 
-def build_tiny_components(parameterization: str = "v", seed: int = TINY_SEED, text_width: int = TINY_WIDTH):
+def build_tiny_components(
+    parameterization: str = "v", seed: int = TINY_SEED, text_width: int = TINY_WIDTH, family: str = "sd2"
+):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -35,7 +37,7 @@ def build_tiny_components(parameterization: str = "v", seed: int = TINY_SEED, te
         cross_attention_dim=text_width,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
-        upcast_attention=True,
+        upcast_attention=family == "sd2",
         norm_num_groups=8,
     )
     vae = AutoencoderKL(
@@ -57,7 +59,8 @@ def build_tiny_components(parameterization: str = "v", seed: int = TINY_SEED, te
             num_hidden_layers=3,
             num_attention_heads=4,
             max_position_embeddings=77,
-            hidden_act="gelu",
+            # SD 2.x's OpenCLIP uses GELU; SD 1.x's OpenAI CLIP uses quick-GELU.
+            hidden_act="gelu" if family == "sd2" else "quick_gelu",
             bos_token_id=tokenizer.start_id,
             eos_token_id=tokenizer.end_id,
             pad_token_id=0,
@@ -87,18 +90,29 @@ def make_random_init_informative(module: torch.nn.Module, generator: torch.Gener
 
 
 def tiny_backend(
-    parameterization: str = "v", device: str | torch.device = "cpu", rules: TextRules | None = None
+    parameterization: str = "v",
+    device: str | torch.device = "cpu",
+    rules: TextRules | None = None,
+    family: str = "sd2",
 ):
-    unet, vae, text_encoder, tokenizer = build_tiny_components(parameterization)
+    """The tiny model as a backend. family "sd2": penultimate layer, pad id 0 after the end token;
+    "sd1": last layer, padded with the end token (use parameterization "eps" for SD 1.x)."""
+    unet, vae, text_encoder, tokenizer = build_tiny_components(parameterization, family=family)
+    sd2 = family == "sd2"
     return DiffusersBackend(
         unet,
         vae,
         text_encoder,
         tokenize=tokenizer,
-        token_ids=TokenIds(start=tokenizer.start_id, end=tokenizer.end_id, pad=0, comma=tokenizer.comma_id),
+        token_ids=TokenIds(
+            start=tokenizer.start_id,
+            end=tokenizer.end_id,
+            pad=0 if sd2 else tokenizer.end_id,
+            comma=tokenizer.comma_id,
+        ),
         schedule=scaled_linear_schedule(parameterization),
-        penultimate=True,
-        model_name=f"tiny-sd2-{parameterization}",
+        penultimate=sd2,
+        model_name=f"tiny-{family}-{parameterization}",
         model_hash=None,
         device=device,
         rules=rules,

@@ -1,0 +1,236 @@
+"""The WebUI's backend: training on the ldm `LatentDiffusion` the WebUI has loaded, in place, with no copy.
+
+SD 2.x (768-v and 512-base: OpenCLIP text encoder) and SD 1.x (CLIP). Text conditioning is what the WebUI
+computes at generation time (reference/a1111.md §3): conditioning.py's chunker over the WebUI's own tokenizer
+(the hijacked text encoder's `tokenize` and token ids), the text encoder's own forward (OpenCLIP:
+`encode_with_transformer`, the configured layer, penultimate + ln_final for SD 2.x; CLIP: the hidden state at
+"Clip skip" + final norm), and emphasis and comma back-tracking from the WebUI's options. The trainable vectors
+go in through a wrapper around the token-embedding layer, installed only for the duration of each encode.
+
+The model is borrowed, not owned: `training_session()` freezes every weight for a run and gives the model back
+exactly as it was found, whether the run ends in success, an error or an Interrupt. The training loop enters
+it (loop.train); outside a session the backend changes nothing on the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ti_trainer.backends.base import LatentDistribution, PreviewRequest
+from ti_trainer.conditioning import (
+    InjectingTokenEmbedding,
+    PromptChunker,
+    PromptEncoder,
+    TextRules,
+    TokenIds,
+)
+from ti_trainer.diffusion import NoiseSchedule
+from ti_trainer.errors import UserError
+
+
+class LdmBackend:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device | str,
+        rules: TextRules | None = None,
+        clip_skip: int = 1,
+        model_name: str = "",
+        model_hash: str | None = None,
+    ):
+        """`model` is the WebUI's loaded model after its hijack (its `cond_stage_model` is the WebUI's
+        wrapper); `device` is where the WebUI computes (`devices.device`); `clip_skip` is its
+        CLIP_stop_at_last_layers (SD 1.x only: SD 2.x uses the layer its config names)."""
+        _check_supported(model)
+        self.model = model
+        self.device = torch.device(device)
+        self.model_name = model_name
+        self.model_hash = model_hash
+        self.clip_skip = max(1, int(clip_skip))
+        # The WebUI sets alphas_cumprod_original at load; alphas_cumprod itself may be rescaled for sampling
+        # ("Zero terminal SNR", "downcast alphas"), which is not the schedule the model was trained with.
+        alphas = getattr(model, "alphas_cumprod_original", None)
+        alphas = model.alphas_cumprod if alphas is None else alphas
+        self.schedule = NoiseSchedule(alphas.detach().double().cpu(), model.parameterization)
+
+        wrapper = model.cond_stage_model
+        self._text = wrapper.wrapped
+        self._open_clip = hasattr(self._text, "encode_with_transformer")
+        if self._open_clip:
+            self._embedding_owner, self._embedding_attribute = self._text.model, "token_embedding"
+        else:
+            self._embedding_owner = self._text.transformer.text_model.embeddings
+            self._embedding_attribute = "token_embedding"
+        self._tokenize: Callable[[list[str]], list[list[int]]] = wrapper.tokenize
+        ids = TokenIds(
+            start=wrapper.id_start, end=wrapper.id_end, pad=wrapper.id_pad, comma=wrapper.comma_token
+        )
+        self._injector = InjectingTokenEmbedding(self._token_embedding_layer())
+        self.prompt_encoder = PromptEncoder(
+            PromptChunker(self._tokenize, ids, rules), self._injector, self._encode_chunk, self.device
+        )
+        self.text_width = int(self._token_embedding_layer().weight.shape[1])
+        self._sessions = 0
+
+    # --- the borrowed model -------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def training_session(self) -> Iterator[LdmBackend]:
+        """Freeze every weight for a run, then put back requires_grad, gradients and train/eval flags.
+
+        Re-entrant: only the outermost session records and restores. Frozen weights mean no weight gradients
+        are computed or stored (the WebUI leaves its UNet trainable); only the embedding's vectors learn.
+        """
+        if self._sessions:
+            self._sessions += 1
+            try:
+                yield self
+            finally:
+                self._sessions -= 1
+            return
+        parameters = list(self.model.parameters())
+        requires_grad = [parameter.requires_grad for parameter in parameters]
+        had_grad = [parameter.grad is not None for parameter in parameters]
+        modes = [(module, module.training) for module in self.model.modules()]
+        token_embedding = getattr(self._embedding_owner, self._embedding_attribute)
+        self.model.requires_grad_(False)
+        self._sessions = 1
+        try:
+            yield self
+        finally:
+            self._sessions = 0
+            setattr(self._embedding_owner, self._embedding_attribute, token_embedding)
+            for parameter, flag, had in zip(parameters, requires_grad, had_grad):
+                parameter.requires_grad_(flag)
+                if not had:
+                    parameter.grad = None
+            for module, training in modes:
+                module.training = training
+
+    # --- what the training loop uses ------------------------------------------------------------------------
+
+    def token_vectors(self, text: str) -> torch.Tensor:
+        ids = self._tokenize([text])[0]
+        weight = self._token_embedding_layer().weight
+        return weight[torch.tensor(ids, dtype=torch.long, device=weight.device)].detach().float().cpu()
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> LatentDistribution:
+        vae_dtype = next(self.model.first_stage_model.parameters()).dtype
+        # The device the WebUI computes on, not the VAE's current one: under --medvram the WebUI moves the
+        # VAE there itself when encode is called.
+        with self._half_precision_guard(vae_dtype):
+            dist = self.model.encode_first_stage(pixels.to(self.device, vae_dtype))
+        scale = float(self.model.scale_factor)
+        return LatentDistribution((dist.mean * scale).float().cpu(), (dist.std * scale).float().cpu())
+
+    def predict(
+        self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor
+    ) -> torch.Tensor:
+        dtype = next(self.model.model.diffusion_model.parameters()).dtype
+        with self._half_precision_guard(dtype):
+            return self.model.apply_model(
+                noisy_latents.to(self.device, dtype), timesteps.to(self.device), cond.to(self.device, dtype)
+            )
+
+    @torch.no_grad()
+    def render(self, request: PreviewRequest) -> Image.Image:
+        """A preview without the WebUI's processing: deterministic DDIM with classifier-free guidance.
+
+        In the WebUI, previews go through its txt2img (host/a1111.py); this serves callers without one.
+        """
+        with self.training_session():
+            cond = self.prompt_encoder([request.prompt], request.vectors)
+            uncond = self.prompt_encoder([request.negative_prompt], request.vectors)
+            alphas = self.schedule.alphas_cumprod
+            timesteps = torch.linspace(len(alphas) - 1, 0, max(1, request.steps)).round().long().tolist()
+            generator = torch.Generator().manual_seed(int(request.seed))
+            shape = (1, 4, request.height // 8, request.width // 8)
+            x = torch.randn(shape, generator=generator, dtype=torch.float64)
+            for index, t in enumerate(timesteps):
+                a = alphas[t]
+                a_next = (
+                    alphas[timesteps[index + 1]] if index + 1 < len(timesteps) else alphas.new_tensor(1.0)
+                )
+                t_batch = torch.tensor([t])
+                with_text = self.predict(x.float(), t_batch, cond).double().cpu()
+                without_text = self.predict(x.float(), t_batch, uncond).double().cpu()
+                out = without_text + request.cfg_scale * (with_text - without_text)
+                if self.schedule.parameterization == "v":
+                    x0, eps = a.sqrt() * x - (1 - a).sqrt() * out, a.sqrt() * out + (1 - a).sqrt() * x
+                else:
+                    x0, eps = (x - (1 - a).sqrt() * out) / a.sqrt(), out
+                x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+            vae_dtype = next(self.model.first_stage_model.parameters()).dtype
+            with self._half_precision_guard(vae_dtype):
+                pixels = self.model.decode_first_stage(x.to(self.device, vae_dtype))
+        array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+        return Image.fromarray(np.ascontiguousarray(array))
+
+    # --- text ------------------------------------------------------------------------------------------------
+
+    def _token_embedding_layer(self) -> torch.nn.Embedding:
+        """The plain embedding table under the WebUI's wrapper (EmbeddingsWithFixes) and ours."""
+        layer = getattr(self._embedding_owner, self._embedding_attribute)
+        while not isinstance(layer, torch.nn.Embedding):
+            layer = layer.wrapped
+        return layer
+
+    def _encode_chunk(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Run the text encoder over `[B, 77]` token ids with our injector in front of its token embedding.
+
+        The injector wraps whatever is there (the WebUI's EmbeddingsWithFixes, which with no fixes of the
+        WebUI's own set is the plain lookup) and is removed again before this returns.
+        """
+        original = getattr(self._embedding_owner, self._embedding_attribute)
+        self._injector.wrapped = original
+        setattr(self._embedding_owner, self._embedding_attribute, self._injector)
+        try:
+            with self._half_precision_guard(self._token_embedding_layer().weight.dtype):
+                if self._open_clip:
+                    return self._text.encode_with_transformer(tokens)
+                outputs = self._text.transformer(input_ids=tokens, output_hidden_states=self.clip_skip > 1)
+                if self.clip_skip > 1:
+                    hidden = outputs.hidden_states[-self.clip_skip]
+                    return self._text.transformer.text_model.final_layer_norm(hidden)
+                return outputs.last_hidden_state
+        finally:
+            setattr(self._embedding_owner, self._embedding_attribute, original)
+
+    def _half_precision_guard(self, weights_dtype: torch.dtype):
+        """The WebUI keeps its model in fp16 and computes under autocast; do the same when the caller has
+        no autocast of its own (an fp16 UNet cannot take fp32 timestep embeddings otherwise)."""
+        half = weights_dtype in (torch.float16, torch.bfloat16)
+        if self.device.type == "cuda" and half and not torch.is_autocast_enabled():
+            return torch.autocast("cuda", dtype=weights_dtype)
+        return contextlib.nullcontext()
+
+
+def _check_supported(model) -> None:
+    if hasattr(model, "conditioner"):
+        raise UserError(
+            "The loaded model is SDXL. This trainer trains embeddings for SD 1.x and SD 2.x: load one of those "
+            "in the checkpoint dropdown at the top of the WebUI."
+        )
+    wrapper = getattr(model, "cond_stage_model", None)
+    if wrapper is None or not hasattr(wrapper, "wrapped") or not hasattr(wrapper, "tokenize"):
+        raise UserError(
+            "The loaded model's text encoder is not the WebUI's usual one (was it replaced by another "
+            "extension?). Reload the checkpoint and try again."
+        )
+    key = getattr(getattr(model, "model", None), "conditioning_key", None)
+    if key != "crossattn":
+        raise UserError(
+            f"The loaded model takes {key!r} conditioning (an inpainting, depth or upscale model). Train on the "
+            "base model it was made from: embeddings trained there work with it too."
+        )
+    if getattr(model, "parameterization", None) not in ("eps", "v"):
+        raise UserError(
+            f"The loaded model predicts {getattr(model, 'parameterization', None)!r}; this trainer handles "
+            "noise (eps) and v-prediction models."
+        )
