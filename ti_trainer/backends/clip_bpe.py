@@ -107,15 +107,7 @@ class ClipBpeTokenizer:
             best = min(pairs, key=lambda pair: self.ranks.get(pair, float("inf")))
             if best not in self.ranks:
                 break
-            merged, i = [], 0
-            while i < len(symbols):
-                if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == best:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
+            symbols = merge_pair(symbols, best)
         self._cache[word] = symbols
         return symbols
 
@@ -144,6 +136,19 @@ class ClipBpeTokenizer:
         (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    """Join every adjacent occurrence of `pair`, left to right."""
+    merged, i = [], 0
+    while i < len(symbols):
+        if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == pair:
+            merged.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return merged
+
+
 def learn_merges(words: list[str], max_merges: int) -> list[tuple[str, str]]:
     """Plain BPE training: repeatedly merge the most frequent adjacent pair (ties broken by the pair)."""
     corpus = Counter(_word_symbols(word) for text in words for word in _SPLIT.findall(clean_text(text)))
@@ -161,15 +166,7 @@ def learn_merges(words: list[str], max_merges: int) -> list[tuple[str, str]]:
         merges.append(best)
         joined: Counter = Counter()
         for symbols, count in corpus.items():
-            out, i = [], 0
-            while i < len(symbols):
-                if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == best:
-                    out.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    out.append(symbols[i])
-                    i += 1
-            joined[tuple(out)] += count
+            joined[tuple(merge_pair(list(symbols), best))] += count
         corpus = joined
     return merges
 

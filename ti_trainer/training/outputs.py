@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime
 import io
 import json
@@ -107,17 +108,16 @@ class LossLog:
             writer.writerow([step, epoch, epoch_step, f"{loss:.7f}", learn_rate])
 
 
+def step_copy(embedding: Embedding) -> Embedding:
+    """The embedding as A1111 names its periodic copies: `<name>-<step>`."""
+    return dataclasses.replace(embedding, name=f"{embedding.name}-{embedding.step}")
+
+
 def save_step_copy(
     folders: RunFolders, embedding: Embedding, optimizer_state: dict | None, resume_state: dict
 ) -> Path:
     """`embeddings/<name>-<step>.pt`: its stored name is `<name>-<step>` and its stored step is `<step>`."""
-    copy = Embedding(
-        f"{embedding.name}-{embedding.step}",
-        embedding.vectors,
-        embedding.step,
-        embedding.sd_checkpoint,
-        embedding.sd_checkpoint_name,
-    )
+    copy = step_copy(embedding)
     path = save_embedding(copy, folders.embeddings / f"{copy.name}.pt")
     if optimizer_state is not None:
         save_optimizer_state(copy, path, optimizer_state, resume_state)
@@ -143,13 +143,7 @@ def save_preview_with_embedding(folders: RunFolders, embedding: Embedding, image
     """`image_embeddings/<name>-<step>.png`: the preview carrying the embedding (text chunk + pixel block)."""
     from ti_trainer.image_embedding import save_image_with_embedding
 
-    copy = Embedding(
-        f"{embedding.name}-{embedding.step}",
-        embedding.vectors,
-        embedding.step,
-        embedding.sd_checkpoint,
-        embedding.sd_checkpoint_name,
-    )
+    copy = step_copy(embedding)
     return save_image_with_embedding(
         image,
         embedding_to_dict(copy),
