@@ -1,0 +1,16 @@
+"""The WebUI's entry point for this extension: it registers our tab, settings section and API routes.
+
+The WebUI imports every file in scripts/ with the extension's folder on sys.path. Everything else lives in the
+ti_trainer package; ti_trainer/host/a1111.py is the one module that talks to the WebUI.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+if importlib.util.find_spec("ti_trainer") is None:  # loaded by something other than the WebUI's script loader
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ti_trainer.host import a1111  # noqa: E402
+
+a1111.register_callbacks()

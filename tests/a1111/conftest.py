@@ -1,0 +1,112 @@
+"""The A1111 tests' world: a stand-in of the WebUI's modules holding a tiny real ldm SD 2.x model.
+
+They run only in .venv-a1111 (the WebUI's pins plus the `ldm` package A1111 runs).
+"""
+
+import sys
+import warnings
+from pathlib import Path
+
+# ldm imports pytorch_lightning, whose torchmetrics decides at import time whether torchvision is usable and
+# would then import parts of it the shim below does not have. Imported first, it sees no torchvision.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)  # pytorch_lightning 1.9 on a newer setuptools
+    import pytorch_lightning  # noqa: F401
+
+HERE = Path(__file__).parent
+# shims/: an import-only torchvision (no CPU build exists for the pinned torch; see shims/torchvision).
+# standin/: the WebUI's `modules` package as the extension sees it (see standin/README.md).
+sys.path[:0] = [str(HERE / "shims"), str(HERE / "standin")]
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models gain nothing from threads; with xdist workers and shared cores they only contend.
+torch.set_num_threads(1)
+from PIL import Image  # noqa: E402
+
+SHA256 = "a3b1c2d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90"
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory):
+    """A tiny SD 2.x 768-v (v-parameterization) LatentDiffusion, built once per test process."""
+    import tiny_ldm
+
+    tiny_ldm.register_tiny_open_clip(tmp_path_factory.mktemp("open_clip"))
+    return tiny_ldm.build_tiny_sd2("v")
+
+
+class WebUI:
+    """Paths and handles of one stand-in WebUI session (see the `webui` fixture)."""
+
+    def __init__(self, root: Path, model):
+        self.root = root
+        self.model = model
+        self.embeddings_dir = root / "embeddings"
+        self.templates_dir = root / "textual_inversion_templates"
+        self.data_dir = root / "data"
+        for folder in (self.embeddings_dir, self.templates_dir, self.data_dir):
+            folder.mkdir()
+
+    @property
+    def db(self):
+        from modules import sd_hijack
+
+        return sd_hijack.model_hijack.embedding_db
+
+
+@pytest.fixture
+def webui(tmp_path, tiny_sd2, monkeypatch):
+    """A fresh stand-in WebUI with the tiny model loaded the WebUI's way (hijacked, embeddings loaded)."""
+    from modules import call_queue, processing, script_callbacks, sd_hijack, sd_models, shared
+
+    monkeypatch.chdir(tmp_path)
+    webui = WebUI(tmp_path, tiny_sd2)
+    fresh = shared.default_options()
+    shared.opts.data_labels, shared.opts.data = fresh.data_labels, fresh.data
+    vars(shared.cmd_opts).update(
+        vars(
+            shared.default_cmd_opts(
+                embeddings_dir=str(webui.embeddings_dir),
+                textual_inversion_templates_dir=str(webui.templates_dir),
+            )
+        )
+    )
+    shared.models_path = str(tmp_path / "models")
+    vars(shared.state).clear()
+    script_callbacks.clear_callbacks()
+    processing.conditioning_log.clear()
+    db = sd_hijack.model_hijack.embedding_db
+    db.clear_embedding_dirs()
+    db.add_embedding_dir(str(webui.embeddings_dir))
+    checkpoint = sd_models.CheckpointInfo(str(tmp_path / "models" / "tiny-sd2-768-v.safetensors"), SHA256)
+    sd_models.load_model(tiny_sd2, checkpoint)
+    yield webui
+    with call_queue.queue_lock:  # a training job still running holds it: let it finish first
+        sd_models.unload_model(tiny_sd2)
+    db.clear_embedding_dirs()
+
+
+@pytest.fixture
+def dataset(webui):
+    """Three 64x64 images with caption files, in the WebUI session's data folder."""
+    rng = np.random.default_rng(0)
+    for index, caption in enumerate(["a red square", "a blue circle", "green stripes"]):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+            webui.data_dir / f"{index}.png"
+        )
+        (webui.data_dir / f"{index}.txt").write_text(caption, encoding="utf-8")
+    return webui.data_dir
+
+
+def pytest_configure(config):
+    # ldm and pytorch_lightning 1.9 are older than the setuptools and torch they run on here; their
+    # deprecation warnings would bury ours.
+    for pattern in (
+        "ignore:.*rank_zero_only.*",
+        "ignore::PendingDeprecationWarning:starlette",
+        "ignore:The anyio.abc.BlockingPortal alias:DeprecationWarning",
+    ):
+        config.addinivalue_line("filterwarnings", pattern)

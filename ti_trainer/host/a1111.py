@@ -1,0 +1,250 @@
+"""The WebUI host: the only module of ti_trainer that imports the WebUI's `modules.*`.
+
+It gives the panels, the API and the training loop what the WebUI has: its folders (embeddings, templates),
+its loaded model (as an LdmBackend, trained in place), previews through its own txt2img processing, its queue,
+progress bar and Interrupt, its captioners, and our defaults on its Settings page. scripts/ti_trainer_tab.py
+calls register_callbacks() when the WebUI loads the extension.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+from modules import call_queue, devices, processing, script_callbacks, sd_hijack, shared
+from modules.textual_inversion.textual_inversion import Embedding as WebUIEmbedding
+from PIL import Image
+
+from ti_trainer import api
+from ti_trainer.backends.base import PreviewRequest
+from ti_trainer.backends.ldm_backend import LdmBackend
+from ti_trainer.conditioning import TextRules
+from ti_trainer.config import LATENT_SAMPLING, PRECISIONS, TrainConfig
+from ti_trainer.errors import UserError
+from ti_trainer.host.base import HostServices
+from ti_trainer.jobs import JobRegistry
+from ti_trainer.templates import BUILTIN_TEMPLATES_DIR
+
+TAB_TITLE = "TI Trainer"  # not "Train": that is the WebUI's own tab, which may or may not be there
+TAB_ID = "ti_trainer"
+SETTINGS_SECTION = ("ti_trainer", "TI Trainer")
+OPTION_PREFIX = "ti_trainer_"
+
+# Our defaults on the Settings page (category "Training"): TrainConfig field -> label.
+SETTINGS = {
+    "learn_rate": "Learning rate (a number, or a schedule such as 0.005:100, 1e-3:1000, 1e-5)",
+    "batch_size": "Batch size: images in one step",
+    "gradient_accumulation": "Gradient accumulation: batches averaged into one step",
+    "max_steps": "Max steps",
+    "width": "Training width",
+    "height": "Training height",
+    "template": "Prompt template file",
+    "latent_sampling": "Latent sampling method",
+    "save_every": "Save a copy of the embedding every N steps (0: only at the end)",
+    "preview_every": "Render a preview every N steps (0: never)",
+    "write_csv_every": "Write the loss to the CSV log every N steps (0: never)",
+    "save_optimizer_state": "Save the optimizer state beside the embedding (.optim), so a resumed run continues exactly",
+    "save_image_with_embedding": "Save previews with the embedding inside the PNG",
+    "precision": "Precision (auto: bf16 where the GPU has it, else fp16)",
+    "log_dir": "Log folder for copies, previews and losses (relative to the WebUI folder)",
+}
+CHOICES = {"latent_sampling": LATENT_SAMPLING, "precision": PRECISIONS}
+_DEFAULTS = TrainConfig()
+
+
+def register_callbacks() -> None:
+    script_callbacks.on_ui_tabs(ui_tabs)
+    script_callbacks.on_ui_settings(add_settings)
+    script_callbacks.on_app_started(add_api_routes)
+
+
+# --- the three things the WebUI calls ------------------------------------------------------------------------
+
+
+def ui_tabs() -> list[tuple[object, str, str]]:
+    from ti_trainer.ui.tab import build_tab  # Gradio panels load only when the WebUI builds its UI
+
+    return [(build_tab(host_services()), TAB_TITLE, TAB_ID)]
+
+
+def add_settings() -> None:
+    import gradio as gr
+
+    for field, label in SETTINGS.items():
+        default = getattr(_DEFAULTS, field)
+        component, component_args = None, None
+        if field in CHOICES:
+            component, component_args = gr.Radio, {"choices": list(CHOICES[field])}
+        elif isinstance(default, bool):
+            component = gr.Checkbox
+        elif isinstance(default, int):
+            component, component_args = gr.Number, {"precision": 0}
+        info = shared.OptionInfo(
+            default,
+            label,
+            component,
+            component_args,
+            section=SETTINGS_SECTION,
+            category_id="training",
+        )
+        shared.opts.add_option(OPTION_PREFIX + field, info)
+
+
+def add_api_routes(demo, app) -> None:
+    """Our routes, guarded by the same credentials as the WebUI's API when it runs with --api-auth."""
+    services = host_services()
+    jobs = JobRegistry(services, run_exclusive=run_exclusive)
+    api.add_routes(app, services, jobs, api.parse_credentials(shared.cmd_opts.api_auth))
+
+
+# --- host services -------------------------------------------------------------------------------------------
+
+
+def host_services() -> HostServices:
+    return HostServices(
+        name="a1111",
+        embeddings_dir=Path(shared.cmd_opts.embeddings_dir),
+        templates_dirs=[Path(shared.cmd_opts.textual_inversion_templates_dir), BUILTIN_TEMPLATES_DIR],
+        log_dir=Path(shared.data_path, setting("log_dir")),
+        models_dir=Path(shared.models_path),
+        get_backend=get_backend,
+        render_preview=render_preview,
+        refresh_embeddings=refresh_embeddings,
+        captioners={"BLIP (WebUI)": caption_with_blip, "deepbooru": caption_with_deepbooru},
+        defaults=SettingsDefaults(),
+        wrap_job=call_queue.wrap_gradio_gpu_call,
+        job_progress=report_progress,
+        interrupt_requested=lambda: bool(shared.state.interrupted),
+        request_interrupt=lambda: shared.state.interrupt(),
+    )
+
+
+def setting(field: str):
+    """Our default for a TrainConfig field from the Settings page, in the field's type."""
+    default = getattr(_DEFAULTS, field)
+    value = getattr(shared.opts, OPTION_PREFIX + field, default)
+    if isinstance(default, bool):
+        return bool(value)
+    if isinstance(default, int):
+        return int(float(value))  # the WebUI stores numbers from its Number fields as floats
+    return type(default)(value)
+
+
+class SettingsDefaults(Mapping):
+    """Our Settings-page defaults, read when asked, so "Apply settings" takes effect without a restart."""
+
+    def __getitem__(self, field: str):
+        if field not in SETTINGS:
+            raise KeyError(field)
+        if field == "log_dir":
+            return str(Path(shared.data_path, setting(field)))
+        return setting(field)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(SETTINGS)
+
+    def __len__(self) -> int:
+        return len(SETTINGS)
+
+
+def get_backend() -> LdmBackend:
+    """The loaded model, trained in place (no second copy in memory)."""
+    if shared.cmd_opts.lowvram:
+        raise UserError(
+            "Training does not work with --lowvram. Restart the WebUI without it (--medvram works, slowly)."
+        )
+    model = shared.sd_model
+    if model is None:
+        raise UserError(
+            "No Stable Diffusion model is loaded. Pick one in the checkpoint list at the top of the WebUI."
+        )
+    checkpoint = getattr(model, "sd_checkpoint_info", None)
+    return LdmBackend(
+        model,
+        devices.device,
+        rules=TextRules(shared.opts.emphasis, int(shared.opts.comma_padding_backtrack)),
+        clip_skip=int(shared.opts.CLIP_stop_at_last_layers),
+        model_name=getattr(checkpoint, "model_name", "") or "",
+        model_hash=getattr(checkpoint, "shorthash", None),
+    )
+
+
+def render_preview(request: PreviewRequest) -> Image.Image | None:
+    """A preview through the WebUI's txt2img, with the in-training vectors registered under their names.
+
+    `do_not_reload_embeddings` keeps the WebUI from replacing them with the files on disk; afterwards the
+    embedding database holds exactly what it held before.
+    """
+    model = shared.sd_model
+    with registered_embeddings(request.vectors, model):
+        p = processing.StableDiffusionProcessingTxt2Img(
+            sd_model=model,
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            steps=request.steps,
+            sampler_name=request.sampler,
+            cfg_scale=request.cfg_scale,
+            seed=request.seed,
+            width=request.width,
+            height=request.height,
+            do_not_save_grid=True,
+            do_not_save_samples=True,
+            do_not_reload_embeddings=True,
+        )
+        processed = processing.process_images(p)
+    if not processed.images:  # interrupted while sampling
+        return None
+    image = processed.images[0]
+    shared.state.assign_current_image(image)
+    return image
+
+
+@contextlib.contextmanager
+def registered_embeddings(vectors: dict[str, torch.Tensor], model) -> Iterator[None]:
+    """Register embeddings in the WebUI's database for a while, then give each name back what it had."""
+    database = sd_hijack.model_hijack.embedding_db
+    previous = {name: database.word_embeddings.get(name) for name in vectors}
+    try:
+        for name, values in vectors.items():
+            embedding = WebUIEmbedding(values.detach().to(devices.device, torch.float32), name)
+            # The WebUI fills these when it loads a file; its prompt parser reserves `vectors` positions.
+            embedding.vectors, embedding.shape = int(values.shape[0]), int(values.shape[-1])
+            database.register_embedding_by_name(embedding, model, name)
+        yield
+    finally:
+        for name, embedding in previous.items():
+            database.register_embedding_by_name(embedding, model, name)  # None unregisters
+
+
+def refresh_embeddings() -> None:
+    sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
+
+
+def run_exclusive(run: Callable[[], None]) -> None:
+    """One GPU job at a time, as the WebUI's own jobs: its queue lock, and shared.state begun and ended."""
+    with call_queue.queue_lock:
+        shared.state.begin(job="ti-trainer")
+        try:
+            run()
+        finally:
+            shared.state.end()
+
+
+def report_progress(done: int, total: int, text: str) -> None:
+    """Feed the WebUI's progress bar (it reads job_no / job_count) and its status text."""
+    shared.state.job_count = total
+    shared.state.job_no = done
+    shared.state.sampling_step = 0
+    shared.state.textinfo = text
+
+
+def caption_with_blip(image: Image.Image) -> str:
+    return shared.interrogator.interrogate(image.convert("RGB"))
+
+
+def caption_with_deepbooru(image: Image.Image) -> str:
+    from modules import deepbooru
+
+    return deepbooru.model.tag(image.convert("RGB"))
