@@ -143,3 +143,32 @@ def test_only_the_a1111_host_module_imports_the_webuis_modules():
         if re.search(r"^\s*(from|import) modules\b", path.read_text(encoding="utf-8"), re.MULTILINE)
     }
     assert importers == {"host/a1111.py"}
+
+
+def test_panel_jobs_hold_the_queue_and_report_their_task(webui):
+    """A panel handler runs as a WebUI job: under the queue lock, with shared.state and the task id the
+    progress bar polls; its outputs and exceptions pass through unchanged."""
+    from modules import call_queue, progress, shared
+
+    from ti_trainer.host.a1111 import host_services
+
+    seen = {}
+
+    def handler(task_id, value):
+        seen["locked"] = call_queue.queue_lock.locked()
+        seen["job"] = shared.state.job
+        seen["current"] = progress.current_task
+        return value, "<p>done</p>"
+
+    wrapped = host_services().wrap_job(handler)
+    assert wrapped("task(abc)", 3) == (3, "<p>done</p>")
+    assert seen == {"locked": True, "job": "ti-trainer", "current": "task(abc)"}
+    assert progress.current_task is None and "task(abc)" in progress.finished_tasks
+    assert not call_queue.queue_lock.locked() and shared.state.job == ""
+
+    def failing(task_id):
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        host_services().wrap_job(failing)("task(x)")
+    assert not call_queue.queue_lock.locked()

@@ -9,11 +9,12 @@ calls register_callbacks() when the WebUI loads the extension.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
-from modules import call_queue, devices, processing, script_callbacks, sd_hijack, shared
+from modules import call_queue, devices, processing, progress, script_callbacks, sd_hijack, shared
 from modules.textual_inversion.textual_inversion import Embedding as WebUIEmbedding
 from PIL import Image
 
@@ -114,7 +115,7 @@ def host_services() -> HostServices:
         refresh_embeddings=refresh_embeddings,
         captioners={"BLIP (WebUI)": caption_with_blip, "deepbooru": caption_with_deepbooru},
         defaults=SettingsDefaults(),
-        wrap_job=call_queue.wrap_gradio_gpu_call,
+        wrap_job=wrap_job,
         job_progress=report_progress,
         interrupt_requested=lambda: bool(shared.state.interrupted),
         request_interrupt=lambda: shared.state.interrupt(),
@@ -220,6 +221,30 @@ def registered_embeddings(vectors: dict[str, torch.Tensor], model) -> Iterator[N
 
 def refresh_embeddings() -> None:
     sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
+
+
+def wrap_job(handler: Callable) -> Callable:
+    """A panel handler as a WebUI GPU job: the queue lock, shared.state, and the progress bar's task id.
+
+    Not `call_queue.wrap_gradio_gpu_call`: that one appends timing HTML to the last output and answers an
+    exception with one output more than the handler has, which only fits the built-in Train tab's outputs.
+    """
+
+    @functools.wraps(handler)
+    def job(*args, **kwargs):
+        task = args[0] if args and isinstance(args[0], str) and args[0].startswith("task(") else None
+        if task:
+            progress.add_task_to_queue(task)
+        with call_queue.queue_lock:
+            shared.state.begin(job="ti-trainer")
+            progress.start_task(task)
+            try:
+                return handler(*args, **kwargs)
+            finally:
+                progress.finish_task(task)
+                shared.state.end()
+
+    return job
 
 
 def run_exclusive(run: Callable[[], None]) -> None:
