@@ -30,6 +30,8 @@ $(A1111_STAMP): pyproject.toml requirements-a1111.txt
 	# open_clip pulls a torchvision built for CUDA torch, which cannot load here; the tests shim it.
 	$(A1111_BIN)/python -m pip uninstall -q -y torchvision || true
 	$(A1111_BIN)/python -m pip install -q --no-deps -e .
+	# Debian's chromium for the browser test (tests/ui/test_browser.py): Playwright drives it, downloads no browser.
+	test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 	touch $(A1111_STAMP)
 
 demo: $(STAMP)

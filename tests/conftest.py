@@ -6,11 +6,16 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from ti_trainer.backends.tiny import tiny_backend
 from ti_trainer.config import TrainConfig
 from ti_trainer.create import create_embedding
 from ti_trainer.demo import draw_image
+
+# Two pytest workers on a two-core machine: one torch thread each, or their thread pools fight (measured:
+# the analysis tests took 328 s with torch's default threads and 12 s with one).
+torch.set_num_threads(1)
 
 
 def draw_dataset(folder: Path, count: int = 4, size: int = 64, seed: int = 0) -> Path:

@@ -15,7 +15,8 @@ from ti_trainer.training.loop import TrainingHooks, train
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONHASHSEED": "random"}
+    # One thread, like this test process (conftest): bit-equality across processes needs the same reduction order.
+    env = {**os.environ, "PYTHONHASHSEED": "random", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-m", "ti_trainer", *args],
         cwd=cwd,

@@ -7,8 +7,10 @@ import signal
 import sys
 from pathlib import Path
 
+from ti_trainer.analysis import commands as analysis_verbs
 from ti_trainer.config import CLIP_MODES, LATENT_SAMPLING, PRECISIONS, TrainConfig
 from ti_trainer.errors import UserError
+from ti_trainer.prepare.cli_verbs import PREPARE_VERBS, add_prepare_verbs, run_prepare_verb
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("--preview-steps", "preview_steps", int, None),
         ("--preview-seed", "preview_seed", int, None),
         ("--seed", "seed", int, "seed for a reproducible run"),
+        ("--validate-every", "validate_every", int, "fixed-batch validation loss every N steps (0: off)"),
+        ("--early-stop-window", "early_stop_window", int, "DVAR window in steps"),
+        ("--early-stop-threshold", "early_stop_threshold", float, "DVAR variance-ratio threshold"),
     ]
     for flag, dest, kind, text in options:
         train.add_argument(
@@ -62,11 +67,35 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--keep-size", dest="keep_size", action="store_true", default=None)
     train.add_argument("--buckets", dest="aspect_buckets", action="store_true", default=None)
     train.add_argument("--alpha-weight", dest="use_alpha_weight", action="store_true", default=None)
+    train.add_argument(
+        "--no-early-stopping",
+        dest="early_stopping",
+        action="store_false",
+        default=None,
+        help="train to max steps even when the validation loss levels off (a step is still suggested)",
+    )
 
     demo = verbs.add_parser("demo", help="train a small embedding on the built-in tiny model, end to end")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--steps", type=int, default=50)
+
+    # Dataset preparation verbs: preprocess, report (ti_trainer/prepare/cli_verbs.py).
+    add_prepare_verbs(verbs)
+    # Choosing the result: compare, analyze, use-step (ti_trainer/analysis/commands.py).
+    analysis_verbs.add_verbs(verbs)
+    # The standalone app: the WebUI tab's panels in a browser (ti_trainer/host/standalone.py).
+    _add_app_verb(verbs)
     return parser
+
+
+def _add_app_verb(verbs) -> None:
+    app = verbs.add_parser("app", help="open the training panels in your browser (localhost only)")
+    app.add_argument(
+        "--model", default="tiny", help="checkpoint file, diffusers folder, or 'tiny' (built in)"
+    )
+    app.add_argument("--port", type=int, default=7861)
+    app.add_argument("--workspace", type=Path, default=Path("ti_trainer_workspace"))
+    app.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
@@ -112,6 +141,7 @@ class StopOnInterrupt:
 def run_training(config: TrainConfig, backend):
     from tqdm import tqdm
 
+    from ti_trainer.analysis.monitors import monitors_for
     from ti_trainer.training.loop import TrainingHooks, train
 
     bar = None
@@ -128,6 +158,7 @@ def run_training(config: TrainConfig, backend):
             on_step=on_step,
             on_message=lambda text: print(text, file=sys.stderr),
             should_stop=lambda: stop.requested,
+            monitors=monitors_for(config, on_message=lambda text: print(text, file=sys.stderr)),
         )
         try:
             return train(config, backend, hooks)
@@ -139,6 +170,15 @@ def run_training(config: TrainConfig, backend):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.verb in PREPARE_VERBS:
+            return run_prepare_verb(args)
+        if args.verb in analysis_verbs.VERBS:
+            return analysis_verbs.run(args)
+        if args.verb == "app":
+            from ti_trainer.host.standalone import serve
+
+            serve(args.workspace, args.model, args.port, args.device)
+            return 0
         if args.verb == "demo":
             from ti_trainer.demo import run_demo
 

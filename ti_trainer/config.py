@@ -13,6 +13,10 @@ from ti_trainer.errors import UserError
 LATENT_SAMPLING = ("once", "deterministic", "random")
 CLIP_MODES = ("disabled", "value", "norm")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Memory levers (ti_trainer/memory.py); "auto" chooses from the device and the model.
+ATTENTION_CHOICES = ("auto", "sdpa", "xformers", "math")
+CHECKPOINTING_CHOICES = ("auto", "off", "high-res", "all")
+UPCAST_CHOICES = ("auto", "on", "off")
 
 
 @dataclass
@@ -62,6 +66,20 @@ class TrainConfig:
     # Reproducibility and numerics
     seed: int | None = None  # None: chosen at start and recorded in the settings and the .optim file
     precision: str = "auto"
+    # Memory levers (ti_trainer/memory.py). The plan in force is reported in words when a run starts.
+    attention: str = "auto"  # SDPA, or xformers when installed; "math" is the plain path A1111 trains with
+    gradient_checkpointing: str = "auto"  # auto: off, raised on a GPU only if the batch needs it (fit.py)
+    vae_offload: bool = True  # the VAE waits in RAM while training (latents are cached first)
+    upcast_attention: str = "auto"  # auto: fp32 attention scores when the model wants them, under fp16
+    # Choosing the result (ti_trainer/analysis): a loss on a fixed batch, comparable across steps (DVAR,
+    # reference/peers.md §4), and the DVAR stopping rule on it. The window is in steps; the threshold is
+    # Var(loss over the window) / Var(loss over the whole run). 200 steps / 0.15 are the DVAR repository's
+    # defaults. Stopping is on: the rule waits for the loss to level off, the saved copies stay, and a stopped
+    # run resumes from its last save (see analysis/early_stopping.py for why this default).
+    validate_every: int = 10  # 0 = no validation loss, no early stopping
+    early_stopping: bool = True
+    early_stop_window: int = 200
+    early_stop_threshold: float = 0.15
 
     def validate(self) -> None:
         """Check everything that can be checked without the model or the images."""
@@ -89,6 +107,25 @@ class TrainConfig:
             problems.append(f"Tag dropout is a probability between 0 and 1 (got {self.tag_dropout}).")
         if self.precision not in PRECISIONS:
             problems.append(f"Precision must be one of {', '.join(PRECISIONS)}.")
+        for name, choices in (
+            ("attention", ATTENTION_CHOICES),
+            ("gradient_checkpointing", CHECKPOINTING_CHOICES),
+            ("upcast_attention", UPCAST_CHOICES),
+        ):
+            if getattr(self, name) not in choices:
+                problems.append(f"{name} must be one of {', '.join(choices)} (got {getattr(self, name)!r}).")
+        if self.validate_every < 0:
+            problems.append(
+                f"'Validate every N steps' must be 0 (off) or a positive number (got {self.validate_every})."
+            )
+        if self.early_stop_window < 1:
+            problems.append(
+                f"The early-stopping window must be at least 1 step (got {self.early_stop_window})."
+            )
+        if not 0.0 < self.early_stop_threshold < 1.0:
+            problems.append(
+                f"The early-stopping threshold is a variance ratio between 0 and 1 (got {self.early_stop_threshold})."
+            )
         if self.keep_size and self.aspect_buckets:
             problems.append("Choose either 'keep size' or 'aspect-ratio buckets', not both.")
         if problems:

@@ -87,6 +87,7 @@ def run_demo(out: Path, steps: int = 50) -> Path:
         preview_steps=10,
         shuffle_tags=True,
         seed=0,
+        validate_every=5,  # a short run: evaluate often enough to draw a curve
     )
     result = run_training(config, backend)
     print(result.summary)
@@ -97,6 +98,9 @@ def run_demo(out: Path, steps: int = 50) -> Path:
         )
         print(f"  {sub + '/':18} {', '.join(files)}")
     print(f"  {'':18} textual_inversion_loss.csv, settings-*.json")
+    print(f"  {'':18} validation_loss.csv, embedding_norms.csv, image_report.csv, analysis.json")
+    print(f"\nNext: python -m ti_trainer compare {result.log_folder}   (a grid of saved steps x prompts)")
+    print(f"      python -m ti_trainer analyze {result.log_folder}   (suggested step, warnings, charts)")
     print(
         f"\nDone in {time.perf_counter() - started:.0f} s. The tiny model is random, so previews are noise."
     )

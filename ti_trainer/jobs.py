@@ -16,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ti_trainer.analysis.monitors import monitors_for
 from ti_trainer.config import TrainConfig
 from ti_trainer.errors import UserError
 from ti_trainer.host.base import HostServices
@@ -133,6 +134,7 @@ class JobRegistry:
             render_preview=services.render_preview,
             on_saved=lambda path: setattr(progress, "last_saved", str(path)),
             on_preview=lambda path: setattr(progress, "last_preview", str(path)),
+            monitors=monitors_for(job.config, on_message),
         )
         try:
             result = train(job.config, services.get_backend(), hooks)

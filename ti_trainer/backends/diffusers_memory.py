@@ -4,8 +4,8 @@
   VAE; when fp32 scores are wanted, or for the plain math path, `TrainingAttnProcessor` (same maths, through
   memory.attention), since diffusers' SDPA processor ignores the model's `upcast_attention`.
 - Checkpointing: the blocks' own `gradient_checkpointing` flags. They must engage on a frozen model in eval
-  mode: diffusers <= 0.2x gates them on `self.training` (so the chosen blocks' own flag is set, not their
-  children's, which keep eval behaviour), later versions on `torch.is_grad_enabled()` and call
+  mode: diffusers 0.27 gates them on `self.training` (so the chosen blocks' own `training` flag is set, not
+  their children's, which keep eval behaviour), later versions on `torch.is_grad_enabled()` and call
   `self._gradient_checkpointing_func`, which only `enable_gradient_checkpointing` would set. Both are set
   here, with torch's non-reentrant checkpoint, which works when no weight requires a gradient.
 """

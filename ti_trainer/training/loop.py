@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 from PIL import Image
 
+from ti_trainer import fit
 from ti_trainer.backends.base import PreviewRequest
 from ti_trainer.config import TrainConfig
 from ti_trainer.dataset import TrainingData, encode_dataset, prepare_images
@@ -145,9 +146,12 @@ def _train(config: TrainConfig, backend, hooks: TrainingHooks) -> TrainResult:
     context = RunContext(
         config, backend, data, folders, run.embedding.name, run.seed, run.initial_step, run.end_step
     )
-    for monitor in hooks.monitors:
-        monitor.start(context)
-    return _loop(run, backend, hooks, folders, data, loss_log)
+    # The memory plan (attention, checkpointing, VAE in RAM, precision) holds for the run and is undone after;
+    # running out of GPU memory ends the run with a message naming the batch or size that fits (fit.py).
+    with fit.memory_for_training(config, backend, data, run.embedding.num_vectors, hooks.on_message):
+        for monitor in hooks.monitors:
+            monitor.start(context)
+        return _loop(run, backend, hooks, folders, data, loss_log)
 
 
 def _loop(run: PreparedRun, backend, hooks, folders, data: TrainingData, loss_log) -> TrainResult:

@@ -1,0 +1,213 @@
+"""Fixed batches: the training objective on images, prompts, noise and timesteps drawn once from the seed.
+
+The training loss is too noisy to read, because every step draws a different batch, noise and timestep
+(reference/peers.md §4, DVAR). Fixing all of them turns the same objective into a curve that only moves when
+the embedding does. Two batches are built here:
+
+- the validation batch: a few samples (DVAR uses 4), evaluated every N steps under no_grad;
+- the image probe: every image at the same few timesteps with the same noise, so images can be compared with
+  each other (which image the embedding fits worst, which one pulls hardest on it).
+
+Everything is drawn from generators seeded by (seed, purpose), never from the global generator or the
+training's own streams, so evaluating changes nothing about the run and two runs with one seed agree.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from ti_trainer.config import TrainConfig
+from ti_trainer.dataset import TrainingImage
+from ti_trainer.diffusion import noisy_latents_and_target
+from ti_trainer.prompts import build_prompt
+from ti_trainer.templates import NAME_PLACEHOLDER, read_template
+from ti_trainer.training.precision import autocast, resolve_precision
+from ti_trainer.training.prepare import find_template
+
+# The validation batch is about one training step's worth of images: at least DVAR's 4, at most 8. Its cost
+# is then one forward pass per image of a step every N steps, i.e. under 15% at batch 1 with N = 10 and a
+# few percent at the batch sizes the seeds use.
+MIN_VALIDATION_SAMPLES, MAX_VALIDATION_SAMPLES = 4, 8
+PROBE_TIMESTEPS = 2  # per image: one in each half of the schedule (the detail and the composition ends)
+FP16_LOSS_SCALE = 1024.0  # keeps fp16 gradients of one image's loss from underflowing
+
+
+@dataclass
+class FixedSample:
+    image_index: int
+    latent: torch.Tensor  # [1, C, h, w]
+    noise: torch.Tensor  # [1, C, h, w]
+    timestep: int
+    prompt: str
+    weight: torch.Tensor | None  # [C, h, w] (PNG alpha), when the run weights its loss
+
+
+@dataclass
+class FixedBatch:
+    name: str  # the embedding's name, as it appears in the prompts
+    samples: list[FixedSample]
+
+    def groups(self, max_batch: int) -> list[list[int]]:
+        """Sample indices in batches of at most `max_batch`, never mixing latent sizes."""
+        by_size: dict[tuple, list[int]] = defaultdict(list)
+        for index, sample in enumerate(self.samples):
+            by_size[tuple(sample.latent.shape)].append(index)
+        step = max(1, max_batch)
+        return [
+            members[start : start + step]
+            for members in by_size.values()
+            for start in range(0, len(members), step)
+        ]
+
+
+def _generator(seed: int, purpose: str) -> torch.Generator:
+    # A stable mix of the seed and a purpose label, independent of the loop's per-micro-batch generators.
+    mixed = random.Random(f"{purpose}:{seed}").getrandbits(63)
+    return torch.Generator().manual_seed(mixed)
+
+
+def fixed_prompts(config: TrainConfig, name: str, captions: list[str], seed: int) -> list[str]:
+    """One prompt per caption, from the run's template, with no tag shuffle or dropout: a fixed caption."""
+    template = read_template(find_template(config))
+    lines = [line for line in template.lines if NAME_PLACEHOLDER in line] or template.lines
+    prompts = []
+    for index, caption in enumerate(captions):
+        rng = random.Random(f"validation-prompt:{seed}:{index}")
+        prompts.append(build_prompt(rng.choice(lines), name, caption, rng))
+    return prompts
+
+
+def _fixed_latent(image: TrainingImage) -> torch.Tensor:
+    # The distribution's mean: the same whatever latent sampling the run uses ("random" has no fixed sample).
+    return image.latent.mean.float().cpu()
+
+
+def stratified_timesteps(count: int, num_timesteps: int, generator: torch.Generator) -> list[int]:
+    """`count` timesteps, one in each of `count` equal ranges of the schedule, at a random place within it."""
+    jitter = torch.rand(count, generator=generator, dtype=torch.float64)
+    return [min(num_timesteps - 1, int((k + float(jitter[k])) * num_timesteps / count)) for k in range(count)]
+
+
+def validation_sample_count(images_per_step: int) -> int:
+    return max(MIN_VALIDATION_SAMPLES, min(MAX_VALIDATION_SAMPLES, images_per_step))
+
+
+def validation_batch(
+    images: list[TrainingImage],
+    prompts: list[str],
+    name: str,
+    seed: int,
+    num_timesteps: int,
+    count: int = MIN_VALIDATION_SAMPLES,
+) -> FixedBatch:
+    """`count` samples: distinct images where there are enough (a seeded choice), repeated at other
+    timesteps where there are fewer; each sample in its own range of timesteps."""
+    generator = _generator(seed, "validation")
+    order = torch.randperm(len(images), generator=generator).tolist()
+    chosen = [order[k % len(order)] for k in range(count)]
+    timesteps = stratified_timesteps(count, num_timesteps, generator)
+    # Shuffle which sample gets which range, so repeated images don't always get neighbouring ones.
+    timesteps = [timesteps[k] for k in torch.randperm(count, generator=generator).tolist()]
+    samples = []
+    for index, timestep in zip(chosen, timesteps):
+        latent = _fixed_latent(images[index])
+        noise = torch.randn(latent.shape, generator=generator)
+        samples.append(FixedSample(index, latent, noise, timestep, prompts[index], images[index].weight))
+    return FixedBatch(name, samples)
+
+
+def probe_batch(
+    images: list[TrainingImage], prompts: list[str], name: str, seed: int, num_timesteps: int
+) -> FixedBatch:
+    """Every image at the same `PROBE_TIMESTEPS` timesteps, with the same noise for images of one size."""
+    generator = _generator(seed, "image-probe")
+    timesteps = stratified_timesteps(PROBE_TIMESTEPS, num_timesteps, generator)
+    noise_by_size: dict[tuple, list[torch.Tensor]] = {}
+    samples = []
+    for index, image in enumerate(images):
+        latent = _fixed_latent(image)
+        shape = tuple(latent.shape)
+        if shape not in noise_by_size:
+            sized = _generator(seed, f"image-probe-noise:{shape}")
+            noise_by_size[shape] = [torch.randn(shape, generator=sized) for _ in timesteps]
+        for timestep, noise in zip(timesteps, noise_by_size[shape]):
+            samples.append(FixedSample(index, latent, noise, timestep, prompts[index], image.weight))
+    return FixedBatch(name, samples)
+
+
+def _inputs(backend, batch: FixedBatch, members: list[int]):
+    device = backend.device
+    chosen = [batch.samples[i] for i in members]
+    latents = torch.cat([s.latent for s in chosen]).to(device)
+    noise = torch.cat([s.noise for s in chosen]).to(device)
+    timesteps = torch.tensor([s.timestep for s in chosen], dtype=torch.long, device=device)
+    noisy, target = noisy_latents_and_target(backend.schedule, latents, noise, timesteps)
+    weights = None
+    if chosen[0].weight is not None:
+        weights = torch.stack([s.weight for s in chosen]).to(device)
+    return chosen, noisy, target, timesteps, weights
+
+
+def _per_sample_loss(prediction, target, weights) -> torch.Tensor:
+    # denoising_loss per sample: its mean over a same-sized batch is exactly the batch's training loss.
+    error = (prediction.float() - target.float()) ** 2
+    if weights is not None:
+        error = error * weights.to(error.device, error.dtype)
+    return error.flatten(1).mean(dim=1)
+
+
+@torch.no_grad()
+def sample_losses(
+    backend, batch: FixedBatch, vectors: torch.Tensor, max_batch: int, precision: str = "auto"
+) -> torch.Tensor:
+    """The loss of every sample (float64, CPU), evaluated in batches no larger than the training batch."""
+    precision = resolve_precision(precision, backend.device)
+    losses = torch.zeros(len(batch.samples), dtype=torch.float64)
+    injected = {batch.name: vectors.detach()}
+    for members in batch.groups(max_batch):
+        chosen, noisy, target, timesteps, weights = _inputs(backend, batch, members)
+        with autocast(precision, backend.device):
+            cond = backend.prompt_encoder([s.prompt for s in chosen], injected)
+            prediction = backend.predict(noisy, timesteps, cond)
+        losses[members] = _per_sample_loss(prediction, target, weights).double().cpu()
+    return losses
+
+
+def sample_gradients(
+    backend, batch: FixedBatch, vectors: torch.Tensor, max_batch: int, precision: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sample's loss and the gradient of that loss alone with respect to the vectors.
+
+    Each sample's prompt is encoded with its own copy of the vectors, so one backward pass through a batch
+    leaves each copy holding its own sample's gradient.
+    """
+    precision = resolve_precision(precision, backend.device)
+    scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0
+    count = len(batch.samples)
+    losses = torch.zeros(count, dtype=torch.float64)
+    gradients = torch.zeros(count, *vectors.shape, dtype=torch.float64)
+    base = vectors.detach()
+    for members in batch.groups(max_batch):
+        chosen, noisy, target, timesteps, weights = _inputs(backend, batch, members)
+        copies = [base.clone().requires_grad_(True) for _ in chosen]
+        with autocast(precision, backend.device):
+            conds = [backend.prompt_encoder([s.prompt], {batch.name: c}) for s, c in zip(chosen, copies)]
+        # A prompt past 75 tokens has a longer conditioning; such samples go through one at a time.
+        by_length: dict[int, list[int]] = defaultdict(list)
+        for position, cond in enumerate(conds):
+            by_length[cond.shape[1]].append(position)
+        for positions in by_length.values():
+            with autocast(precision, backend.device):
+                cond = torch.cat([conds[p] for p in positions])
+                prediction = backend.predict(noisy[positions], timesteps[positions], cond)
+            part_weights = weights[positions] if weights is not None else None
+            per_sample = _per_sample_loss(prediction, target[positions], part_weights)
+            (per_sample.sum() * scale).backward()
+            for p, loss in zip(positions, per_sample.detach().double().cpu()):
+                losses[members[p]] = loss
+                gradients[members[p]] = copies[p].grad.double().cpu() / scale
+    return losses, gradients

@@ -1,0 +1,130 @@
+"""Which image dominates: each image's loss on the probe batch and its share of the gradient.
+
+An image the embedding fits worst keeps a high loss; an image that "asserts itself over the others" (the seeds'
+tree branches that appeared everywhere) pulls hardest on the vectors. The share is the length of that image's
+gradient over the sum of all images' lengths, so shares add up to 100% and an even set gives each about 1/N.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ti_trainer.analysis.fixed_batch import (
+    PROBE_TIMESTEPS,
+    FixedBatch,
+    fixed_prompts,
+    probe_batch,
+    sample_gradients,
+)
+from ti_trainer.analysis.run_files import (
+    IMAGE_REPORT_COLUMNS,
+    IMAGE_REPORT_CSV,
+    RunInfo,
+    number,
+    read_rows,
+    write_rows,
+)
+from ti_trainer.dataset import TrainingImage, encode_dataset, prepare_images
+from ti_trainer.embedding_files import load_embedding
+from ti_trainer.errors import UserError
+from ti_trainer.images import load_folder
+
+# An image pulling 1.5 times as hard as the typical (median) image is worth a look. The median, not the even
+# share 1/N, because a dominant image lowers everyone else's share. It is a hint to look, not a verdict.
+DOMINANT_FACTOR = 1.5
+
+
+@dataclass
+class ImageRow:
+    image: str
+    caption: str
+    loss: float
+    gradient_share: float
+
+
+def image_rows(
+    backend,
+    probe: FixedBatch,
+    images: list[TrainingImage],
+    vectors: torch.Tensor,
+    max_batch: int,
+    precision: str = "auto",
+) -> list[ImageRow]:
+    losses, gradients = sample_gradients(backend, probe, vectors, max_batch, precision)
+    per_image_loss = torch.zeros(len(images), dtype=torch.float64)
+    per_image_gradient = torch.zeros(len(images), *vectors.shape, dtype=torch.float64)
+    for index, sample in enumerate(probe.samples):
+        per_image_loss[sample.image_index] += losses[index] / PROBE_TIMESTEPS
+        per_image_gradient[sample.image_index] += gradients[index] / PROBE_TIMESTEPS
+    lengths = per_image_gradient.flatten(1).norm(dim=1)
+    total = float(lengths.sum()) or 1.0
+    return [
+        ImageRow(Path(image.source).name, image.caption, float(per_image_loss[i]), float(lengths[i]) / total)
+        for i, image in enumerate(images)
+    ]
+
+
+def dominant(shares: dict[str, float]) -> list[str]:
+    """Images whose gradient share is at least DOMINANT_FACTOR times the median image's."""
+    if len(shares) < 3:
+        return []  # with one or two images there is no "typical" image to stand out from
+    typical = statistics.median(shares.values())
+    return [name for name, share in shares.items() if share >= DOMINANT_FACTOR * typical]
+
+
+def write_image_report(path: Path, step: int, rows: list[ImageRow]) -> Path:
+    """Replace the rows of `step` in the report, keeping other steps' rows."""
+    kept = [row for row in read_rows(path) if row.get("step") != str(step)]
+    new = [
+        {
+            "step": step,
+            "image": row.image,
+            "caption": row.caption,
+            "loss": number(row.loss),
+            "gradient_share": number(row.gradient_share),
+        }
+        for row in rows
+    ]
+    ordered = sorted(kept + new, key=lambda row: int(row["step"]))
+    return write_rows(path, list(IMAGE_REPORT_COLUMNS), ordered)
+
+
+def report_for_step(run: RunInfo, backend, step: int) -> list[ImageRow]:
+    """Measure the report at any saved step of a finished run, with the model it was trained on.
+
+    The images are read and encoded again from the run's dataset folder; the probe is drawn from the run's
+    seed as during training, so the numbers line up with the ones measured then.
+    """
+    saved = run.saved_steps()
+    if step not in saved:
+        raise UserError(f"Step {step} has no saved copy in {run.embeddings_folder}.")
+    config = run.config
+    if config.seed is None:
+        raise UserError(f"The settings of {run.root} do not record the run's seed; the report needs it.")
+    # A borrowed model (the WebUI's) is frozen for the backward pass and given back as it was found.
+    session = getattr(backend, "training_session", None)
+    with session() if session else contextlib.nullcontext():
+        rows = _measure(run, backend, config, saved[step])
+    write_image_report(run.root / IMAGE_REPORT_CSV, step, rows)
+    return rows
+
+
+def _measure(run: RunInfo, backend, config, embedding_path: Path) -> list[ImageRow]:
+    vectors = load_embedding(embedding_path).vectors.to(backend.device)
+    folder = load_folder(
+        config.data_dir, config.use_alpha_weight, config.filename_regex, config.filename_join
+    )
+    prepared = prepare_images(
+        folder.images, config.width, config.height, config.keep_size, config.aspect_buckets
+    )
+    images = encode_dataset(backend, prepared, "deterministic", config.use_alpha_weight, config.seed)
+    backend.prompt_encoder.chunker.register(run.name, vectors.shape[0])
+    prompts = fixed_prompts(config, run.name, [image.caption for image in images], config.seed)
+    probe = probe_batch(images, prompts, run.name, config.seed, backend.schedule.num_timesteps)
+    batch = min(config.batch_size, len(images))
+    return image_rows(backend, probe, images, vectors, batch, config.precision)

@@ -1,0 +1,238 @@
+"""The monitors a run gets, built from its TrainConfig in one place: `monitors_for(config)`.
+
+They watch through `TrainingHooks.monitors` (training/loop.py): `start(context)`, `after_step(step,
+vectors) -> stop?` at every step boundary, `finish(step)`. They only read the run and write their own files in
+its log folder; every random draw they make comes from their own seeded generators, so a run with monitors
+trains exactly the vectors it would train without them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ti_trainer.analysis import early_stopping, norms
+from ti_trainer.analysis.fixed_batch import (
+    fixed_prompts,
+    probe_batch,
+    sample_losses,
+    validation_batch,
+    validation_sample_count,
+)
+from ti_trainer.analysis.image_report import dominant, image_rows, write_image_report
+from ti_trainer.analysis.run_files import (
+    IMAGE_REPORT_CSV,
+    NORMS_CSV,
+    VALIDATION_COLUMNS,
+    VALIDATION_CSV,
+    CsvLog,
+    number,
+    read_rows,
+    update_summary,
+)
+from ti_trainer.config import TrainConfig
+from ti_trainer.create import existing_embedding_file
+from ti_trainer.embedding import Embedding
+from ti_trainer.embedding_files import load_embedding
+from ti_trainer.training import outputs
+
+Message = Callable[[str], None]
+
+
+def monitors_for(config: TrainConfig, on_message: Message = print) -> list:
+    """The monitors this config asks for: validation loss (with the DVAR rule) and the vector norms."""
+    monitors: list = [NormMonitor(config.validate_every or config.save_every or 10, on_message)]
+    if config.validate_every > 0:
+        monitors.append(ValidationMonitor(stopping_rule(config), config.early_stopping, on_message))
+    return monitors
+
+
+def stopping_rule(config: TrainConfig) -> early_stopping.StoppingRule:
+    """The rule as this config sets it (also used to re-read a finished run with other settings)."""
+    return early_stopping.StoppingRule(
+        config.early_stop_window, config.early_stop_threshold, config.validate_every or 10
+    )
+
+
+class ValidationMonitor:
+    """The loss on a fixed batch every `rule.every_steps` steps, the DVAR rule on it, and at the start and the
+    end of the run the per-image report (loss and gradient share of every image)."""
+
+    def __init__(self, rule: early_stopping.StoppingRule, stop_enabled: bool, on_message: Message = print):
+        self.rule = rule
+        self.stop_enabled = stop_enabled
+        self.on_message = on_message
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+        self.suggested_step: int | None = None
+        self._vectors: torch.Tensor | None = None
+
+    def start(self, context) -> None:
+        self.context = context
+        images = context.data.images
+        prompts = fixed_prompts(
+            context.config, context.embedding_name, [image.caption for image in images], context.seed
+        )
+        num_timesteps = context.backend.schedule.num_timesteps
+        count = validation_sample_count(context.data.batch_size * context.data.gradient_accumulation)
+        self.batch = validation_batch(
+            images, prompts, context.embedding_name, context.seed, num_timesteps, count
+        )
+        self.probe = probe_batch(images, prompts, context.embedding_name, context.seed, num_timesteps)
+        self.max_batch = context.data.batch_size
+        self.precision = context.config.precision
+        self.log = CsvLog(context.folders.root / VALIDATION_CSV, VALIDATION_COLUMNS, context.initial_step)
+        for row in read_rows(self.log.path):  # a resumed run continues its history
+            self.steps.append(int(row["step"]))
+            self.losses.append(float(row["loss"]))
+        # A run resumed after the rule fired was resumed on purpose: it is not stopped a second time.
+        self.suggested_step = early_stopping.first_plateau(self.steps, self.losses, self.rule)
+        update_summary(
+            context.folders.root,
+            suggested_step=self.suggested_step,
+            stopped_early=False,
+            stopping_rule={
+                "window_steps": self.rule.window_steps,
+                "threshold": self.rule.threshold,
+                "every_steps": self.rule.every_steps,
+                "enabled": self.stop_enabled,
+            },
+        )
+        initial = _initial_vectors(context)
+        if initial is not None and context.initial_step not in self.steps:
+            self._evaluate(context.initial_step, initial)
+        if initial is not None and context.initial_step == 0:
+            self._report_images(0, initial)
+
+    def after_step(self, step: int, vectors: torch.Tensor) -> bool:
+        self._vectors = vectors
+        if step % self.rule.every_steps:
+            return False
+        verdict = self._evaluate(step, vectors)
+        if not verdict.plateau or self.suggested_step is not None:
+            return False
+        self.suggested_step = step
+        copy = _save_copy(self.context, step, vectors)
+        update_summary(self.context.folders.root, suggested_step=step, stopped_early=self.stop_enabled)
+        levelled = (
+            f"the validation loss has levelled off (DVAR ratio {verdict.ratio:.3f} < {self.rule.threshold})"
+        )
+        if not self.stop_enabled:
+            self.on_message(
+                f"Step {step}: {levelled}. Suggested step: {step}, saved as {copy.name}. Training goes on "
+                "(early stopping is off)."
+            )
+            return False
+        self.on_message(
+            f"Stopping early at step {step}: {levelled}. Suggested step: {step}, saved as {copy.name}; earlier "
+            f"copies stay in {copy.parent}. To train on anyway, train {self.context.embedding_name!r} "
+            "again: it resumes from here and is not stopped a second time."
+        )
+        return True
+
+    def finish(self, step: int) -> None:
+        if self._vectors is not None:
+            if step not in self.steps:
+                self._evaluate(step, self._vectors)
+            self._report_images(step, self._vectors)
+
+    def _evaluate(self, step: int, vectors: torch.Tensor) -> early_stopping.StoppingCheck:
+        losses = sample_losses(self.context.backend, self.batch, vectors, self.max_batch, self.precision)
+        loss = float(losses.mean())
+        self.steps.append(step)
+        self.losses.append(loss)
+        verdict = early_stopping.check(self.losses, self.rule)
+        ratio = "" if verdict.ratio is None else number(verdict.ratio)
+        self.log.write([step, number(loss), ratio])
+        return verdict
+
+    def _report_images(self, step: int, vectors: torch.Tensor) -> None:
+        rows = image_rows(
+            self.context.backend,
+            self.probe,
+            self.context.data.images,
+            vectors,
+            self.max_batch,
+            self.precision,
+        )
+        write_image_report(self.context.folders.root / IMAGE_REPORT_CSV, step, rows)
+        heavy = dominant({row.image: row.gradient_share for row in rows})
+        if heavy and step == 0:
+            self.on_message(
+                f"{', '.join(heavy)} pull(s) on the embedding much harder than the other images (gradient "
+                "share). If one image's look takes over the results, consider culling it."
+            )
+
+
+class NormMonitor:
+    """Records the length of every vector every `every_steps` steps (and at the first and last step), and
+    warns once per vector when it leaves the range of the model's ordinary token embeddings."""
+
+    def __init__(self, every_steps: int, on_message: Message = print):
+        self.every_steps = max(1, every_steps)
+        self.on_message = on_message
+        self.warned: set[int] = set()
+        self.log: CsvLog | None = None
+        self._latest: tuple[int, torch.Tensor] | None = None
+
+    def start(self, context) -> None:
+        self.context = context
+        self.reference = norms.ordinary_token_norms(context.backend)
+        update_summary(context.folders.root, norm_range=self.reference.to_dict())
+        initial = _initial_vectors(context)
+        if initial is not None:
+            self._record(context.initial_step, initial)
+
+    def after_step(self, step: int, vectors: torch.Tensor) -> bool:
+        self._latest = (step, vectors)
+        if step % self.every_steps == 0 or step == self.context.initial_step + 1:
+            self._record(step, vectors)
+        return False
+
+    def finish(self, step: int) -> None:
+        if self._latest and self._latest[0] == step:
+            self._record(step, self._latest[1])
+
+    def _record(self, step: int, vectors: torch.Tensor) -> None:
+        lengths = norms.vector_norms(vectors)
+        if self.log is None:
+            columns = ["step", *(f"vector_{i}" for i in range(len(lengths)))]
+            self.log = CsvLog(self.context.folders.root / NORMS_CSV, columns, self.context.initial_step)
+        if step in self.log.steps:
+            return
+        self.log.write([step, *(number(value) for value in lengths)])
+        fresh = [i for i in norms.outside_range(lengths, self.reference) if i not in self.warned]
+        if fresh and step > 0:
+            self.warned.update(fresh)
+            which = ", ".join(str(i) for i in fresh)
+            self.on_message(
+                f"Step {step}: vector(s) {which} of {self.context.embedding_name!r} left the range of the "
+                f"model's ordinary words ({norms.describe(lengths, self.reference)}). Past this point the "
+                "embedding may overbake: compare this step with earlier copies (python -m ti_trainer compare "
+                f"{self.context.folders.root})."
+            )
+
+
+def _initial_vectors(context) -> torch.Tensor | None:
+    """The vectors the run starts from: the embedding file as it is before the first step."""
+    path = existing_embedding_file(Path(context.config.embeddings_dir), context.embedding_name)
+    if path is None:
+        return None
+    return load_embedding(path).vectors.to(context.backend.device)
+
+
+def _save_copy(context, step: int, vectors: torch.Tensor) -> Path:
+    """The suggested step as a copy in `embeddings/`, so it is among the steps a comparison shows."""
+    existing = context.folders.embeddings / f"{context.embedding_name}-{step}.pt"
+    if existing.is_file():
+        return existing
+    embedding = Embedding(
+        context.embedding_name,
+        vectors.detach().float().cpu().clone(),
+        step,
+        context.backend.model_hash,
+        context.backend.model_name,
+    )
+    return outputs.save_step_copy(context.folders, embedding, None, {})

@@ -1,0 +1,191 @@
+"""A finished (or running) run read back for the artist: suggested step, warnings, charts, the image table.
+
+Everything here reads the run's log folder only, so it works on a run trained yesterday, from the CLI or the
+tab, without the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from ti_trainer.analysis import charts, early_stopping, norms
+from ti_trainer.analysis.image_report import dominant
+from ti_trainer.analysis.monitors import stopping_rule
+from ti_trainer.analysis.run_files import RunInfo
+
+TRAINING_TREND_WINDOW = 25  # steps averaged to show the trend of the noisy training loss
+IMAGE_TABLE_HEADERS = ["image", "caption", "validation loss", "gradient share %", "note"]
+
+
+@dataclass
+class RunAnalysis:
+    run: RunInfo
+    rule: early_stopping.StoppingRule
+    suggested_step: int | None
+    nearest_saved_step: int | None  # the saved copy to use for the suggestion
+    stopped_early: bool
+    norm_range: norms.NormRange | None
+    departures: dict[int, int] = field(default_factory=dict)  # vector -> first step outside the range
+    last_ratio: float | None = None
+
+
+def analyse(run: RunInfo, rule: early_stopping.StoppingRule | None = None) -> RunAnalysis:
+    """The DVAR suggestion re-read from the validation CSV (with `rule`, default: the run's own settings)."""
+    rule = rule or stopping_rule(run.config)
+    summary = run.summary()
+    validation = run.validation_loss()
+    suggested = early_stopping.first_plateau(validation.steps, validation.values, rule)
+    last_ratio = early_stopping.check(validation.values, rule).ratio if validation.values else None
+    saved = [step for step in run.saved_steps() if suggested is not None and step <= suggested]
+    reference = norms.NormRange.from_dict(summary.get("norm_range"))
+    steps, rows = run.norms()
+    departures = norms.first_departures(steps, rows, reference) if reference else {}
+    return RunAnalysis(
+        run,
+        rule,
+        suggested,
+        saved[-1] if saved else None,
+        bool(summary.get("stopped_early")),
+        reference,
+        departures,
+        last_ratio,
+    )
+
+
+def summary_lines(analysis: RunAnalysis) -> list[str]:
+    """What the artist should know, one point per line."""
+    run, rule = analysis.run, analysis.rule
+    lines = []
+    saved = list(run.saved_steps())
+    lines.append(
+        f"Run {run.name!r}: {len(saved)} saved step(s)"
+        + (f" ({', '.join(map(str, saved[:12]))}{' ...' if len(saved) > 12 else ''})." if saved else ".")
+    )
+    validation = run.validation_loss()
+    if not validation.steps:
+        lines.append("No validation loss was recorded (validation was off for this run).")
+    elif analysis.suggested_step is None:
+        ratio = "" if analysis.last_ratio is None else f" (latest DVAR ratio {analysis.last_ratio:.3f})"
+        lines.append(
+            f"Suggested step: none yet. The validation loss has not levelled off over a {rule.window_steps}-step "
+            f"window{ratio}; train longer, or pick by eye in a comparison grid."
+        )
+    else:
+        how = "training stopped there" if analysis.stopped_early else "training went on after it"
+        use = ""
+        if analysis.nearest_saved_step not in (None, analysis.suggested_step):
+            use = f" The nearest saved copy before it is step {analysis.nearest_saved_step}."
+        lines.append(
+            f"Suggested step: {analysis.suggested_step}: the validation loss levelled off there "
+            f"(DVAR: window {rule.window_steps} steps, threshold {rule.threshold}); {how}.{use} "
+            "Check it, and the steps before it, in a comparison grid."
+        )
+    reference = analysis.norm_range
+    if reference and analysis.departures:
+        first = min(analysis.departures.values())
+        which = ", ".join(str(v) for v in sorted(analysis.departures))
+        lines.append(
+            f"Overbake warning: vector(s) {which} grew outside the length of the model's ordinary words "
+            f"({reference.low:.2f}-{reference.high:.2f}) from step {first}. Steps after that may look harsh or "
+            "swallow the subject."
+        )
+    elif reference:
+        lines.append(
+            f"Vector lengths stayed within the model's ordinary words ({reference.low:.2f}-{reference.high:.2f})."
+        )
+    step, rows = run.image_report()
+    heavy = dominant({row["image"]: float(row["gradient_share"]) for row in rows})
+    if heavy:
+        lines.append(
+            f"At step {step}, {', '.join(heavy)} pull(s) on the embedding much harder than the rest: if its look "
+            "takes over the results, consider culling it."
+        )
+    return lines
+
+
+def loss_chart(analysis: RunAnalysis) -> Image.Image:
+    """Training loss (raw and its trend) above the validation loss, with the suggested step marked."""
+    run = analysis.run
+    markers = []
+    if analysis.suggested_step is not None:
+        markers.append(charts.Marker(analysis.suggested_step, f"suggested {analysis.suggested_step}"))
+    training = run.training_loss()
+    top = charts.Chart(
+        "Training loss: new images, noise and timesteps every step, so it is noisy",
+        "loss",
+        [
+            charts.Series("each step", training.steps, training.values, (190, 190, 190), 1),
+            charts.Series(
+                f"average of {TRAINING_TREND_WINDOW} steps",
+                training.steps,
+                charts.moving_average(training.values, TRAINING_TREND_WINDOW),
+                charts.PALETTE[0],
+            ),
+        ],
+        markers=markers,
+        empty_text="No training loss recorded yet.",
+    )
+    validation = run.validation_loss()
+    bottom = charts.Chart(
+        "Validation loss: fixed images, noise and timesteps; it moves only with the embedding",
+        "loss",
+        [charts.Series("fixed batch", validation.steps, validation.values, charts.PALETTE[1], dots=True)],
+        markers=markers,
+        empty_text="No validation loss recorded (validation was off for this run).",
+    )
+    return charts.stack([charts.render(top), charts.render(bottom)])
+
+
+def norm_chart(analysis: RunAnalysis) -> Image.Image:
+    """Each vector's length over training against the band of the model's ordinary words."""
+    steps, rows = analysis.run.norms()
+    series = [
+        charts.Series(
+            f"vector {index}",
+            steps,
+            [row[index] for row in rows],
+            charts.PALETTE[index % len(charts.PALETTE)],
+        )
+        for index in range(len(rows[0]) if rows else 0)
+    ]
+    if len(series) > len(charts.PALETTE):  # many vectors: one legend entry would not fit, so draw them thin
+        for item in series:
+            item.width, item.label = 1, ""
+        series[0].label = f"{len(series)} vectors"
+    reference = analysis.norm_range
+    band = (reference.low, reference.high, "ordinary words") if reference else None
+    markers = []
+    if analysis.suggested_step is not None:
+        markers.append(charts.Marker(analysis.suggested_step, f"suggested {analysis.suggested_step}"))
+    for index, step in sorted(analysis.departures.items(), key=lambda item: item[1])[:1]:
+        markers.append(charts.Marker(step, f"vector {index} leaves the band", (214, 39, 40)))
+    chart = charts.Chart(
+        "Vector lengths: far above the band, the embedding overpowers prompts (overbaking)",
+        "length",
+        series,
+        band,
+        markers,
+        empty_text="No vector lengths recorded yet.",
+    )
+    return charts.render(chart)
+
+
+def image_table(run: RunInfo, step: int | None = None) -> tuple[int | None, list[list]]:
+    """Rows for the per-image table, heaviest gradient share first."""
+    chosen, rows = run.image_report(step)
+    heavy = set(dominant({row["image"]: float(row["gradient_share"]) for row in rows}))
+    table = []
+    for row in sorted(rows, key=lambda r: -float(r["gradient_share"])):
+        note = "pulls much harder than most: check it" if row["image"] in heavy else ""
+        table.append(
+            [
+                row["image"],
+                row["caption"],
+                round(float(row["loss"]), 5),
+                round(100 * float(row["gradient_share"]), 1),
+                note,
+            ]
+        )
+    return chosen, table

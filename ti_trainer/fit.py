@@ -1,0 +1,280 @@
+"""What fits in GPU memory, found with real training steps; and out-of-memory turned into advice.
+
+The seed tutorial finds its batch size by trial and error (reference: seeds/000). Here a probe runs the real
+training step (the text encoder with injected vectors, the UNet, the loss, the backward pass) on the real
+backend at the real size, with random latents: memory does not depend on the values. The largest batch that
+fits is found by doubling, then bisecting. An out-of-memory error is caught, the memory it left behind is
+released (the failed step's frames are cleared, the allocator's cache emptied), and the model is as it was:
+nothing of the probe stays registered, and no weight holds a gradient.
+
+`memory_for_training` is the context a run trains in: the memory plan chosen (on a GPU, "auto" checkpointing
+is raised block by block only if the batch needs it), reported in words, applied, and undone afterwards. An
+out-of-memory during the run becomes a UserError naming the batch, or the size, that would fit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ti_trainer.diffusion import denoising_loss, noisy_latents_and_target
+from ti_trainer.errors import UserError
+from ti_trainer.memory import CHECKPOINT_LEVELS, MemoryPlan, apply_memory_plan, plan_for
+from ti_trainer.training.precision import autocast
+
+PROBE_NAME = "tiprobevectors"  # registered with the prompt chunker only while a probe step runs
+PROBE_SEED = 0
+LATENT_CHANNELS = 4  # SD 1.x and 2.x
+SMALLEST_SIDE_PX = 256
+
+Step = Callable[[int], None]  # runs one training step at the given batch size
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "ALLOC_FAILED" in text)
+
+
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def fits(step: Step, batch: int) -> bool:
+    """Run `step(batch)`; False if it ran out of memory (and the memory it held is released)."""
+    out_of_memory = False
+    try:
+        step(batch)
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        # The traceback's frames hold the failed step's activations; clear them so the memory can go.
+        traceback.clear_frames(error.__traceback__)
+        out_of_memory = True
+    if out_of_memory:
+        release_memory()  # a step that succeeded freed its tensors when it returned
+    return not out_of_memory
+
+
+def largest_batch(step: Step, limit: int = 64) -> int:
+    """The largest batch <= `limit` that fits: doubling from 1, then bisecting. 0 if not even batch 1."""
+    fitting, failing, batch = 0, limit + 1, 1
+    while batch <= limit:
+        if not fits(step, batch):
+            failing = batch
+            break
+        fitting = batch
+        if batch == limit:
+            break
+        batch = min(batch * 2, limit)
+    while failing - fitting > 1:
+        middle = (fitting + failing) // 2
+        if fits(step, middle):
+            fitting = middle
+        else:
+            failing = middle
+    return fitting
+
+
+def training_step_probe(backend, latent_hw: tuple[int, int], precision: str, num_vectors: int = 1) -> Step:
+    """One real training step on `backend` at latent size `latent_hw`, as the loop runs it, on random data."""
+    device = backend.device
+    channels = int(getattr(backend, "latent_channels", LATENT_CHANNELS))
+
+    def step(batch: int) -> None:
+        generator = torch.Generator().manual_seed(PROBE_SEED)  # the global RNG is left alone
+        chunker = backend.prompt_encoder.chunker
+        chunker.register(PROBE_NAME, num_vectors)
+        try:
+            vectors = torch.zeros(num_vectors, backend.text_width, device=device, requires_grad=True)
+            latents = torch.randn(batch, channels, *latent_hw, generator=generator).to(device)
+            noise = torch.randn(latents.shape, generator=generator).to(device)
+            timesteps = torch.randint(0, backend.schedule.num_timesteps, (batch,), generator=generator)
+            noisy, target = noisy_latents_and_target(backend.schedule, latents, noise, timesteps.to(device))
+            with autocast(precision, device):
+                cond = backend.prompt_encoder([PROBE_NAME] * batch, {PROBE_NAME: vectors})
+                prediction = backend.predict(noisy, timesteps.to(device), cond)
+            denoising_loss(prediction, target).backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        finally:
+            chunker.unregister(PROBE_NAME)
+
+    return step
+
+
+def smaller_sizes(latent_hw: tuple[int, int]) -> list[tuple[int, int]]:
+    """Latent sizes below `latent_hw`, about the same aspect ratio, the longer side 64 px smaller each time.
+    Both sides stay multiples of 64 px (8 latents), which SD's three downsamplings need in ldm's UNet."""
+    height, width = latent_hw
+    longer = max(height, width)
+    sizes = []
+    for side in range(longer - 8, SMALLEST_SIDE_PX // 8 - 1, -8):
+        scale = side / longer
+        size = (max(8, round(height * scale / 8) * 8), max(8, round(width * scale / 8) * 8))
+        if size not in sizes:
+            sizes.append(size)
+    return sizes
+
+
+def px(latent_hw: tuple[int, int]) -> str:
+    return f"{latent_hw[1] * 8}x{latent_hw[0] * 8}"
+
+
+def _advice(
+    backend,
+    plan: MemoryPlan,
+    batch: int,
+    accumulation: int,
+    latent_hw: tuple[int, int],
+    num_vectors: int,
+    what: str,
+) -> str:
+    """Find what fits under `plan` (with the levers applied) and say it to the artist."""
+    step = training_step_probe(backend, latent_hw, plan.precision, num_vectors)
+    with apply_memory_plan(backend, plan):
+        fitting = largest_batch(step, max(1, batch - 1)) if batch > 1 else 0
+        size = None
+        if not fitting:
+            for smaller in smaller_sizes(latent_hw):
+                if fits(training_step_probe(backend, smaller, plan.precision, num_vectors), 1):
+                    size = smaller
+                    break
+    text = f"{what} at batch {batch}, {px(latent_hw)} px (memory: {plan.describe()})."
+    if fitting:
+        images = batch * accumulation
+        steps = math.ceil(images / fitting)
+        return (
+            f"{text} Batch {fitting} fits at this size: set the batch size to {fitting} and gradient "
+            f"accumulation to {steps} to keep about {images} images per step."
+        )
+    if size is not None:
+        return (
+            f"{text} Even batch 1 does not fit at this size; {px(size)} px fits at batch 1. Train at that size, "
+            "or free GPU memory (close other programs that use the GPU) and try again."
+        )
+    advice = "Free GPU memory (close other programs that use the GPU)"
+    if plan.precision == "fp32":
+        advice += ", and set the precision to auto: fp32 weights and activations take twice the memory"
+    return (
+        f"{text} Batch 1 does not fit at this size, nor at any smaller one down to {SMALLEST_SIDE_PX} px: "
+        f"the model itself barely fits. {advice}."
+    )
+
+
+def largest_latent_size(data) -> tuple[int, int]:
+    """The largest latent size (by area) among a run's images: the size the batch must fit at."""
+    return max((image.size for image in data.images), key=lambda hw: hw[0] * hw[1])
+
+
+def checkpointing_by_need(
+    backend,
+    plan: MemoryPlan,
+    batch: int,
+    latent_hw: tuple[int, int],
+    num_vectors: int = 1,
+    levels: tuple[str, ...] = CHECKPOINT_LEVELS,
+) -> MemoryPlan | None:
+    """The plan with the least checkpointing among `levels` (off, high-res, all) at which a training step
+    at `batch` fits; None if it fits at none."""
+    step = training_step_probe(backend, latent_hw, plan.precision, num_vectors)
+    for level in levels:
+        candidate = plan.with_checkpointing(level)
+        with apply_memory_plan(backend, candidate):
+            if fits(step, batch):
+                return candidate
+    return None
+
+
+@contextlib.contextmanager
+def memory_for_training(
+    config,
+    backend,
+    data,
+    num_vectors: int,
+    say: Callable[[str], None] = print,
+    probe_first: bool | None = None,
+) -> Iterator[MemoryPlan]:
+    """The memory context a run trains in (see the module's docstring). `probe_first` (default: on a GPU)
+    runs test steps before the run: "auto" checkpointing is raised by need, and a batch that cannot fit is
+    reported before any training time is spent."""
+    plan = plan_for(config, backend)
+    latent_hw = largest_latent_size(data)
+    batch, accumulation = data.batch_size, data.gradient_accumulation
+    if probe_first is None:
+        probe_first = backend.device.type == "cuda"
+    if probe_first:
+        levels = CHECKPOINT_LEVELS if config.gradient_checkpointing == "auto" else (plan.checkpointing,)
+        needed = checkpointing_by_need(backend, plan, batch, latent_hw, num_vectors, levels)
+        if needed is None:
+            most_saving = plan.with_checkpointing(levels[-1])
+            what = "Training would run out of GPU memory"
+            raise UserError(_advice(backend, most_saving, batch, accumulation, latent_hw, num_vectors, what))
+        plan = needed
+    say(f"Memory: {plan.describe()}")
+    out_of_memory = False
+    try:
+        with apply_memory_plan(backend, plan):
+            yield plan
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        traceback.clear_frames(error.__traceback__)  # free the failed step's activations
+        out_of_memory = True
+    if not out_of_memory:
+        return
+    release_memory()
+    raise UserError(
+        _advice(backend, plan, batch, accumulation, latent_hw, num_vectors, "Training ran out of GPU memory")
+        + " The embedding keeps its last saved step; start again to resume from it."
+    ) from None
+
+
+@dataclass
+class FitReport:
+    latent_hw: tuple[int, int]
+    batches: dict[str, int]  # checkpointing level -> the largest batch that fits (up to the search limit)
+    plan: MemoryPlan
+
+    @property
+    def best(self) -> tuple[str, int]:
+        """The least checkpointing that reaches the largest batch found."""
+        most = max(self.batches.values())
+        return next((level, b) for level, b in self.batches.items() if b == most)
+
+    def describe(self) -> str:
+        words = {"off": "with checkpointing off", "high-res": "with the high-resolution blocks checkpointed"}
+        parts = [
+            f"batch {b or 'none'} {words.get(level, 'with every block checkpointed')}"
+            for level, b in self.batches.items()
+        ]
+        return f"At {px(self.latent_hw)} px: " + "; ".join(parts) + "."
+
+
+def find_largest_batch(config, backend, limit: int = 64, num_vectors: int = 1) -> FitReport:
+    """The largest batch at the config's size for each checkpointing level it allows ("auto": all of them,
+    stopping once the limit is reached). Runs real training steps: meant for a GPU, where each takes a
+    fraction of a second; the model is left as it was."""
+    plan = plan_for(config, backend)
+    factor = int(getattr(backend, "vae_scale_factor", 8))
+    latent_hw = (config.height // factor, config.width // factor)
+    levels = CHECKPOINT_LEVELS if config.gradient_checkpointing == "auto" else (plan.checkpointing,)
+    session = getattr(backend, "training_session", None)
+    batches: dict[str, int] = {}
+    with session() if session else contextlib.nullcontext():
+        step = training_step_probe(backend, latent_hw, plan.precision, num_vectors)
+        for level in levels:
+            with apply_memory_plan(backend, plan.with_checkpointing(level)):
+                batches[level] = largest_batch(step, limit)
+            if batches[level] >= limit:
+                break
+    return FitReport(latent_hw, batches, plan)

@@ -1,0 +1,242 @@
+"""The memory levers of a training run, as one plan: chosen from the device and the model, shown in words.
+
+A `MemoryPlan` says how a run saves GPU memory; each backend applies it to its own model for the duration
+of the run and undoes it afterwards (`backend.memory_levers(plan)`: backends/diffusers_memory.py for the
+standalone model, backends/ldm_memory.py for the WebUI's). Why each lever (DESIGN.md, "Memory and speed"):
+
+- attention: PyTorch SDPA (or xformers) never materialises the tokens x tokens score matrix. At 768 px
+  the math path holds ~0.85 GB per self-attention layer per image for the backward pass.
+- gradient checkpointing: recomputes a block's activations during the backward pass instead of storing them;
+  ~50% more compute when every block is checkpointed, so it is raised only when the batch needs it (fit.py).
+- VAE offload: latents are cached before training, so the VAE can wait in RAM.
+- precision: bf16 autocast where the GPU has it (fp32's range, so no loss scaling); fp16 with a loss scaler
+  elsewhere. Frozen weights are stored in that dtype too: they never learn, so nothing needs their fp32 copy.
+- fp32 attention scores: SD 2.1's attention logits overflow fp16 (the NaN of A1111 #5715). bf16 has fp32's
+  exponent range, so the upcast is only needed, and only applied by default, under fp16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ti_trainer.config import ATTENTION_CHOICES, CHECKPOINTING_CHOICES
+from ti_trainer.errors import UserError
+from ti_trainer.training.precision import resolve_precision
+
+ATTENTION_KINDS = ATTENTION_CHOICES[1:]  # without "auto"
+# Which UNet blocks are checkpointed: none, those at the highest resolution (the first down block and the
+# last up block, where activations are largest), or every down, middle and up block.
+CHECKPOINT_LEVELS = CHECKPOINTING_CHOICES[1:]
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    attention: str = "sdpa"
+    checkpointing: str = "off"
+    vae_offload: bool = False
+    precision: str = "fp32"  # resolved: "fp32" | "bf16" | "fp16"
+    upcast_attention: bool = False
+    half_weights: bool = False  # frozen weights stored in the autocast dtype while training
+
+    @property
+    def weights_dtype(self) -> torch.dtype | None:
+        """The dtype frozen weights are stored in while training; None keeps them as they are."""
+        if not self.half_weights or self.precision == "fp32":
+            return None
+        return torch.bfloat16 if self.precision == "bf16" else torch.float16
+
+    def describe(self) -> str:
+        """The plan in words, for the UI and the run's log."""
+        attention = {"sdpa": "SDPA", "xformers": "xformers", "math": "plain (math)"}[self.attention]
+        attention += " attention" + (" (scores in fp32)" if self.upcast_attention else "")
+        checkpointing = {
+            "off": "checkpointing off",
+            "high-res": "checkpointing of the high-resolution UNet blocks",
+            "all": "checkpointing of every UNet block",
+        }[self.checkpointing]
+        vae = "VAE in RAM while training" if self.vae_offload else "VAE stays where it is"
+        precision = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16 with loss scaling"}[self.precision]
+        if self.weights_dtype is not None:
+            precision += " (weights too)"
+        return f"{attention}, {checkpointing}, {vae}, {precision}"
+
+    def with_checkpointing(self, level: str) -> MemoryPlan:
+        return MemoryPlan(
+            self.attention, level, self.vae_offload, self.precision, self.upcast_attention, self.half_weights
+        )
+
+
+@functools.lru_cache(maxsize=1)
+def xformers_available() -> bool:
+    if importlib.util.find_spec("xformers") is None:
+        return False
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception:  # a broken install (wrong torch) fails in many ways; then it is simply not there
+        return False
+    return True
+
+
+def choose_memory_plan(
+    device: torch.device | str,
+    *,
+    precision: str = "auto",
+    attention: str = "auto",
+    checkpointing: str = "auto",
+    vae_offload: bool = True,
+    upcast_attention: str = "auto",
+    model_upcasts_attention: bool = False,
+) -> MemoryPlan:
+    """The default plan for `device`; "auto" checkpointing starts "off" (fit.py raises it by need).
+
+    `model_upcasts_attention`: the model wants fp32 attention scores (SD 2.x; diffusers' `upcast_attention`).
+    """
+    device = torch.device(device)
+    resolved = resolve_precision(precision, device)
+    if attention == "auto":
+        attention = "xformers" if device.type == "cuda" and xformers_available() else "sdpa"
+    elif attention == "xformers" and not xformers_available():
+        raise UserError(
+            "Attention 'xformers' was chosen but xformers is not installed (or does not load with this torch). "
+            "Choose 'auto' or 'sdpa': PyTorch's own memory-efficient attention saves as much."
+        )
+    if attention not in ATTENTION_KINDS:
+        raise UserError(f"Attention must be one of auto, {', '.join(ATTENTION_KINDS)} (got {attention!r}).")
+    if checkpointing == "auto":
+        checkpointing = "off"
+    if checkpointing not in CHECKPOINT_LEVELS:
+        raise UserError(
+            f"Gradient checkpointing must be one of auto, {', '.join(CHECKPOINT_LEVELS)} (got {checkpointing!r})."
+        )
+    if upcast_attention == "auto":
+        upcast = model_upcasts_attention and resolved == "fp16"
+    else:
+        upcast = upcast_attention == "on"
+    on_gpu = device.type != "cpu"
+    return MemoryPlan(
+        attention=attention,
+        checkpointing=checkpointing,
+        vae_offload=vae_offload and on_gpu,
+        precision=resolved,
+        upcast_attention=upcast,
+        half_weights=on_gpu and resolved != "fp32",
+    )
+
+
+def plan_for(config, backend) -> MemoryPlan:
+    """The plan a `TrainConfig` asks for on `backend`'s device and model."""
+    return choose_memory_plan(
+        backend.device,
+        precision=config.precision,
+        attention=config.attention,
+        checkpointing=config.gradient_checkpointing,
+        vae_offload=config.vae_offload,
+        upcast_attention=config.upcast_attention,
+        model_upcasts_attention=bool(getattr(backend, "upcasts_attention", False)),
+    )
+
+
+def apply_memory_plan(backend, plan: MemoryPlan):
+    """Apply `plan` to the backend's model for the duration of a `with` block, then undo it."""
+    levers = getattr(backend, "memory_levers", None)
+    return levers(plan) if levers is not None else contextlib.nullcontext()
+
+
+# --- shared by both backends -------------------------------------------------------------------------------
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str = "sdpa", upcast: bool = False, mask=None
+) -> torch.Tensor:
+    """Multi-head attention over `[batch, heads, tokens, head_dim]`, scaled by 1/sqrt(head_dim).
+
+    `upcast` computes in fp32 (outside autocast, which would cast SDPA's inputs back down), as A1111's own
+    optimized attentions do with "Upcast cross attention layer to float32". The result has `q`'s dtype.
+    """
+    dtype = q.dtype
+    if upcast and dtype != torch.float32:
+        with torch.autocast(q.device.type, enabled=False):
+            out = _attend(q.float(), k.float(), v.float(), kind, None if mask is None else mask.float())
+        return out.to(dtype)
+    return _attend(q, k, v, kind, mask)
+
+
+def _attend(q, k, v, kind: str, mask) -> torch.Tensor:
+    if kind == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if kind == "xformers":
+        import xformers.ops
+
+        # xformers takes [batch, tokens, heads, head_dim]
+        bias = None if mask is None else mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        out = xformers.ops.memory_efficient_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias
+        )
+        return out.transpose(1, 2)
+    if kind == "math":
+        # The path A1111's trainer falls back to: the whole score matrix, kept for the backward pass.
+        scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        if mask is not None:
+            scores = scores + mask
+        return scores.softmax(dim=-1) @ v
+    raise ValueError(f"unknown attention kind {kind!r}")
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def on_device(module: torch.nn.Module, device: torch.device | str) -> Iterator[torch.nn.Module]:
+    """Move `module` to `device` for a `with` block, then back to where it was."""
+    home, device = device_of(module), torch.device(device)
+    if home == device or (device.type == home.type and device.index is None):
+        yield module
+        return
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+
+
+@contextlib.contextmanager
+def weights_in(dtype: torch.dtype, *modules: torch.nn.Module) -> Iterator[None]:
+    """Store the floating-point weights of `modules` in `dtype` for a `with` block, then restore them exactly.
+
+    The originals wait in RAM (the GPU holds only the low-precision copies) and come back bit for bit.
+    """
+    originals: list[tuple[torch.nn.Module, str, bool, torch.Tensor]] = []
+    try:
+        for module in modules:
+            for owner in module.modules():
+                for table, is_parameter in ((owner._parameters, True), (owner._buffers, False)):
+                    for name, tensor in table.items():
+                        if tensor is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+                            continue
+                        low = tensor.detach().to(dtype)
+                        originals.append((owner, name, is_parameter, tensor.detach().to("cpu")))
+                        _replace(owner, name, is_parameter, low)
+        yield
+    finally:
+        for owner, name, is_parameter, original in reversed(originals):
+            device = (owner._parameters if is_parameter else owner._buffers)[name].device
+            _replace(owner, name, is_parameter, original.to(device))
+
+
+def _replace(owner: torch.nn.Module, name: str, is_parameter: bool, value: torch.Tensor) -> None:
+    if is_parameter:
+        owner._parameters[name].data = value  # the Parameter object (and what holds it) stays the same
+    else:
+        owner._buffers[name] = value

@@ -1,0 +1,53 @@
+"""The whole tab: Create embedding, Train, Prepare, Results. The WebUI and the standalone app serve the same."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import gradio as gr
+
+from ti_trainer.ui.common import note
+from ti_trainer.ui.create_panel import build_create_panel
+from ti_trainer.ui.live_run import LiveRun
+from ti_trainer.ui.train_handlers import refresh_lists
+from ti_trainer.ui.train_panel import build_train_panel
+
+if TYPE_CHECKING:
+    from ti_trainer.host.base import HostServices
+
+TAB_ELEM_ID = "ti_trainer"
+
+
+def build_tab(services: HostServices, live: LiveRun | None = None) -> gr.Blocks:
+    """The tab's Blocks (A1111: returned from `on_ui_tabs`; standalone: rendered into the app)."""
+    with gr.Blocks(analytics_enabled=False) as tab:
+        with gr.Tabs(elem_id="ti_trainer_tabs"):
+            with gr.Tab("Create embedding", elem_id="ti_trainer_tab_create"):
+                create = build_create_panel(services)
+            with gr.Tab("Train", elem_id="ti_trainer_tab_train"):
+                train = build_train_panel(services, live)
+            with gr.Tab("Prepare", elem_id="ti_trainer_tab_prepare"):
+                _mount("ti_trainer.ui.prepare_panel", "build_prepare_panel", services)
+            with gr.Tab("Results", elem_id="ti_trainer_tab_results"):
+                _mount("ti_trainer.ui.results_panel", "build_results_panel", services)
+        # A new embedding appears in the Train tab's list at once, and becomes the one to train.
+        create.created.then(
+            lambda name, template: refresh_lists(services, name, template),
+            [create.name, train.form["template"]],
+            [train.embedding, train.form["template"]],
+        )
+    return tab
+
+
+def _mount(module_name: str, function: str, services: HostServices) -> None:
+    """A panel from its own module; a note in its place while that module is not there yet."""
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name != module_name:
+            raise
+        gr.HTML(note("info", "This panel is not installed in this version."))
+        return
+    getattr(module, function)(services)

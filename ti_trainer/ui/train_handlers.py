@@ -1,0 +1,243 @@
+"""The Train panel's handlers: plain functions of the host services, the LiveRun and the field values.
+
+The panel (train_panel.py) wires them to its components; tests call them directly. While a run goes the page
+clicks a hidden Poll button once a second (javascript/ti_trainer.js) and `poll` reads the LiveRun; inside the
+WebUI the job also reports to the WebUI's own progress bar through `services.job_progress`.
+"""
+
+from __future__ import annotations
+
+import html
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import gradio as gr
+import pandas as pd
+
+from ti_trainer import planner
+from ti_trainer.config import TrainConfig
+from ti_trainer.errors import UserError
+from ti_trainer.schedule import parse_schedule
+from ti_trainer.ui.common import embedding_names, note, notes, template_names
+from ti_trainer.ui.live_run import LiveRun, RunSnapshot, loss_rows, progress_html
+from ti_trainer.ui.train_form import config_from_form, form_values, latest_settings
+
+if TYPE_CHECKING:
+    from ti_trainer.host.base import HostServices
+
+# Offered everywhere; inside the WebUI any of its sampler names can be typed in.
+PREVIEW_SAMPLERS = ["Euler a", "Euler", "DDIM", "DPM++ 2M"]
+DEFAULT_MAX_BATCH = 4
+MAX_SPLITS_SHOWN = 6  # largest batches first: the fastest even splits
+
+
+# ---- the planner ---------------------------------------------------------------------------------------
+
+
+def plan_view(data_dir: str, batch, accumulation, max_steps, save_every, preview_every, max_batch):
+    """(plan as HTML, even splits as Dataset samples) for the chosen folder and numbers."""
+    images = planner.count_images(data_dir)
+    if not images:
+        text = "Choose a dataset folder to see how batch size and accumulation split it into steps."
+        if data_dir and images is None:
+            text = f"{data_dir} is not a folder."
+        elif data_dir:
+            text = f"{data_dir} holds no images."
+        return note("info", text), gr.update(samples=[], visible=False)
+    the_plan = planner.plan(images, int(batch or 1), int(accumulation or 1))
+    lines = planner.explain(the_plan, int(max_steps or 0), int(save_every or 0), int(preview_every or 0))
+    combos = planner.even_combinations(images, max(1, int(max_batch or 1)))[:MAX_SPLITS_SHOWN]
+    samples = [[c.batch_size, c.gradient_accumulation, c.steps_per_epoch] for c in combos]
+    body = "".join(f"<p>{_markdown_bold(line)}</p>" for line in lines)
+    return f'<div class="ti-trainer-plan">{body}</div>', gr.update(samples=samples, visible=bool(samples))
+
+
+def _markdown_bold(line: str) -> str:
+    parts = html.escape(line).split("**")
+    return "".join(f"<strong>{part}</strong>" if i % 2 else part for i, part in enumerate(parts))
+
+
+def use_combination(sample: list) -> tuple[int, int]:
+    """A click on an even split: (batch size, gradient accumulation)."""
+    return int(sample[0]), int(sample[1])
+
+
+def align_to_epochs(data_dir: str, batch, accumulation, max_steps, save_every, preview_every):
+    """Round max steps and both save intervals to whole epochs (unchanged where there are no images)."""
+    images = planner.count_images(data_dir)
+    if not images:
+        return max_steps, save_every, preview_every
+    per_epoch = planner.plan(images, int(batch or 1), int(accumulation or 1)).steps_per_epoch
+    return tuple(
+        planner.nearest_aligned(int(value), per_epoch) if int(value or 0) > 0 else 0
+        for value in (max_steps, save_every, preview_every)
+    )
+
+
+# ---- the embedding, resume ------------------------------------------------------------------------------
+
+
+def embedding_status(services: HostServices, name: str, max_steps) -> str:
+    """What training `name` will do: its vectors, the step it is at, and whether it resumes exactly."""
+    if not name:
+        return note("info", "Pick the embedding to train (create one on the Create embedding tab).")
+    from ti_trainer.create import existing_embedding_file
+    from ti_trainer.embedding_files import load_embedding, optimizer_state_path
+
+    path = existing_embedding_file(services.embeddings_dir, name)
+    if path is None:
+        return note("error", f"No embedding named {name} in {services.embeddings_dir}. Refresh the list.")
+    try:
+        embedding = load_embedding(path)
+    except UserError as error:
+        return note("error", str(error))
+    items = [("info", f"{path.name}: {embedding.num_vectors} vector(s) of width {embedding.width}.")]
+    if embedding.step == 0:
+        items.append(("ok", "Not trained yet: training starts at step 1."))
+    elif embedding.step >= int(max_steps or 0):
+        items.append(
+            ("warn", f"Already trained {embedding.step} steps: raise Max steps above that to train further.")
+        )
+    elif optimizer_state_path(path.with_suffix(".pt")).is_file():
+        items.append(
+            ("ok", f"Trained {embedding.step} steps: training resumes from there, with its optimizer state.")
+        )
+    else:
+        items.append(
+            (
+                "warn",
+                f"Trained {embedding.step} steps: training resumes from there, but without optimizer state "
+                "(no .optim file), so the first steps may wander.",
+            )
+        )
+    return notes(items)
+
+
+def fill_from_last_run(services: HostServices, names: list[str], embedding_name: str, log_dir: str):
+    """The form as the last run of this embedding left it (from its settings JSON), plus a message."""
+    settings = latest_settings(log_dir or services.log_dir, embedding_name)
+    if settings is None:
+        unchanged = [gr.update() for _ in names]
+        return [*unchanged, note("warn", f"No earlier run of {embedding_name or '(none)'} in {log_dir}.")]
+    try:
+        config = TrainConfig.from_settings_file(settings)
+    except UserError as error:
+        return [*[gr.update() for _ in names], note("error", str(error))]
+    config.embedding_name = embedding_name
+    values = form_values(config, names)
+    return [*values, note("ok", f"Settings read from {settings}.")]
+
+
+def learn_rate_status(learn_rate: str, max_steps) -> str:
+    """Check the learning-rate schedule as it is typed, before any training starts."""
+    try:
+        schedule = parse_schedule(learn_rate, max(1, int(max_steps or 1)))
+    except UserError as error:
+        return note("error", str(error))
+    if len(schedule.pieces) == 1:
+        return ""
+    pieces = ", ".join(f"{value:g} until step {end}" for value, end in schedule.pieces)
+    return note("info", pieces)
+
+
+def refresh_lists(services: HostServices, embedding: str, template: str):
+    services.refresh_embeddings()
+    embeddings, templates = embedding_names(services), template_names(services)
+    return (
+        gr.update(choices=embeddings, value=embedding if embedding in embeddings else None),
+        gr.update(choices=templates, value=template if template in templates else None),
+    )
+
+
+# ---- the run ----------------------------------------------------------------------------------------------
+
+
+def train_with_live_view(services: HostServices, live: LiveRun, config: TrainConfig):
+    """Train `config` on the host's model, reporting into `live` and the host's progress; returns the result."""
+    from ti_trainer.analysis.monitors import monitors_for
+    from ti_trainer.training.loop import TrainingHooks, train
+
+    live.begin(config.embedding_name, config.max_steps)
+
+    def on_step(report) -> None:
+        live.on_step(report)
+        run = live.snapshot()
+        services.job_progress(
+            report.step - run.first_step,
+            report.end_step - run.first_step,
+            f"Step {report.step}/{report.end_step}, loss {report.loss:.4f}",
+        )
+
+    monitors = monitors_for(config, on_message=live.message)
+    live.watch_validation(next((m for m in monitors if hasattr(m, "losses")), None))
+    hooks = TrainingHooks(
+        on_step=on_step,
+        on_message=live.message,
+        should_stop=services.interrupt_requested,
+        render_preview=services.render_preview,
+        on_saved=live.on_saved,
+        on_preview=live.on_preview,
+        monitors=monitors,
+    )
+    result = train(config, services.get_backend(), hooks)
+    how = (
+        "interrupted" if result.interrupted else "stopped early" if result.stopped_by_monitor else "finished"
+    )
+    live.finish(f"Training {how} at step {result.steps_done}.")
+    return result
+
+
+def run_training_job(services: HostServices, live: LiveRun, names: list[str], id_task: str, *values):
+    """The Train button. `id_task` is the WebUI's job id (its progress bar follows it); unused here.
+
+    Returns (result HTML, extra HTML) like the WebUI's own Train tab, so `wrap_gradio_gpu_call(fn,
+    extra_outputs=[gr.update()])` can wrap it unchanged. It never raises: the artist gets the message.
+    """
+    try:
+        config = config_from_form(services, names, list(values))
+        result = train_with_live_view(services, live, config)
+    except UserError as error:
+        live.fail(str(error))
+        return note("error", str(error)), ""
+    except Exception as error:
+        traceback.print_exc()
+        live.fail(f"Training stopped by an error: {error}")
+        return note("error", f"Training stopped by an error: {error} (details in the console)"), ""
+    finally:
+        services.refresh_embeddings()
+    return note("ok", f"{result.summary}. Copies, previews and logs: {result.log_folder}"), ""
+
+
+def request_interrupt(services: HostServices, live: LiveRun) -> str:
+    services.request_interrupt()
+    live.stopping()
+    return progress_html(live.snapshot())
+
+
+def poll(live: LiveRun, seen_version):
+    """(progress, loss plot, previews, last saved copy, version): the heavy parts only when they changed."""
+    run = live.snapshot()
+    if seen_version is not None and int(seen_version) == run.version:
+        return progress_html(run), gr.update(), gr.update(), gr.update(), run.version
+    frame, previews, saved = loss_frame(run), preview_items(run), saved_file(run)
+    return (
+        progress_html(run),
+        gr.update(value=None if frame.empty else frame, visible=not frame.empty),
+        gr.update(value=previews, visible=bool(previews)),
+        gr.update(value=saved, visible=saved is not None),
+        run.version,
+    )
+
+
+def loss_frame(run: RunSnapshot) -> pd.DataFrame:
+    return pd.DataFrame(loss_rows(run), columns=["step", "loss", "curve"])
+
+
+def preview_items(run: RunSnapshot) -> list[tuple[str, str]]:
+    return [(str(path), path.stem) for path in reversed(run.previews) if path.is_file()]
+
+
+def saved_file(run: RunSnapshot) -> str | None:
+    path = run.last_saved
+    return str(path) if path is not None and Path(path).is_file() else None
