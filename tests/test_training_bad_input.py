@@ -94,3 +94,14 @@ def test_invalid_numbers(backend, make_config, field, value):
 def test_unknown_template_lists_the_available_ones(backend, make_config):
     with pytest.raises(UserError, match="style_filewords.txt"):
         run(make_config(template="nope.txt"), backend)
+
+
+def test_xformers_chosen_but_missing_is_reported_before_training(backend, make_config, monkeypatch):
+    from ti_trainer import memory
+
+    monkeypatch.setattr(memory, "xformers_available", lambda: False)
+    encoded = []
+    monkeypatch.setattr(backend, "encode_images", lambda pixels: encoded.append(1))
+    with pytest.raises(UserError, match="xformers"):
+        run(make_config(attention="xformers"), backend)
+    assert not encoded, "no image may be encoded before the message"

@@ -132,9 +132,14 @@ def choose_memory_plan(
 
 def plan_for(config, backend) -> MemoryPlan:
     """The plan a `TrainConfig` asks for on `backend`'s device and model."""
+    precision = config.precision
+    if precision == "auto":
+        # A host's model in half precision (the WebUI's fp16) is trained in that precision: converting its
+        # weights would cost a copy of them, for no gain once attention scores are kept in fp32.
+        precision = getattr(backend, "preferred_precision", None) or "auto"
     return choose_memory_plan(
         backend.device,
-        precision=config.precision,
+        precision=precision,
         attention=config.attention,
         checkpointing=config.gradient_checkpointing,
         vae_offload=config.vae_offload,

@@ -209,13 +209,19 @@ def test_models_it_cannot_train_are_refused_with_a_message(webui):
         del model.conditioner
 
 
-def test_no_model_or_lowvram_is_a_clear_message(webui, monkeypatch):
+@pytest.mark.parametrize("flag", ["medvram", "lowvram"])
+def test_low_vram_modes_train_with_placement_taken_over(webui, monkeypatch, flag):
     from modules import shared
 
-    monkeypatch.setattr(shared.cmd_opts, "lowvram", True)
-    with pytest.raises(UserError, match="--lowvram"):
-        a1111.get_backend()
-    monkeypatch.setattr(shared.cmd_opts, "lowvram", False)
+    monkeypatch.setattr(shared.cmd_opts, flag, True)
+    assert a1111.get_backend().low_vram
+    monkeypatch.setattr(shared.cmd_opts, flag, False)
+    assert not a1111.get_backend().low_vram
+
+
+def test_no_model_is_a_clear_message(webui, monkeypatch):
+    from modules import shared
+
     monkeypatch.setattr(shared, "sd_model", None)
     with pytest.raises(UserError, match="No Stable Diffusion model"):
         a1111.get_backend()

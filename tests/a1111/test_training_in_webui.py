@@ -161,3 +161,69 @@ def test_bad_input_fails_before_training_with_the_message(webui, services, datas
         jobs.start(config_for(services, dataset, template="no-such-template.txt")), timeout=60
     )
     assert progress.status == "failed" and "no-such-template.txt" in progress.error and progress.step == 0
+
+
+def test_the_memory_levers_act_on_the_webuis_model_during_a_run_only(webui, services, dataset, monkeypatch):
+    """Attention through our SDPA path and checkpointed blocks while training; previews still decode; the
+    WebUI's own attention and flags are back afterwards."""
+    from ti_trainer.backends import ldm_memory
+    from ti_trainer.training.loop import TrainingHooks, train
+
+    attention_calls = []
+    real_attention = ldm_memory.attention
+    monkeypatch.setattr(
+        ldm_memory, "attention", lambda *a, **k: attention_calls.append(a[3]) or real_attention(*a, **k)
+    )
+    before = model_fingerprint(webui.model)
+
+    config = config_for(services, dataset, attention="sdpa", gradient_checkpointing="all", preview_every=2)
+    messages = []
+    result = train(
+        config,
+        services.get_backend(),
+        TrainingHooks(on_message=messages.append, render_preview=services.render_preview),
+    )
+
+    assert result.steps_done == 4
+    assert "Memory: SDPA attention, checkpointing of every UNet block" in "\n".join(messages)
+    assert attention_calls and set(attention_calls) == {"sdpa"}
+    assert (result.log_folder / "images" / f"{NAME}-4.png").is_file()
+    assert_same_fingerprint(before, model_fingerprint(webui.model))
+    calls_after = len(attention_calls)
+    webui.model.apply_model(torch.zeros(1, 4, 8, 8), torch.tensor([1]), torch.zeros(1, 77, 32))
+    assert len(attention_calls) == calls_after, "our attention must not stay patched in after the run"
+
+
+def test_under_medvram_a_run_takes_placement_over_and_gives_the_webuis_hooks_back(
+    webui, services, dataset, monkeypatch
+):
+    from modules import shared
+    from test_ldm_memory import LowVram, pre_hooks, setup_for_low_vram
+
+    from ti_trainer.backends.ldm_memory import lowvram_hooks
+    from ti_trainer.training.loop import TrainingHooks, train
+
+    monkeypatch.setattr(shared.cmd_opts, "medvram", True)
+    # The WebUI sets placement up on the model before its hijack wraps the text encoder.
+    wrapper = webui.model.cond_stage_model
+    webui.model.cond_stage_model = wrapper.wrapped
+    setup_for_low_vram(webui.model, True, LowVram())
+    webui.model.cond_stage_model = wrapper
+    try:
+        hooks_before = pre_hooks(webui.model)
+        seen_during = []
+        result = train(
+            config_for(services, dataset),
+            services.get_backend(),
+            TrainingHooks(
+                on_message=lambda t: None,
+                on_step=lambda r: seen_during.append(len(lowvram_hooks(webui.model))),
+            ),
+        )
+        assert result.steps_done == 4
+        assert seen_during and set(seen_during) == {0}, "the WebUI's placement hooks are out while training"
+        assert pre_hooks(webui.model) == hooks_before, "and back, in order, afterwards"
+    finally:
+        from test_ldm_memory import remove_low_vram
+
+        remove_low_vram(webui.model)

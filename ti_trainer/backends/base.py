@@ -60,3 +60,10 @@ class Backend(Protocol):
 
     def render(self, request: PreviewRequest) -> Image.Image:
         """Generate one image for a preview."""
+
+    # Optional, read with getattr by the memory plan and the loop (ti_trainer/memory.py, training/loop.py):
+    #   upcasts_attention: bool            the model wants fp32 attention scores (SD 2.x)
+    #   preferred_precision: str | None    the half precision its weights already have (the WebUI's fp16)
+    #   memory_levers(plan) -> context     apply a MemoryPlan for a run and undo it
+    #   previewing() -> context            take back what was lent out while training (VAE in RAM) for a preview
+    #   training_session() -> context      freeze and restore a host's model around a run

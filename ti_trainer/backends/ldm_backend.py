@@ -15,6 +15,7 @@ it (loop.train); outside a session the backend changes nothing on the model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -31,6 +32,7 @@ from ti_trainer.conditioning import (
 )
 from ti_trainer.diffusion import NoiseSchedule
 from ti_trainer.errors import UserError
+from ti_trainer.memory import MemoryPlan, on_device
 
 
 class LdmBackend:
@@ -42,10 +44,15 @@ class LdmBackend:
         clip_skip: int = 1,
         model_name: str = "",
         model_hash: str | None = None,
+        low_vram: bool = False,
+        context_hook: Callable | None = None,
     ):
         """`model` is the WebUI's loaded model after its hijack (its `cond_stage_model` is the WebUI's
         wrapper); `device` is where the WebUI computes (`devices.device`); `clip_skip` is its
-        CLIP_stop_at_last_layers (SD 1.x only: SD 2.x uses the layer its config names)."""
+        CLIP_stop_at_last_layers (SD 1.x only: SD 2.x uses the layer its config names); `low_vram`: the WebUI
+        runs with --medvram/--lowvram, so placement is taken over while training (backends/ldm_memory.py);
+        `context_hook`: the WebUI's hypernetworks, applied to the cross-attention context as its own
+        attention does."""
         _check_supported(model)
         self.model = model
         self.device = torch.device(device)
@@ -76,6 +83,9 @@ class LdmBackend:
         )
         self.text_width = int(self._token_embedding_layer().weight.shape[1])
         self._sessions = 0
+        self.low_vram = low_vram
+        self.context_hook = context_hook
+        self._placement = None
 
     # --- the borrowed model -------------------------------------------------------------------------------
 
@@ -111,6 +121,40 @@ class LdmBackend:
                     parameter.grad = None
             for module, training in modes:
                 module.training = training
+
+    # --- memory (ti_trainer/memory.py chooses the plan) -----------------------------------------------------
+
+    @property
+    def upcasts_attention(self) -> bool:
+        """SD 2.x computes attention scores in fp32 (ldm's ATTN_PRECISION); in fp16, 2.1-768 NaNs without it."""
+        return self._open_clip
+
+    @property
+    def preferred_precision(self) -> str | None:
+        """Train in the half precision the WebUI holds its weights in, so no converted copy of them is made."""
+        dtype = next(self.model.model.diffusion_model.parameters()).dtype
+        return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype)
+
+    @contextlib.contextmanager
+    def memory_levers(self, plan: MemoryPlan) -> Iterator[None]:
+        """The plan's attention, checkpointing, weights and VAE placement on the WebUI's model for a run;
+        under --medvram/--lowvram the WebUI's placement hooks are taken out too. All undone afterwards."""
+        from ti_trainer.backends.ldm_memory import TrainingPlacement, ldm_memory_levers
+
+        with contextlib.ExitStack() as levers:
+            if self.low_vram:
+                self._placement = levers.enter_context(TrainingPlacement(self.model, self.device))
+                levers.callback(setattr, self, "_placement", None)
+                plan = dataclasses.replace(plan, vae_offload=False)  # the placement keeps the VAE in RAM
+            levers.enter_context(ldm_memory_levers(self.model, plan, self.context_hook))
+            yield
+
+    def previewing(self):
+        """For one preview through the WebUI's txt2img: its own placement back (under --medvram/--lowvram),
+        or else the VAE back on the GPU to decode."""
+        if self._placement is not None:
+            return self._placement.lent_to_host()
+        return on_device(self.model.first_stage_model, self.device)
 
     # --- what the training loop uses ------------------------------------------------------------------------
 
@@ -167,7 +211,7 @@ class LdmBackend:
                     x0, eps = (x - (1 - a).sqrt() * out) / a.sqrt(), out
                 x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
             vae_dtype = next(self.model.first_stage_model.parameters()).dtype
-            with self._half_precision_guard(vae_dtype):
+            with self.previewing(), self._half_precision_guard(vae_dtype):
                 pixels = self.model.decode_first_stage(x.to(self.device, vae_dtype))
         array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
         return Image.fromarray(np.ascontiguousarray(array))

@@ -152,10 +152,6 @@ class SettingsDefaults(Mapping):
 
 def get_backend() -> LdmBackend:
     """The loaded model, trained in place (no second copy in memory)."""
-    if shared.cmd_opts.lowvram:
-        raise UserError(
-            "Training does not work with --lowvram. Restart the WebUI without it (--medvram works, slowly)."
-        )
     model = shared.sd_model
     if model is None:
         raise UserError(
@@ -169,7 +165,23 @@ def get_backend() -> LdmBackend:
         clip_skip=int(shared.opts.CLIP_stop_at_last_layers),
         model_name=getattr(checkpoint, "model_name", "") or "",
         model_hash=getattr(checkpoint, "shorthash", None),
+        # Under --medvram/--lowvram the trainer takes placement over while it runs and hands it back after.
+        low_vram=bool(
+            getattr(shared.cmd_opts, "medvram", False) or getattr(shared.cmd_opts, "lowvram", False)
+        ),
+        context_hook=hypernetwork_context_hook(),
     )
+
+
+def hypernetwork_context_hook():
+    """The WebUI's loaded hypernetworks applied to the cross-attention context, as its own attention does;
+    None when none are loaded (the usual case when training an embedding)."""
+    loaded = getattr(shared, "loaded_hypernetworks", None)
+    if not loaded:
+        return None
+    from modules.hypernetworks import hypernetwork
+
+    return lambda context: hypernetwork.apply_hypernetworks(loaded, context)
 
 
 def render_preview(request: PreviewRequest) -> Image.Image | None:

@@ -295,7 +295,9 @@ def _preview(run: PreparedRun, backend, hooks: TrainingHooks, folders, batch_pro
         vectors={embedding.name: embedding.vectors},
     )
     render = hooks.render_preview or backend.render
-    image = render(request)
+    # A backend that lends parts of its model out while training (VAE in RAM, WebUI placement) takes them back.
+    with getattr(backend, "previewing", contextlib.nullcontext)():
+        image = render(request)
     if image is None:
         return
     infotext = (

@@ -13,6 +13,7 @@ from ti_trainer.embedding_files import load_embedding, load_optimizer_state
 from ti_trainer.errors import UserError
 from ti_trainer.fsutil import validate_embedding_name
 from ti_trainer.images import LoadedFolder, load_folder
+from ti_trainer.memory import plan_for
 from ti_trainer.prompts import PromptBuilder
 from ti_trainer.schedule import Schedule, parse_schedule
 from ti_trainer.templates import BUILTIN_TEMPLATES_DIR, Template, list_templates, read_template
@@ -49,6 +50,7 @@ def find_template(config: TrainConfig) -> Path:
 
 def prepare_run(config: TrainConfig, backend) -> PreparedRun:
     config.validate()
+    plan_for(config, backend)  # an impossible memory choice (xformers not installed) is reported now
     messages: list[str] = []
     name = validate_embedding_name(config.embedding_name)
     config.embedding_name = name
