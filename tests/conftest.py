@@ -41,31 +41,40 @@ def dataset(tmp_path: Path) -> Path:
     return draw_dataset(tmp_path / "data")
 
 
+def quick_config(
+    root: Path, backend, name: str = "testemb", vectors: int = 2, create: bool = True, **overrides
+):
+    """A TrainConfig for a fast run under `root` (4 drawn images of 64 px, batch 2, 6 steps, a copy every 2),
+    with the embedding created first unless `create` is False."""
+    embeddings = root / "embeddings"
+    if create:
+        create_embedding(backend, name, "painting", vectors, embeddings, overwrite=True)
+    data = root / "data"
+    settings = dict(
+        embedding_name=name,
+        data_dir=str(data if data.is_dir() else draw_dataset(data)),
+        embeddings_dir=str(embeddings),
+        log_dir=str(root / "logs"),
+        template="filewords_name.txt",
+        learn_rate="0.01",
+        batch_size=2,
+        gradient_accumulation=1,
+        max_steps=6,
+        width=64,
+        height=64,
+        save_every=2,
+        preview_every=0,
+        seed=7,
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
 @pytest.fixture
 def make_config(tmp_path: Path, dataset: Path, backend):
-    """A TrainConfig for a fast run, with the embedding already created."""
+    """`quick_config` under this test's tmp_path, on the `dataset` fixture's images."""
 
     def make(name: str = "testemb", vectors: int = 2, create: bool = True, **overrides) -> TrainConfig:
-        embeddings = tmp_path / "embeddings"
-        if create:
-            create_embedding(backend, name, "painting", vectors, embeddings, overwrite=True)
-        settings = dict(
-            embedding_name=name,
-            data_dir=str(dataset),
-            embeddings_dir=str(embeddings),
-            log_dir=str(tmp_path / "logs"),
-            template="filewords_name.txt",
-            learn_rate="0.01",
-            batch_size=2,
-            gradient_accumulation=1,
-            max_steps=6,
-            width=64,
-            height=64,
-            save_every=2,
-            preview_every=0,
-            seed=7,
-        )
-        settings.update(overrides)
-        return TrainConfig(**settings)
+        return quick_config(tmp_path, backend, name, vectors, create, **overrides)
 
     return make

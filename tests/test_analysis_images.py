@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_analysis_validation import one_thread  # noqa: F401 (an autouse fixture)
 
 from ti_trainer.analysis.fixed_batch import probe_batch, sample_gradients
 from ti_trainer.analysis.image_report import dominant, image_rows, write_image_report

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_analysis_validation import make_config, one_thread  # noqa: F401 (an autouse fixture)
+from test_analysis_validation import make_config
 
 from ti_trainer import cli
 from ti_trainer.analysis import compare

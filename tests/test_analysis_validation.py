@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import draw_dataset
+from conftest import quick_config
 
 from ti_trainer.analysis import fixed_batch, monitors
 from ti_trainer.analysis.early_stopping import StoppingCheck
@@ -16,43 +16,13 @@ from ti_trainer.analysis.monitors import monitors_for
 from ti_trainer.analysis.run_files import NORMS_CSV, SUMMARY_JSON, VALIDATION_CSV, RunInfo
 from ti_trainer.backends.tiny import tiny_backend
 from ti_trainer.config import TrainConfig
-from ti_trainer.create import create_embedding
 from ti_trainer.embedding_files import load_embedding
 from ti_trainer.training.loop import TrainingHooks, TrainResult, train
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread while this module runs. The tiny model's ops are too small to share out, and on a
-    busy 2-core machine (pytest -n 2) two threads per worker spin against each other: measured 12 s with one
-    thread against 330 s with two for the analysis tests."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_config(root: Path, backend, name: str = "testemb", **overrides) -> TrainConfig:
-    """A fast run: 4 images of 64 px, batch 2, 6 steps, a copy and an evaluation every 2 steps."""
-    create_embedding(backend, name, "painting", 2, root / "embeddings", overwrite=True)
-    settings = dict(
-        embedding_name=name,
-        data_dir=str(draw_dataset(root / "data")),
-        embeddings_dir=str(root / "embeddings"),
-        log_dir=str(root / "logs"),
-        template="filewords_name.txt",
-        learn_rate="0.01",
-        batch_size=2,
-        max_steps=6,
-        width=64,
-        height=64,
-        save_every=2,
-        preview_every=0,
-        validate_every=2,
-        seed=7,
-    )
-    settings.update(overrides)
-    return TrainConfig(**settings)
+    """A fast run with an evaluation every 2 steps."""
+    return quick_config(root, backend, name, validate_every=2, **overrides)
 
 
 def run_with_monitors(config: TrainConfig, backend, messages: list[str] | None = None) -> TrainResult:
