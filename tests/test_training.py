@@ -187,3 +187,14 @@ def test_previews_carry_the_embedding(backend, make_config):
     from_copy = load_embedding(result.log_folder / "embeddings" / "testemb-2.pt")
     assert from_image.name == "testemb-2" and from_image.step == 2
     assert torch.allclose(from_image.vectors, from_copy.vectors, atol=1e-6)
+
+
+def test_an_embedding_in_a_subfolder_is_trained_in_place(backend, make_config, tmp_path):
+    config = make_config(max_steps=2)
+    top = tmp_path / "embeddings" / "testemb.pt"
+    nested = tmp_path / "embeddings" / "styles" / "testemb.pt"
+    nested.parent.mkdir()
+    top.rename(nested)
+    result = train(config, backend, TrainingHooks(on_message=lambda t: None))
+    assert result.embedding_path == nested and load_embedding(nested).step == 2
+    assert not top.exists(), "no second file of the same name at the top level"

@@ -13,10 +13,18 @@ MAX_VECTORS = 75  # one chunk of prompt tokens
 
 
 def existing_embedding_file(embeddings_dir: Path, name: str) -> Path | None:
+    """`<name>.pt` or `.safetensors` in the embeddings folder, or else in a subfolder of it (the WebUI loads
+    those too, so its list offers them)."""
+    folder = Path(embeddings_dir)
     for suffix in (".pt", ".safetensors"):
-        path = confined_path(Path(embeddings_dir), name, suffix)
+        path = confined_path(folder, name, suffix)
         if path.is_file():
             return path
+    if folder.is_dir():
+        for suffix in (".pt", ".safetensors"):
+            found = sorted(p for p in folder.rglob(f"*{suffix}") if p.stem == name and p.is_file())
+            if found:
+                return found[0]
     return None
 
 
