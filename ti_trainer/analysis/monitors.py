@@ -82,7 +82,7 @@ class ValidationMonitor:
         )
         self.probe = probe_batch(images, prompts, context.embedding_name, context.seed, num_timesteps)
         self.max_batch = context.data.batch_size
-        self.precision = context.config.precision
+        self.precision = context.precision
         self.log = CsvLog(context.folders.root / VALIDATION_CSV, VALIDATION_COLUMNS, context.initial_step)
         for row in read_rows(self.log.path):  # a resumed run continues its history
             self.steps.append(int(row["step"]))

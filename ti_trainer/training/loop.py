@@ -27,7 +27,7 @@ from ti_trainer.dataset import TrainingData, encode_dataset, prepare_images
 from ti_trainer.diffusion import denoising_loss, noisy_latents_and_target
 from ti_trainer.errors import UserError
 from ti_trainer.training import outputs
-from ti_trainer.training.precision import autocast, grad_scaler, resolve_precision
+from ti_trainer.training.precision import autocast, grad_scaler
 from ti_trainer.training.prepare import PreparedRun, prepare_run
 
 MAX_CONSECUTIVE_BAD_STEPS = 10
@@ -56,6 +56,7 @@ class RunContext:
     seed: int
     initial_step: int
     end_step: int
+    precision: str  # what the run computes in (the memory plan's), for monitors that run the model too
 
 
 class TrainingMonitor(Protocol):
@@ -143,21 +144,30 @@ def _train(config: TrainConfig, backend, hooks: TrainingHooks) -> TrainResult:
         },
     )
     loss_log = outputs.LossLog(folders.loss_csv, data.steps_per_epoch, run.initial_step)
-    context = RunContext(
-        config, backend, data, folders, run.embedding.name, run.seed, run.initial_step, run.end_step
-    )
     # The memory plan (attention, checkpointing, VAE in RAM, precision) holds for the run and is undone after;
     # running out of GPU memory ends the run with a message naming the batch or size that fits (fit.py).
-    with fit.memory_for_training(config, backend, data, run.embedding.num_vectors, hooks.on_message):
+    with fit.memory_for_training(config, backend, data, run.embedding.num_vectors, hooks.on_message) as plan:
+        context = RunContext(
+            config,
+            backend,
+            data,
+            folders,
+            run.embedding.name,
+            run.seed,
+            run.initial_step,
+            run.end_step,
+            plan.precision,
+        )
         for monitor in hooks.monitors:
             monitor.start(context)
-        return _loop(run, backend, hooks, folders, data, loss_log)
+        return _loop(run, backend, hooks, folders, data, loss_log, plan.precision)
 
 
-def _loop(run: PreparedRun, backend, hooks, folders, data: TrainingData, loss_log) -> TrainResult:
+def _loop(
+    run: PreparedRun, backend, hooks, folders, data: TrainingData, loss_log, precision: str
+) -> TrainResult:
     config, embedding, name = run.config, run.embedding, run.embedding.name
     device = backend.device
-    precision = resolve_precision(config.precision, device)
     vectors = embedding.vectors.to(device).requires_grad_(True)
     optimizer = torch.optim.AdamW(
         [vectors], lr=run.learn_rate.value_at(run.initial_step), weight_decay=config.weight_decay

@@ -8,11 +8,12 @@ import torch
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """ "auto": bf16 where the GPU supports it (no loss scaler needed), fp16 on older GPUs, fp32 on CPU."""
-    if device.type != "cuda":
-        return "fp32"
+    """ "auto": bf16 where the GPU supports it (no loss scaler needed), fp16 on older GPUs, fp32 on the CPU.
+    An explicit choice is kept, on the CPU too (its autocast supports bf16 and fp16)."""
     if precision != "auto":
         return precision
+    if device.type != "cuda":
+        return "fp32"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
@@ -24,12 +25,15 @@ def autocast(precision: str, device: torch.device):
 
 
 def grad_scaler(precision: str, device: torch.device):
-    """A loss scaler for fp16 only; None otherwise."""
-    if precision != "fp16" or device.type != "cuda":
+    """A loss scaler for fp16 only; None otherwise (and on a CPU whose torch has no CPU scaler)."""
+    if precision != "fp16":
         return None
-    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
+    if device.type == "cuda":
         try:
             return torch.amp.GradScaler("cuda")
-        except TypeError:  # torch 2.1 has torch.amp.GradScaler only on some builds
-            pass
-    return torch.cuda.amp.GradScaler()
+        except (AttributeError, TypeError):  # torch 2.1 has only torch.cuda.amp.GradScaler
+            return torch.cuda.amp.GradScaler()
+    try:
+        return torch.amp.GradScaler(device.type)
+    except (AttributeError, TypeError, RuntimeError):
+        return None
