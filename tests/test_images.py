@@ -12,13 +12,13 @@ import pytest
 from PIL import Image
 
 from ti_trainer.errors import UserError
+from ti_trainer.fsutil import read_text_file
 from ti_trainer.images import (
     IMAGE_SUFFIXES,
     ImageLoadError,
     caption_for,
     load_folder,
     load_image,
-    read_text_file,
 )
 
 RED = (255, 0, 0)

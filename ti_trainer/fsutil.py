@@ -67,3 +67,36 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
 
 def atomic_write_text(path: Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def require_folder(folder: Path, role: str) -> Path:
+    """`folder` if it is an existing folder; otherwise a UserError naming the `role` ("dataset folder")."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise UserError(
+            f"The {role} {folder} does not exist. Check the path (copy it from your file manager)."
+        )
+    if not folder.is_dir():
+        raise UserError(
+            f"The {role} {folder} is a file, not a folder. Give the folder that holds the images."
+        )
+    return folder
+
+
+def read_text_file(path: Path) -> str:
+    """A hand-written text file (caption, template) decoded whatever editor saved it; never raises on decoding.
+
+    UTF-8 (with or without BOM) and UTF-16 with BOM are recognised; anything else is read as Windows-1252
+    (what Notepad calls "ANSI"), and failing that as Latin-1, which accepts every byte.
+    """
+    data = Path(path).read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        return data.decode("utf-8-sig", errors="replace")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16", errors="replace")
+    for encoding in ("utf-8", "cp1252"):
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+    return data.decode("latin-1")

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ti_trainer.errors import UserError
+from ti_trainer.fsutil import read_text_file, require_folder
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
@@ -174,25 +175,6 @@ def _damaged_reason(exc: OSError) -> str:
     return f"file is damaged ({message})"
 
 
-def read_text_file(path: Path) -> str:
-    """A hand-written text file (caption, template) decoded whatever editor saved it; never raises on decoding.
-
-    UTF-8 (with or without BOM) and UTF-16 with BOM are recognised; anything else is read as Windows-1252
-    (what Notepad calls "ANSI"), and failing that as Latin-1, which accepts every byte.
-    """
-    data = Path(path).read_bytes()
-    if data.startswith(b"\xef\xbb\xbf"):
-        return data.decode("utf-8-sig", errors="replace")
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return data.decode("utf-16", errors="replace")
-    for encoding in ("utf-8", "cp1252"):
-        try:
-            return data.decode(encoding)
-        except UnicodeDecodeError:
-            continue
-    return data.decode("latin-1")
-
-
 @lru_cache(maxsize=32)
 def _compile_filename_regex(filename_regex: str) -> re.Pattern[str]:
     try:
@@ -262,14 +244,7 @@ def load_folder(
 
 
 def _image_files_in(folder: Path) -> list[Path]:
-    if not folder.exists():
-        raise UserError(
-            f"The dataset folder {folder} does not exist. Check the path (copy it from your file manager)."
-        )
-    if not folder.is_dir():
-        raise UserError(
-            f"The dataset folder {folder} is a file, not a folder. Give the folder that holds your images."
-        )
+    require_folder(folder, "dataset folder")
     entries = sorted(folder.iterdir(), key=lambda p: p.name)
     images = [p for p in entries if is_image_file(p) and p.is_file()]
     if images:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ti_trainer.errors import UserError
-from ti_trainer.images import read_text_file
+from ti_trainer.fsutil import read_text_file
 
 BUILTIN_TEMPLATES_DIR = Path(__file__).parent / "templates"
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ti_trainer.errors import UserError
-from ti_trainer.fsutil import atomic_write_text
-from ti_trainer.images import caption_for, read_text_file
+from ti_trainer.fsutil import atomic_write_text, read_text_file
+from ti_trainer.images import caption_for
 from ti_trainer.prepare.listing import list_folder, require_images
 
 # What to do with a caption file that already exists, as A1111's setting "existing caption action".

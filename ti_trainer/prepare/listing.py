@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ti_trainer.errors import UserError
+from ti_trainer.fsutil import require_folder
 from ti_trainer.images import IMAGE_SUFFIXES, ImageProblem, is_image_file
 
 # Litter that file managers and OS tools leave beside images; naming it as "skipped" would only be noise.
@@ -24,15 +25,7 @@ def list_folder(folder: Path, role: str = "image folder", ignore: Path | None = 
 
     Raises UserError when the folder is missing or is a file; an empty listing is for the caller to judge.
     """
-    folder = Path(folder)
-    if not folder.exists():
-        raise UserError(
-            f"The {role} {folder} does not exist. Check the path (copy it from your file manager)."
-        )
-    if not folder.is_dir():
-        raise UserError(
-            f"The {role} {folder} is a file, not a folder. Give the folder that holds the images."
-        )
+    folder = require_folder(folder, role)
     ignored = ignore.resolve() if ignore is not None else None
     listing = FolderListing()
     for path in sorted(folder.iterdir(), key=lambda p: p.name):
