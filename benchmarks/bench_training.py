@@ -41,14 +41,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ti_trainer import fit  # noqa: E402
 from ti_trainer.backends.clip_bpe import tiny_tokenizer  # noqa: E402
 from ti_trainer.backends.diffusers_backend import DiffusersBackend  # noqa: E402
 from ti_trainer.backends.diffusers_memory import attention_processors, unet_checkpointing  # noqa: E402
-from ti_trainer.conditioning import TokenIds  # noqa: E402
 from ti_trainer.diffusion import denoising_loss, noisy_latents_and_target, scaled_linear_schedule  # noqa: E402
-from ti_trainer.memory import MemoryPlan, apply_memory_plan, choose_memory_plan  # noqa: E402
-from ti_trainer.training.precision import autocast, grad_scaler, resolve_precision  # noqa: E402
+from ti_trainer.memory.plan import MemoryPlan, apply_memory_plan, choose_memory_plan  # noqa: E402
+from ti_trainer.memory.precision import autocast, grad_scaler, resolve_precision  # noqa: E402
+from ti_trainer.text.conditioning import TokenIds  # noqa: E402
+from ti_trainer.training import fit  # noqa: E402
 
 GIB = 1024**3
 CONFIGS = ("ours", "a1111", "diffusers-example")

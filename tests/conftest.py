@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from ti_trainer.backends.tiny import tiny_backend
+from ti_trainer.cli.demo import draw_image
 from ti_trainer.config import TrainConfig
-from ti_trainer.create import create_embedding
-from ti_trainer.demo import draw_image
+from ti_trainer.embeddings.create import create_embedding
 
 # Two pytest workers on a two-core machine: one torch thread each, or their thread pools fight (measured:
 # the analysis tests took 328 s with torch's default threads and 12 s with one).

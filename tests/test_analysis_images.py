@@ -13,9 +13,9 @@ from ti_trainer.analysis.fixed_batch import probe_batch, sample_gradients
 from ti_trainer.analysis.image_report import dominant, image_rows, write_image_report
 from ti_trainer.analysis.results import image_table
 from ti_trainer.analysis.run_files import IMAGE_REPORT_CSV, RunInfo
-from ti_trainer.backends.base import LatentDistribution
+from ti_trainer.backends.contract import LatentDistribution
 from ti_trainer.backends.tiny import tiny_backend
-from ti_trainer.dataset import TrainingImage
+from ti_trainer.training.data import TrainingImage
 
 NAME = "testemb"
 

@@ -9,13 +9,13 @@ import pytest
 from PIL import Image
 from test_analysis_validation import make_config
 
-from ti_trainer import cli
 from ti_trainer.analysis import compare
 from ti_trainer.analysis.image_report import report_for_step
 from ti_trainer.analysis.run_files import COMPARE_SETTINGS_JSON, RunInfo
 from ti_trainer.analysis.use_step import use_step
 from ti_trainer.backends.tiny import tiny_backend
-from ti_trainer.embedding_files import load_embedding, optimizer_state_path
+from ti_trainer.cli import main as cli_main
+from ti_trainer.embeddings.files import load_embedding, optimizer_state_path
 from ti_trainer.errors import UserError
 from ti_trainer.host.base import HostServices
 from ti_trainer.ui import results_panel
@@ -33,7 +33,7 @@ def trained(tmp_path_factory, backend) -> Path:
     """A 4-step run through the CLI's training path (the monitors come from the config), copies at 2 and 4."""
     root = tmp_path_factory.mktemp("results")
     config = make_config(root, backend, max_steps=4)
-    return cli.run_training(config, backend).log_folder
+    return cli_main.run_training(config, backend).log_folder
 
 
 def solid(request) -> Image.Image:
@@ -115,7 +115,7 @@ def test_grid_refuses_what_it_cannot_do(trained):
 
 
 def test_compare_cli_after_training_writes_the_grid_and_prints_its_path(trained, capsys):
-    code = cli.main(
+    code = cli_main.main(
         [
             "compare",
             str(trained),
@@ -143,7 +143,7 @@ def test_compare_cli_after_training_writes_the_grid_and_prints_its_path(trained,
 
 
 def test_analyze_cli_prints_the_findings_and_writes_the_charts(trained, capsys):
-    assert cli.main(["analyze", str(trained), "--window", "20"]) == 0
+    assert cli_main.main(["analyze", str(trained), "--window", "20"]) == 0
     out = capsys.readouterr().out
     assert "Run 'testemb': 2 saved step(s) (2, 4)." in out
     assert "Suggested step: none yet" in out
@@ -154,7 +154,7 @@ def test_analyze_cli_prints_the_findings_and_writes_the_charts(trained, capsys):
 
 
 def test_cli_reports_a_folder_that_is_not_a_run(tmp_path, capsys):
-    assert cli.main(["compare", str(tmp_path)]) == 2
+    assert cli_main.main(["compare", str(tmp_path)]) == 2
     assert "not a training run's log folder" in capsys.readouterr().err
 
 

@@ -16,7 +16,7 @@ from ti_trainer.analysis.monitors import monitors_for
 from ti_trainer.analysis.run_files import NORMS_CSV, SUMMARY_JSON, VALIDATION_CSV, RunInfo
 from ti_trainer.backends.tiny import tiny_backend
 from ti_trainer.config import TrainConfig
-from ti_trainer.embedding_files import load_embedding
+from ti_trainer.embeddings.files import load_embedding
 from ti_trainer.training.loop import TrainingHooks, TrainResult, train
 
 
@@ -82,8 +82,8 @@ def test_validation_batch_is_identical_at_every_evaluation(runs):
 
 
 def test_evaluation_is_deterministic_and_does_not_touch_the_vectors(runs):
-    from ti_trainer.dataset import encode_dataset, prepare_images
     from ti_trainer.images import load_folder
+    from ti_trainer.training.data import encode_dataset, prepare_images
 
     backend = runs.backend
     config = RunInfo.open(runs.watched.log_folder).config

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ti_trainer.embedding_files import load_embedding
-from ti_trainer.image_embedding import extract_embedding_data
+from ti_trainer.embeddings.files import load_embedding
+from ti_trainer.embeddings.png import extract_embedding_data
 from ti_trainer.training.loop import TrainingHooks, train
 
 

@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 
-from ti_trainer.conditioning import (
+from ti_trainer.text.conditioning import (
     CHUNK_LENGTH,
     InjectingTokenEmbedding,
     PromptChunker,
@@ -22,7 +22,7 @@ from ti_trainer.conditioning import (
     TokenIds,
     injected_token_embedding,
 )
-from ti_trainer.prompt_parser import parse_prompt_attention
+from ti_trainer.text.prompt_parser import parse_prompt_attention
 
 START, END, COMMA = 900, 901, 902
 SD2 = TokenIds(start=START, end=END, pad=0, comma=COMMA)

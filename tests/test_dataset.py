@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ti_trainer.backends.base import LatentDistribution
-from ti_trainer.buckets import aspect_buckets, cover_and_crop, nearest_bucket
-from ti_trainer.dataset import TrainingData, TrainingImage, alpha_weight, encode_dataset, prepare_images
+from ti_trainer.backends.contract import LatentDistribution
 from ti_trainer.images import LoadedImage
+from ti_trainer.training.buckets import aspect_buckets, cover_and_crop, nearest_bucket
+from ti_trainer.training.data import TrainingData, TrainingImage, alpha_weight, encode_dataset, prepare_images
 
 
 def fake_image(size=(8, 8), index=0) -> TrainingImage:

@@ -18,9 +18,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ti_trainer.create import MAX_VECTORS, create_embedding
-from ti_trainer.embedding import Embedding, vectors_from_init
-from ti_trainer.embedding_files import (
+from ti_trainer.embeddings.create import MAX_VECTORS, create_embedding
+from ti_trainer.embeddings.embedding import Embedding, vectors_from_init
+from ti_trainer.embeddings.files import (
     load_embedding,
     load_optimizer_state,
     optimizer_state_path,

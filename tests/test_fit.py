@@ -10,11 +10,11 @@ import functools
 import pytest
 import torch
 
-from ti_trainer import fit
 from ti_trainer.backends.tiny import tiny_backend
 from ti_trainer.config import TrainConfig
-from ti_trainer.embedding_files import load_embedding
+from ti_trainer.embeddings.files import load_embedding
 from ti_trainer.errors import UserError
+from ti_trainer.training import fit
 from ti_trainer.training.loop import TrainingHooks, train
 
 

@@ -12,11 +12,10 @@ import pytest
 import torch
 from PIL import Image, PngImagePlugin
 
-from ti_trainer import image_embedding
-from ti_trainer.embedding import Embedding
-from ti_trainer.embedding_files import embedding_to_dict, load_embedding
-from ti_trainer.errors import UserError
-from ti_trainer.image_embedding import (
+from ti_trainer.embeddings import png
+from ti_trainer.embeddings.embedding import Embedding
+from ti_trainer.embeddings.files import embedding_to_dict, load_embedding
+from ti_trainer.embeddings.png import (
     TEXT_CHUNK_KEY,
     add_embedding_to_image,
     decode_embedding_text,
@@ -24,6 +23,7 @@ from ti_trainer.image_embedding import (
     extract_embedding_data,
     save_image_with_embedding,
 )
+from ti_trainer.errors import UserError
 
 
 def make_data(num_vectors: int = 2, width: int = 1024, seed: int = 0, name: str = "my-style-500") -> dict:
@@ -115,7 +115,7 @@ def test_output_is_wider_by_two_blocks_and_two_black_separators():
     block_width = (out.width - picture.width - 2) // 2
     assert block_width > 0 and out.width == picture.width + 2 * block_width + 2
     # The block must hold the whole compressed payload: two nibble blocks of height x columns x 3.
-    payload = zlib.compress(image_embedding._to_json(data).encode(), 9)
+    payload = zlib.compress(png._to_json(data).encode(), 9)
     assert picture.height * block_width * 3 >= len(payload)
     pixels = np.asarray(out)
     assert not pixels[:, block_width].any()
@@ -125,13 +125,13 @@ def test_output_is_wider_by_two_blocks_and_two_black_separators():
 
 def test_nibble_blocks_follow_a1111_sizing():
     # Length 12, height 4: up to 16 (a full extra row even though 12 is a multiple of 4), then to 24.
-    low, high = image_embedding._nibble_blocks(bytes(range(0xA0, 0xAC)), height=4)
+    low, high = png._nibble_blocks(bytes(range(0xA0, 0xAC)), height=4)
     assert low.shape == high.shape == (4, 2, 3)
     flat_low, flat_high = low.reshape(-1), high.reshape(-1)
     assert flat_low[:12].tolist() == list(range(12)) and (flat_high[:12] == 0xA).all()
     assert flat_low[12:].tolist() == list(range(12))  # padding repeats the payload from its start
     # Length 10: up to 12, which is already a multiple of 3*4, and still a full 12 more.
-    assert image_embedding._nibble_blocks(bytes(10), height=4)[0].shape == (4, 2, 3)
+    assert png._nibble_blocks(bytes(10), height=4)[0].shape == (4, 2, 3)
 
 
 def test_lcg_stream_matches_the_plain_recurrence():
@@ -139,8 +139,8 @@ def test_lcg_stream_matches_the_plain_recurrence():
     for _ in range(5000):  # past several doublings of the vectorized stream
         seed = (1664525 * seed + 1013904223) % 2**32
         expected.append((seed % 255) & 0x0F)
-    assert image_embedding._lcg_nibbles(5000).tolist() == expected
-    assert image_embedding._lcg_nibbles(4).tolist() == [253 & 15, 242 & 15, 127 & 15, 44 & 15]
+    assert png._lcg_nibbles(5000).tolist() == expected
+    assert png._lcg_nibbles(4).tolist() == [253 & 15, 242 & 15, 127 & 15, 44 & 15]
 
 
 def split_blocks(out: Image.Image, picture_width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -152,8 +152,8 @@ def split_blocks(out: Image.Image, picture_width: int) -> tuple[np.ndarray, np.n
 def test_blocks_hold_the_scrambled_nibbles_in_a1111_order():
     picture, data = make_picture(), make_data(seed=7)
     low, high = split_blocks(add_embedding_to_image(picture, data, "<t>"), picture.width)
-    payload = np.frombuffer(zlib.compress(image_embedding._to_json(data).encode(), 9), dtype=np.uint8)
-    stream = image_embedding._lcg_nibbles(low.size)
+    payload = np.frombuffer(zlib.compress(png._to_json(data).encode(), 9), dtype=np.uint8)
+    stream = png._lcg_nibbles(low.size)
     # Row-major (row, column, channel); the low nibbles on the left, the high ones on the right.
     assert ((low.reshape(-1) & 0x0F) ^ stream)[: len(payload)].tolist() == (payload & 0x0F).tolist()
     assert ((high.reshape(-1) & 0x0F) ^ stream)[: len(payload)].tolist() == (payload >> 4).tolist()

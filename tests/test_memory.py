@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ti_trainer.memory.plan import MemoryPlan, attention, choose_memory_plan, on_device, weights_in
 
-from ti_trainer import memory
 from ti_trainer.config import TrainConfig
 from ti_trainer.errors import UserError
-from ti_trainer.memory import MemoryPlan, attention, choose_memory_plan, on_device, weights_in
+from ti_trainer.memory import plan as memory_plan
 
 
 def test_cpu_plan_is_plain_fp32_with_sdpa():
@@ -18,8 +18,8 @@ def test_cpu_plan_is_plain_fp32_with_sdpa():
 
 
 def test_gpu_plan_defaults(monkeypatch):
-    monkeypatch.setattr(memory, "resolve_precision", lambda precision, device: "bf16")
-    monkeypatch.setattr(memory, "xformers_available", lambda: False)
+    monkeypatch.setattr(memory_plan, "resolve_precision", lambda precision, device: "bf16")
+    monkeypatch.setattr(memory_plan, "xformers_available", lambda: False)
     plan = choose_memory_plan("cuda", model_upcasts_attention=True)
     # bf16 has fp32's exponent range: SD 2.1's scores cannot overflow, so no upcast is needed.
     assert (plan.attention, plan.vae_offload, plan.precision, plan.upcast_attention) == (
@@ -33,13 +33,13 @@ def test_gpu_plan_defaults(monkeypatch):
         plan.describe() == "SDPA attention, checkpointing off, VAE in RAM while training, bf16 (weights too)"
     )
 
-    monkeypatch.setattr(memory, "xformers_available", lambda: True)
+    monkeypatch.setattr(memory_plan, "xformers_available", lambda: True)
     assert choose_memory_plan("cuda").attention == "xformers"
 
 
 def test_fp16_upcasts_attention_for_models_that_want_it(monkeypatch):
-    monkeypatch.setattr(memory, "resolve_precision", lambda precision, device: "fp16")
-    monkeypatch.setattr(memory, "xformers_available", lambda: False)
+    monkeypatch.setattr(memory_plan, "resolve_precision", lambda precision, device: "fp16")
+    monkeypatch.setattr(memory_plan, "xformers_available", lambda: False)
     sd21 = choose_memory_plan("cuda", model_upcasts_attention=True)
     assert sd21.upcast_attention and sd21.weights_dtype is torch.float16
     assert sd21.describe().startswith("SDPA attention (scores in fp32)")
@@ -55,7 +55,7 @@ def test_explicit_choices_and_their_mistakes(monkeypatch):
     plan = choose_memory_plan("cpu", attention="math", checkpointing="all")
     assert plan.describe().startswith("plain (math) attention, checkpointing of every UNet block")
     assert plan.with_checkpointing("high-res").checkpointing == "high-res"
-    monkeypatch.setattr(memory, "xformers_available", lambda: False)
+    monkeypatch.setattr(memory_plan, "xformers_available", lambda: False)
     with pytest.raises(UserError, match="xformers is not installed"):
         choose_memory_plan("cpu", attention="xformers")
     with pytest.raises(UserError, match="Gradient checkpointing must be one of"):
@@ -69,7 +69,7 @@ def test_config_fields_are_validated_and_read(backend):
     with pytest.raises(UserError, match="gradient_checkpointing must be one of"):
         TrainConfig(gradient_checkpointing="yes").validate()
     config = TrainConfig(attention="math", gradient_checkpointing="high-res", upcast_attention="on")
-    plan = memory.plan_for(config, backend)
+    plan = memory_plan.plan_for(config, backend)
     assert (plan.attention, plan.checkpointing, plan.upcast_attention) == ("math", "high-res", True)
 
 
@@ -97,7 +97,7 @@ def test_upcast_attention_survives_scores_that_overflow_half_precision():
 def test_on_device_moves_and_returns(monkeypatch):
     module = torch.nn.Linear(2, 2)
     moves = []
-    monkeypatch.setattr(memory, "device_of", lambda m: torch.device("cuda", 0))
+    monkeypatch.setattr(memory_plan, "device_of", lambda m: torch.device("cuda", 0))
     monkeypatch.setattr(module, "to", lambda device: moves.append(torch.device(device)) or module)
     with on_device(module, "cpu"):
         assert moves == [torch.device("cpu")]

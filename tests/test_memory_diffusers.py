@@ -7,13 +7,13 @@ import contextlib
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from ti_trainer.memory.plan import MemoryPlan
 
-from ti_trainer import memory
-from ti_trainer.backends.base import PreviewRequest
+from ti_trainer.backends.contract import PreviewRequest
 from ti_trainer.backends.diffusers_memory import TrainingAttnProcessor, attention_layers
 from ti_trainer.backends.tiny import tiny_backend
-from ti_trainer.fit import training_step_probe
-from ti_trainer.memory import MemoryPlan
+from ti_trainer.memory import plan as memory_plan
+from ti_trainer.training.fit import training_step_probe
 from ti_trainer.training.loop import TrainingHooks, train
 
 
@@ -141,9 +141,9 @@ def test_checkpointing_gives_the_same_gradient(backend):
 def test_vae_waits_in_ram_while_training_and_comes_back(backend, monkeypatch):
     # On a CPU-only machine the "GPU" is simulated: the VAE claims to live on cuda:0, and its moves are recorded.
     moves = []
-    real_device_of = memory.device_of
+    real_device_of = memory_plan.device_of
     monkeypatch.setattr(
-        memory, "device_of", lambda m: torch.device("cuda", 0) if m is backend.vae else real_device_of(m)
+        memory_plan, "device_of", lambda m: torch.device("cuda", 0) if m is backend.vae else real_device_of(m)
     )
     monkeypatch.setattr(backend.vae, "to", lambda device: moves.append(torch.device(device)) or backend.vae)
     with backend.memory_levers(MemoryPlan(vae_offload=True)):

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from ti_trainer.analysis.monitors import monitors_for
-from ti_trainer.embedding_files import load_embedding
+from ti_trainer.embeddings.files import load_embedding
+from ti_trainer.memory.precision import grad_scaler
 from ti_trainer.training.loop import TrainingHooks, train
-from ti_trainer.training.precision import grad_scaler
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

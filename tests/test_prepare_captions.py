@@ -9,7 +9,6 @@ from PIL import Image
 from test_prepare_drawing import BLUE_GREEN, painting
 
 from ti_trainer.backends.clip_bpe import tiny_tokenizer
-from ti_trainer.conditioning import CHUNK_LENGTH, PromptChunker, TokenIds
 from ti_trainer.errors import UserError
 from ti_trainer.prepare.captions import (
     combine_captions,
@@ -25,6 +24,7 @@ from ti_trainer.prepare.lint import (
     token_counter,
     word_stem,
 )
+from ti_trainer.text.conditioning import CHUNK_LENGTH, PromptChunker, TokenIds
 
 SEED_INIT_TEXT = "oil painting, classic style, richly textured"
 

@@ -8,9 +8,9 @@ from pathlib import Path
 from test_prepare_drawing import BLUE_GREEN, ORANGE, folder_fingerprint, painting
 
 from ti_trainer.backends.clip_bpe import tiny_tokenizer
-from ti_trainer.conditioning import PromptChunker, TokenIds
 from ti_trainer.host.base import HostServices
-from ti_trainer.templates import BUILTIN_TEMPLATES_DIR
+from ti_trainer.text.conditioning import PromptChunker, TokenIds
+from ti_trainer.text.templates import BUILTIN_TEMPLATES_DIR
 from ti_trainer.ui import prepare_panel as panel
 from ti_trainer.ui.prepare_panel import PAGE_SIZE, Interrupt
 

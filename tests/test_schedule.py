@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ti_trainer.errors import UserError
-from ti_trainer.schedule import EXAMPLE, parse_schedule
+from ti_trainer.training.schedule import EXAMPLE, parse_schedule
 
 
 def a1111_rate_at(text: str, max_steps: int, step: int, cur_step: int = 0) -> float | None:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from ti_trainer.errors import UserError
-from ti_trainer.prompts import PromptBuilder, build_prompt
-from ti_trainer.templates import BUILTIN_TEMPLATES_DIR, Template, list_templates, read_template
+from ti_trainer.text.prompts import PromptBuilder, build_prompt
+from ti_trainer.text.templates import BUILTIN_TEMPLATES_DIR, Template, list_templates, read_template
 
 SHIPPED = {"style.txt", "style_filewords.txt", "subject.txt", "subject_filewords.txt", "filewords_name.txt"}
 CAPTION = "a red fox, snowy field,  dusk light,tall grass, a fence"

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from ti_trainer.embedding_files import load_embedding, optimizer_state_path
+from ti_trainer.embeddings.files import load_embedding, optimizer_state_path
 from ti_trainer.errors import UserError
 from ti_trainer.training.loop import TrainingHooks, train
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ti_trainer.embedding import Embedding
-from ti_trainer.embedding_files import save_embedding
+from ti_trainer.embeddings.embedding import Embedding
+from ti_trainer.embeddings.files import save_embedding
 from ti_trainer.errors import UserError
 from ti_trainer.training.loop import TrainingHooks, train
 
@@ -97,9 +97,9 @@ def test_unknown_template_lists_the_available_ones(backend, make_config):
 
 
 def test_xformers_chosen_but_missing_is_reported_before_training(backend, make_config, monkeypatch):
-    from ti_trainer import memory
+    from ti_trainer.memory import plan as memory_plan
 
-    monkeypatch.setattr(memory, "xformers_available", lambda: False)
+    monkeypatch.setattr(memory_plan, "xformers_available", lambda: False)
     encoded = []
     monkeypatch.setattr(backend, "encode_images", lambda pixels: encoded.append(1))
     with pytest.raises(UserError, match="xformers"):

@@ -1,3 +1,3 @@
-from ti_trainer.cli import main
+from ti_trainer.cli.main import main
 
 raise SystemExit(main())

@@ -6,8 +6,8 @@ import pytest
 import torch
 from model_state import assert_same_fingerprint, model_fingerprint
 
-from ti_trainer.embedding import Embedding
-from ti_trainer.embedding_files import save_embedding
+from ti_trainer.embeddings.embedding import Embedding
+from ti_trainer.embeddings.files import save_embedding
 from ti_trainer.errors import UserError
 from ti_trainer.host import a1111
 

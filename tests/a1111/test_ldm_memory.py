@@ -18,7 +18,7 @@ from ti_trainer.backends.ldm_memory import (
     ldm_memory_levers,
     lowvram_hooks,
 )
-from ti_trainer.memory import MemoryPlan
+from ti_trainer.memory.plan import MemoryPlan
 
 
 @pytest.fixture(scope="module")
@@ -379,7 +379,7 @@ def test_diffusers_027_checkpointing_engages_in_eval_mode():
     import diffusers
 
     from ti_trainer.backends.tiny import tiny_backend
-    from ti_trainer.fit import training_step_probe
+    from ti_trainer.training.fit import training_step_probe
 
     assert diffusers.__version__.startswith("0.27")
     backend = tiny_backend("v")

@@ -10,10 +10,10 @@ import torch
 from model_state import assert_same_fingerprint, model_fingerprint
 
 from ti_trainer.config import TrainConfig
-from ti_trainer.create import create_embedding
-from ti_trainer.embedding_files import load_embedding
+from ti_trainer.embeddings.create import create_embedding
+from ti_trainer.embeddings.files import load_embedding
 from ti_trainer.host import a1111
-from ti_trainer.jobs import JobRegistry
+from ti_trainer.host.jobs import JobRegistry
 
 NAME = "tiemb"
 

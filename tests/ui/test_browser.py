@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from ti_trainer.demo import make_dataset
-from ti_trainer.embedding_files import load_embedding
+from ti_trainer.cli.demo import make_dataset
+from ti_trainer.embeddings.files import load_embedding
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -12,7 +12,7 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
-from ti_trainer.cli import build_parser
+from ti_trainer.cli.main import build_parser
 from ti_trainer.host.standalone import SCRIPT_FILE, STYLE_FILE, build_app, page_script
 from ti_trainer.ui.tab import build_tab
 from ti_trainer.ui.train_form import HOST_FIELDS, form_fields
@@ -88,7 +88,7 @@ def test_style_uses_the_theme_variables_only():
 def test_ui_modules_load_without_torch():
     code = (
         "import sys\n"
-        "import ti_trainer.ui.tab, ti_trainer.ui.train_panel, ti_trainer.ui.create_panel, ti_trainer.planner\n"
+        "import ti_trainer.ui.tab, ti_trainer.ui.train_panel, ti_trainer.ui.create_panel, ti_trainer.training.batch_plan\n"
         "loaded = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]\n"
         "assert not loaded, loaded\n"
     )

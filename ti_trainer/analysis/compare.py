@@ -19,11 +19,11 @@ from PIL import Image, ImageDraw, PngImagePlugin
 
 from ti_trainer.analysis.charts import font, text_width
 from ti_trainer.analysis.run_files import COMPARE_DIR, COMPARE_SETTINGS_JSON, RunInfo
-from ti_trainer.backends.base import PreviewRequest
-from ti_trainer.embedding_files import load_embedding
+from ti_trainer.backends.contract import PreviewRequest
+from ti_trainer.embeddings.files import load_embedding
 from ti_trainer.errors import UserError
 from ti_trainer.fsutil import atomic_write, atomic_write_text
-from ti_trainer.templates import NAME_PLACEHOLDER
+from ti_trainer.text.templates import NAME_PLACEHOLDER
 
 # The seeds' variety set, plus a portrait (their other test: can it paint people of any time and place?).
 DEFAULT_PROMPTS = (

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 import torch
 
 from ti_trainer.config import TrainConfig
-from ti_trainer.dataset import TrainingImage
 from ti_trainer.diffusion import noisy_latents_and_target
-from ti_trainer.prompts import build_prompt
-from ti_trainer.templates import NAME_PLACEHOLDER, read_template
-from ti_trainer.training.precision import autocast, resolve_precision
-from ti_trainer.training.prepare import find_template
+from ti_trainer.memory.precision import autocast, resolve_precision
+from ti_trainer.text.prompts import build_prompt
+from ti_trainer.text.templates import NAME_PLACEHOLDER, read_template
+from ti_trainer.training.data import TrainingImage
+from ti_trainer.training.setup import find_template
 
 # The validation batch is about one training step's worth of images: at least DVAR's 4, at most 8. Its cost
 # is then one forward pass per image of a step every N steps, i.e. under 15% at batch 1 with N = 10 and a

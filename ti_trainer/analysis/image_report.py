@@ -29,10 +29,10 @@ from ti_trainer.analysis.run_files import (
     read_rows,
     write_rows,
 )
-from ti_trainer.dataset import TrainingImage, encode_dataset, prepare_images
-from ti_trainer.embedding_files import load_embedding
+from ti_trainer.embeddings.files import load_embedding
 from ti_trainer.errors import UserError
 from ti_trainer.images import load_folder
+from ti_trainer.training.data import TrainingImage, encode_dataset, prepare_images
 
 # An image pulling 1.5 times as hard as the typical (median) image is worth a look. The median, not the even
 # share 1/N, because a dominant image lowers everyone else's share. It is a hint to look, not a verdict.

@@ -33,9 +33,9 @@ from ti_trainer.analysis.run_files import (
     update_summary,
 )
 from ti_trainer.config import TrainConfig
-from ti_trainer.create import existing_embedding_file
-from ti_trainer.embedding import Embedding
-from ti_trainer.embedding_files import load_embedding
+from ti_trainer.embeddings.create import existing_embedding_file
+from ti_trainer.embeddings.embedding import Embedding
+from ti_trainer.embeddings.files import load_embedding
 from ti_trainer.training import outputs
 
 Message = Callable[[str], None]

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ti_trainer.analysis.run_files import RunInfo
-from ti_trainer.create import existing_embedding_file
-from ti_trainer.embedding import Embedding
-from ti_trainer.embedding_files import load_embedding, optimizer_state_path, save_embedding
+from ti_trainer.embeddings.create import existing_embedding_file
+from ti_trainer.embeddings.embedding import Embedding
+from ti_trainer.embeddings.files import load_embedding, optimizer_state_path, save_embedding
 from ti_trainer.errors import UserError
 from ti_trainer.fsutil import atomic_write, confined_path, validate_embedding_name
 

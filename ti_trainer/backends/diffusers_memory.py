@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import torch
 import torch.utils.checkpoint
 
-from ti_trainer.memory import MemoryPlan, attention, on_device, weights_in
+from ti_trainer.memory.plan import MemoryPlan, attention, on_device, weights_in
 
 _MISSING = object()
 

@@ -22,17 +22,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ti_trainer.backends.base import LatentDistribution, PreviewRequest
-from ti_trainer.conditioning import (
+from ti_trainer.backends.contract import LatentDistribution, PreviewRequest
+from ti_trainer.diffusion import NoiseSchedule
+from ti_trainer.errors import UserError
+from ti_trainer.memory.plan import MemoryPlan, on_device
+from ti_trainer.text.conditioning import (
     InjectingTokenEmbedding,
     PromptChunker,
     PromptEncoder,
     TextRules,
     TokenIds,
 )
-from ti_trainer.diffusion import NoiseSchedule
-from ti_trainer.errors import UserError
-from ti_trainer.memory import MemoryPlan, on_device
 
 
 class LdmBackend:

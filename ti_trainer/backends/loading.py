@@ -56,8 +56,8 @@ def _load_pipeline_backend(path: Path, device: torch.device, parameterization: s
 
 def pipeline_backend(pipe, source: Path, device: torch.device, parameterization: str | None):
     from ti_trainer.backends.diffusers_backend import DiffusersBackend
-    from ti_trainer.conditioning import TokenIds
     from ti_trainer.diffusion import NoiseSchedule
+    from ti_trainer.text.conditioning import TokenIds
 
     tokenizer = pipe.tokenizer
     prediction = parameterization or (

@@ -11,8 +11,8 @@ import torch
 
 from ti_trainer.backends.clip_bpe import tiny_tokenizer
 from ti_trainer.backends.diffusers_backend import DiffusersBackend
-from ti_trainer.conditioning import TextRules, TokenIds
 from ti_trainer.diffusion import scaled_linear_schedule
+from ti_trainer.text.conditioning import TextRules, TokenIds
 
 TINY_WIDTH = 32
 TINY_SEED = 1234

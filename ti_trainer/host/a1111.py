@@ -18,15 +18,15 @@ from modules import call_queue, devices, processing, progress, script_callbacks,
 from modules.textual_inversion.textual_inversion import Embedding as WebUIEmbedding
 from PIL import Image
 
-from ti_trainer import api
-from ti_trainer.backends.base import PreviewRequest
+from ti_trainer.backends.contract import PreviewRequest
 from ti_trainer.backends.ldm_backend import LdmBackend
-from ti_trainer.conditioning import TextRules
 from ti_trainer.config import LATENT_SAMPLING, PRECISIONS, TrainConfig
 from ti_trainer.errors import UserError
+from ti_trainer.host import api
 from ti_trainer.host.base import HostServices
-from ti_trainer.jobs import JobRegistry
-from ti_trainer.templates import BUILTIN_TEMPLATES_DIR
+from ti_trainer.host.jobs import JobRegistry
+from ti_trainer.text.conditioning import TextRules
+from ti_trainer.text.templates import BUILTIN_TEMPLATES_DIR
 
 TAB_TITLE = "TI Trainer"  # not "Train": that is the WebUI's own tab, which may or may not be there
 TAB_ID = "ti_trainer"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ti_trainer.backends.base import PreviewRequest
+from ti_trainer.backends.contract import PreviewRequest
 
 
 @dataclass

@@ -9,7 +9,7 @@ import math
 
 from PIL import Image, ImageOps
 
-from ti_trainer.buckets import aspect_buckets, nearest_bucket
+from ti_trainer.training.buckets import aspect_buckets, nearest_bucket
 
 FLIPS = ("horizontal", "vertical", "both")
 

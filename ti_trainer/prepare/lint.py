@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 from ti_trainer.images import ImageLoadError, load_image
 from ti_trainer.prepare.captions import CaptionEntry
 from ti_trainer.prepare.phash import near_duplicate_groups, perceptual_hash
-from ti_trainer.templates import FILEWORDS_PLACEHOLDER, NAME_PLACEHOLDER
+from ti_trainer.text.templates import FILEWORDS_PLACEHOLDER, NAME_PLACEHOLDER
 
 if TYPE_CHECKING:  # the conditioning module pulls in torch, which a report without a model does not need
-    from ti_trainer.conditioning import PromptChunker
+    from ti_trainer.text.conditioning import PromptChunker
 
-# One CLIP chunk (ti_trainer.conditioning.CHUNK_LENGTH): past it the WebUI starts a second chunk.
+# One CLIP chunk (ti_trainer.text.conditioning.CHUNK_LENGTH): past it the WebUI starts a second chunk.
 CHUNK_TOKENS = 75
 
 # Words too common to mean anything when they appear in both the init text and a caption.
@@ -63,7 +63,7 @@ def token_counter(chunker: PromptChunker, name: str, vectors: int) -> Callable[[
 
     A private chunker over the same tokenizer, so the backend's own registered names are left alone.
     """
-    from ti_trainer.conditioning import PromptChunker
+    from ti_trainer.text.conditioning import PromptChunker
 
     private = PromptChunker(chunker.tokenize, chunker.ids, chunker.rules)
     private.register(name, vectors)

@@ -20,15 +20,14 @@ from typing import Protocol
 import torch
 from PIL import Image
 
-from ti_trainer import fit
-from ti_trainer.backends.base import PreviewRequest
+from ti_trainer.backends.contract import PreviewRequest
 from ti_trainer.config import TrainConfig
-from ti_trainer.dataset import TrainingData, encode_dataset, prepare_images
 from ti_trainer.diffusion import denoising_loss, noisy_latents_and_target
 from ti_trainer.errors import UserError
-from ti_trainer.training import outputs
-from ti_trainer.training.precision import autocast, grad_scaler
-from ti_trainer.training.prepare import PreparedRun, prepare_run
+from ti_trainer.memory.precision import autocast, grad_scaler
+from ti_trainer.training import fit, outputs
+from ti_trainer.training.data import TrainingData, encode_dataset, prepare_images
+from ti_trainer.training.setup import PreparedRun, prepare_run
 
 MAX_CONSECUTIVE_BAD_STEPS = 10
 

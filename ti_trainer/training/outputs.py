@@ -17,8 +17,8 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from ti_trainer.config import TrainConfig
-from ti_trainer.embedding import Embedding
-from ti_trainer.embedding_files import embedding_to_dict, save_embedding, save_optimizer_state
+from ti_trainer.embeddings.embedding import Embedding
+from ti_trainer.embeddings.files import embedding_to_dict, save_embedding, save_optimizer_state
 from ti_trainer.fsutil import atomic_write, atomic_write_text
 
 LOSS_CSV = "textual_inversion_loss.csv"
@@ -141,7 +141,7 @@ def save_preview(folders: RunFolders, embedding: Embedding, image: Image.Image, 
 
 def save_preview_with_embedding(folders: RunFolders, embedding: Embedding, image: Image.Image) -> Path:
     """`image_embeddings/<name>-<step>.png`: the preview carrying the embedding (text chunk + pixel block)."""
-    from ti_trainer.image_embedding import save_image_with_embedding
+    from ti_trainer.embeddings.png import save_image_with_embedding
 
     copy = step_copy(embedding)
     return save_image_with_embedding(

@@ -6,7 +6,7 @@ import html
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ti_trainer.templates import BUILTIN_TEMPLATES_DIR, list_templates
+from ti_trainer.text.templates import BUILTIN_TEMPLATES_DIR, list_templates
 
 if TYPE_CHECKING:
     from ti_trainer.host.base import HostServices

@@ -31,7 +31,7 @@ def name_status(services: HostServices, name: str) -> str:
         cleaned = validate_embedding_name(name)
     except UserError as error:
         return note("error", str(error))
-    from ti_trainer.create import existing_embedding_file
+    from ti_trainer.embeddings.create import existing_embedding_file
 
     existing = existing_embedding_file(services.embeddings_dir, cleaned)
     if existing is not None:
@@ -88,7 +88,7 @@ def create_embedding_job(
     services: HostServices, name: str, init_text: str, vectors: int, overwrite: bool
 ) -> tuple[str, str]:
     """The Create button: (result message, refreshed name status)."""
-    from ti_trainer.create import create_embedding
+    from ti_trainer.embeddings.create import create_embedding
 
     try:
         backend = services.get_backend()

@@ -32,7 +32,7 @@ from ti_trainer.prepare.lint import TokenBudget, lint_dataset, token_counter
 from ti_trainer.prepare.preprocess import CROP_MODES, PrepareOptions, prepare_dataset
 from ti_trainer.prepare.report import build_report
 from ti_trainer.prepare.report_format import lint_text, report_html
-from ti_trainer.templates import BUILTIN_TEMPLATES_DIR, list_templates, read_template
+from ti_trainer.text.templates import BUILTIN_TEMPLATES_DIR, list_templates, read_template
 from ti_trainer.ui.common import note, template_names
 
 PAGE_SIZE = 12  # caption slots on one page of the editor: Gradio 3 cannot add components at run time

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 import gradio as gr
 import pandas as pd
 
-from ti_trainer import planner
 from ti_trainer.config import TrainConfig
 from ti_trainer.errors import UserError
-from ti_trainer.schedule import parse_schedule
+from ti_trainer.training import batch_plan
+from ti_trainer.training.schedule import parse_schedule
 from ti_trainer.ui.common import embedding_names, note, notes, template_names
 from ti_trainer.ui.live_run import LiveRun, RunSnapshot, loss_rows, progress_html
 from ti_trainer.ui.train_form import config_from_form, form_values, latest_settings
@@ -37,7 +37,7 @@ MAX_SPLITS_SHOWN = 6  # largest batches first: the fastest even splits
 
 def plan_view(data_dir: str, batch, accumulation, max_steps, save_every, preview_every, max_batch):
     """(plan as HTML, even splits as Dataset samples) for the chosen folder and numbers."""
-    images = planner.count_images(data_dir)
+    images = batch_plan.count_images(data_dir)
     if not images:
         text = "Choose a dataset folder to see how batch size and accumulation split it into steps."
         if data_dir and images is None:
@@ -45,9 +45,9 @@ def plan_view(data_dir: str, batch, accumulation, max_steps, save_every, preview
         elif data_dir:
             text = f"{data_dir} holds no images."
         return note("info", text), gr.update(samples=[], visible=False)
-    the_plan = planner.plan(images, int(batch or 1), int(accumulation or 1))
-    lines = planner.explain(the_plan, int(max_steps or 0), int(save_every or 0), int(preview_every or 0))
-    combos = planner.even_combinations(images, max(1, int(max_batch or 1)))[:MAX_SPLITS_SHOWN]
+    the_plan = batch_plan.plan(images, int(batch or 1), int(accumulation or 1))
+    lines = batch_plan.explain(the_plan, int(max_steps or 0), int(save_every or 0), int(preview_every or 0))
+    combos = batch_plan.even_combinations(images, max(1, int(max_batch or 1)))[:MAX_SPLITS_SHOWN]
     samples = [[c.batch_size, c.gradient_accumulation, c.steps_per_epoch] for c in combos]
     body = "".join(f"<p>{_markdown_bold(line)}</p>" for line in lines)
     return f'<div class="ti-trainer-plan">{body}</div>', gr.update(samples=samples, visible=bool(samples))
@@ -65,12 +65,12 @@ def use_combination(sample: list) -> tuple[int, int]:
 
 def align_to_epochs(data_dir: str, batch, accumulation, max_steps, save_every, preview_every):
     """Round max steps and both save intervals to whole epochs (unchanged where there are no images)."""
-    images = planner.count_images(data_dir)
+    images = batch_plan.count_images(data_dir)
     if not images:
         return max_steps, save_every, preview_every
-    per_epoch = planner.plan(images, int(batch or 1), int(accumulation or 1)).steps_per_epoch
+    per_epoch = batch_plan.plan(images, int(batch or 1), int(accumulation or 1)).steps_per_epoch
     return tuple(
-        planner.nearest_aligned(int(value), per_epoch) if int(value or 0) > 0 else 0
+        batch_plan.nearest_aligned(int(value), per_epoch) if int(value or 0) > 0 else 0
         for value in (max_steps, save_every, preview_every)
     )
 
@@ -82,8 +82,8 @@ def embedding_status(services: HostServices, name: str, max_steps) -> str:
     """What training `name` will do: its vectors, the step it is at, and whether it resumes exactly."""
     if not name:
         return note("info", "Pick the embedding to train (create one on the Create embedding tab).")
-    from ti_trainer.create import existing_embedding_file
-    from ti_trainer.embedding_files import load_embedding, optimizer_state_path
+    from ti_trainer.embeddings.create import existing_embedding_file
+    from ti_trainer.embeddings.files import load_embedding, optimizer_state_path
 
     path = existing_embedding_file(services.embeddings_dir, name)
     if path is None:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ti_trainer.config import ATTENTION_CHOICES, CHECKPOINTING_CHOICES
 from ti_trainer.errors import UserError
-from ti_trainer.training.precision import resolve_precision
+from ti_trainer.memory.precision import resolve_precision
 
 ATTENTION_KINDS = ATTENTION_CHOICES[1:]  # without "auto"
 # Which UNet blocks are checkpointed: none, those at the highest resolution (the first down block and the

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from ti_trainer.backends.tiny import tiny_backend
 from ti_trainer.config import TrainConfig
-from ti_trainer.create import create_embedding
+from ti_trainer.embeddings.create import create_embedding
 from ti_trainer.fsutil import atomic_write, atomic_write_text
 
 DEMO_NAME = "demo-style"
@@ -61,7 +61,7 @@ def make_dataset(folder: Path, count: int = 8, size: int = 128, seed: int = 0) -
 
 
 def run_demo(out: Path, steps: int = 50) -> Path:
-    from ti_trainer.cli import run_training
+    from ti_trainer.cli.main import run_training
 
     started = time.perf_counter()
     out = Path(out)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ti_trainer.embedding import Embedding, vectors_from_init
-from ti_trainer.embedding_files import save_embedding
+from ti_trainer.embeddings.embedding import Embedding, vectors_from_init
+from ti_trainer.embeddings.files import save_embedding
 from ti_trainer.errors import UserError
 from ti_trainer.fsutil import confined_path, validate_embedding_name
 

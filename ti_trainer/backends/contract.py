@@ -8,8 +8,8 @@ from typing import Protocol
 import torch
 from PIL import Image
 
-from ti_trainer.conditioning import PromptEncoder
 from ti_trainer.diffusion import NoiseSchedule
+from ti_trainer.text.conditioning import PromptEncoder
 
 
 @dataclass

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 def _compare(run_info, args) -> int:
     from ti_trainer.analysis import compare
     from ti_trainer.backends.loading import load_backend
-    from ti_trainer.embedding_files import load_embedding
+    from ti_trainer.embeddings.files import load_embedding
 
     settings = compare.load_settings(run_info)
     if args.prompts:

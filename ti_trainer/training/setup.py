@@ -7,16 +7,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ti_trainer.config import TrainConfig
-from ti_trainer.create import existing_embedding_file
-from ti_trainer.embedding import Embedding
-from ti_trainer.embedding_files import load_embedding, load_optimizer_state
+from ti_trainer.embeddings.create import existing_embedding_file
+from ti_trainer.embeddings.embedding import Embedding
+from ti_trainer.embeddings.files import load_embedding, load_optimizer_state
 from ti_trainer.errors import UserError
 from ti_trainer.fsutil import validate_embedding_name
 from ti_trainer.images import LoadedFolder, load_folder
-from ti_trainer.memory import plan_for
-from ti_trainer.prompts import PromptBuilder
-from ti_trainer.schedule import Schedule, parse_schedule
-from ti_trainer.templates import BUILTIN_TEMPLATES_DIR, Template, list_templates, read_template
+from ti_trainer.memory.plan import plan_for
+from ti_trainer.text.prompts import PromptBuilder
+from ti_trainer.text.templates import BUILTIN_TEMPLATES_DIR, Template, list_templates, read_template
+from ti_trainer.training.schedule import Schedule, parse_schedule
 
 
 @dataclass

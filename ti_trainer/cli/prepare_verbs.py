@@ -77,7 +77,7 @@ def run_prepare_verb(args: argparse.Namespace) -> int:
 def _preprocess(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ti_trainer.cli import StopOnInterrupt
+    from ti_trainer.cli.main import StopOnInterrupt
     from ti_trainer.prepare.captioners import BLIP_LABEL, build_captioner
     from ti_trainer.prepare.focal import FocalWeights
     from ti_trainer.prepare.preprocess import PrepareOptions, prepare_dataset
@@ -143,8 +143,8 @@ def _token_budget(args: argparse.Namespace):
     from ti_trainer.backends.loading import load_backend
     from ti_trainer.config import TrainConfig
     from ti_trainer.prepare.lint import TokenBudget, token_counter
-    from ti_trainer.templates import read_template
-    from ti_trainer.training.prepare import find_template
+    from ti_trainer.text.templates import read_template
+    from ti_trainer.training.setup import find_template
 
     template = read_template(find_template(TrainConfig(template=args.template)))
     backend = load_backend(args.model, "cpu")

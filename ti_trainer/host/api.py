@@ -17,10 +17,10 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel
 
 from ti_trainer.config import TrainConfig
-from ti_trainer.create import create_embedding
+from ti_trainer.embeddings.create import create_embedding
 from ti_trainer.errors import UserError
 from ti_trainer.host.base import HostServices
-from ti_trainer.jobs import JobRegistry
+from ti_trainer.host.jobs import JobRegistry
 
 PREFIX = "/ti-trainer/v1"
 

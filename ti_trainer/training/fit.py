@@ -25,8 +25,8 @@ import torch
 
 from ti_trainer.diffusion import denoising_loss, noisy_latents_and_target
 from ti_trainer.errors import UserError
-from ti_trainer.memory import CHECKPOINT_LEVELS, MemoryPlan, apply_memory_plan, plan_for
-from ti_trainer.training.precision import autocast
+from ti_trainer.memory.plan import CHECKPOINT_LEVELS, MemoryPlan, apply_memory_plan, plan_for
+from ti_trainer.memory.precision import autocast
 
 PROBE_NAME = "tiprobevectors"  # registered with the prompt chunker only while a probe step runs
 PROBE_SEED = 0

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ti_trainer.embedding import Embedding
+from ti_trainer.embeddings.embedding import Embedding
 from ti_trainer.errors import UserError
 from ti_trainer.fsutil import atomic_write
 
@@ -101,7 +101,7 @@ def load_embedding(path: Path) -> Embedding:
     # its own name.
     name = path.stem
     if suffix in IMAGE_SUFFIXES:
-        from ti_trainer.image_embedding import extract_embedding_data
+        from ti_trainer.embeddings.png import extract_embedding_data
 
         data = extract_embedding_data(path)
         if data is None:

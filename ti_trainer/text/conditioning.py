@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ti_trainer.prompt_parser import parse_prompt_attention
+from ti_trainer.text.prompt_parser import parse_prompt_attention
 
 CHUNK_LENGTH = 75
 

@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass
 
 from ti_trainer.errors import UserError
-from ti_trainer.templates import FILEWORDS_PLACEHOLDER, NAME_PLACEHOLDER, Template
+from ti_trainer.text.templates import FILEWORDS_PLACEHOLDER, NAME_PLACEHOLDER, Template
 
 
 def check_tag_dropout(tag_dropout: float) -> float:

@@ -7,10 +7,10 @@ import signal
 import sys
 from pathlib import Path
 
-from ti_trainer.analysis import commands as analysis_verbs
+from ti_trainer.cli import analysis_verbs
+from ti_trainer.cli.prepare_verbs import PREPARE_VERBS, add_prepare_verbs, run_prepare_verb
 from ti_trainer.config import CLIP_MODES, LATENT_SAMPLING, PRECISIONS, TrainConfig
 from ti_trainer.errors import UserError
-from ti_trainer.prepare.cli_verbs import PREPARE_VERBS, add_prepare_verbs, run_prepare_verb
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,14 +180,14 @@ def main(argv: list[str] | None = None) -> int:
             serve(args.workspace, args.model, args.port, args.device)
             return 0
         if args.verb == "demo":
-            from ti_trainer.demo import run_demo
+            from ti_trainer.cli.demo import run_demo
 
             run_demo(args.out, args.steps)
             return 0
         from ti_trainer.backends.loading import load_backend
 
         if args.verb == "create":
-            from ti_trainer.create import create_embedding
+            from ti_trainer.embeddings.create import create_embedding
             from ti_trainer.fsutil import validate_embedding_name
 
             validate_embedding_name(args.name)

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ti_trainer.backends.base import LatentDistribution
-from ti_trainer.buckets import aspect_buckets, cover_and_crop, training_size
+from ti_trainer.backends.contract import LatentDistribution
 from ti_trainer.images import LoadedImage
+from ti_trainer.training.buckets import aspect_buckets, cover_and_crop, training_size
 
 ENCODE_BATCH = 4
 
