@@ -15,6 +15,7 @@ from ti_trainer.analysis.run_files import COMPARE_SETTINGS_JSON, RunInfo
 from ti_trainer.analysis.use_step import use_step
 from ti_trainer.backends.tiny import tiny_backend
 from ti_trainer.cli import main as cli_main
+from ti_trainer.cli.terminal import train_in_terminal
 from ti_trainer.embeddings.files import load_embedding, optimizer_state_path
 from ti_trainer.errors import UserError
 from ti_trainer.host.base import HostServices
@@ -33,7 +34,7 @@ def trained(tmp_path_factory, backend) -> Path:
     """A 4-step run through the CLI's training path (the monitors come from the config), copies at 2 and 4."""
     root = tmp_path_factory.mktemp("results")
     config = make_config(root, backend, max_steps=4)
-    return cli_main.run_training(config, backend).log_folder
+    return train_in_terminal(config, lambda: backend).log_folder
 
 
 def solid(request) -> Image.Image:

@@ -19,67 +19,216 @@ CHECKPOINTING_CHOICES = ("auto", "off", "high-res", "all")
 UPCAST_CHOICES = ("auto", "on", "off")
 
 
+@dataclass(frozen=True)
+class FieldInfo:
+    """How a TrainConfig field is presented: the panel, the WebUI's settings page and the CLI read this."""
+
+    label: str
+    help: str = ""
+    flag: str = ""  # the CLI's: "--flag", or a bare word for a positional argument; "": from the name
+    choices: tuple[str, ...] = ()
+
+
+def setting(default=dataclasses.MISSING, *, label: str, help: str = "", flag: str = "", choices=(), **kwargs):
+    """A TrainConfig field with its presentation (`field_info(name)` reads it back)."""
+    return field(default=default, metadata={"info": FieldInfo(label, help, flag, tuple(choices))}, **kwargs)
+
+
 @dataclass
 class TrainConfig:
     # What to train, on what
-    embedding_name: str = ""
-    data_dir: str = ""
-    embeddings_dir: str = "embeddings"
-    log_dir: str = "textual_inversion"
-    template: str = "style_filewords.txt"
-    templates_dirs: list[str] = field(default_factory=list)
+    embedding_name: str = setting(
+        "", label="Embedding", help="the embedding to train (<name>.pt)", flag="name"
+    )
+    data_dir: str = setting(
+        "",
+        label="Dataset directory",
+        help="folder of training images (captions in <image>.txt)",
+        flag="--data",
+    )
+    embeddings_dir: str = setting("embeddings", label="Embeddings directory", help="where <name>.pt lives")
+    log_dir: str = setting(
+        "textual_inversion", label="Log directory", help="where copies, previews and logs go"
+    )
+    template: str = setting(
+        "style_filewords.txt", label="Prompt template", help="prompt template file name or path"
+    )
+    templates_dirs: list[str] = setting(
+        label="Template folders",
+        help="a folder to look for templates in (repeatable)",
+        flag="--templates-dir",
+        default_factory=list,
+    )
     # Optimisation (A1111's Train tab and defaults, reference/a1111.md §1.11)
-    learn_rate: str = "0.005"
-    batch_size: int = 1
-    gradient_accumulation: int = 1
-    max_steps: int = 3000
-    clip_grad_mode: str = "disabled"
-    clip_grad_value: str = "0.1"
-    weight_decay: float = 0.0
+    learn_rate: str = setting(
+        "0.005",
+        label="Embedding learning rate",
+        help="learning rate or schedule, e.g. '0.005:100, 1e-3:1000, 1e-5'",
+        flag="--lr",
+    )
+    batch_size: int = setting(1, label="Batch size", help="images per micro-batch", flag="--batch")
+    gradient_accumulation: int = setting(
+        1,
+        label="Gradient accumulation steps",
+        help="micro-batches averaged into one optimizer step",
+        flag="--grad-accum",
+    )
+    max_steps: int = setting(3000, label="Max steps", help="the step training stops at", flag="--steps")
+    clip_grad_mode: str = setting(
+        "disabled",
+        label="Gradient clipping",
+        help="clip gradients by value or by norm",
+        flag="--clip-mode",
+        choices=CLIP_MODES,
+    )
+    clip_grad_value: str = setting(
+        "0.1", label="Clip value", help="gradient clipping value or schedule", flag="--clip-value"
+    )
+    weight_decay: float = setting(
+        0.0, label="Weight decay", help="AdamW weight decay (0: off, as in the WebUI)"
+    )
     # Data
-    width: int = 512
-    height: int = 512
-    keep_size: bool = False  # A1111's "Do not resize images": every distinct size is its own bucket
-    aspect_buckets: bool = False  # resize each image to the bucket nearest its aspect ratio (A1111 #6507)
-    latent_sampling: str = "once"
-    shuffle_tags: bool = False
-    tag_dropout: float = 0.0
-    use_alpha_weight: bool = False
-    filename_regex: str = ""
-    filename_join: str = " "
+    width: int = setting(512, label="Width", help="training width in pixels (a multiple of 8)")
+    height: int = setting(512, label="Height", help="training height in pixels (a multiple of 8)")
+    # A1111's "Do not resize images": every distinct size is its own bucket
+    keep_size: bool = setting(
+        False, label="Do not resize images", help="train every image at its own size (one bucket per size)"
+    )
+    # Resize each image to the bucket nearest its aspect ratio (A1111 #6507)
+    aspect_buckets: bool = setting(
+        False,
+        label="Aspect-ratio buckets",
+        help="fit each image to the bucket nearest its aspect ratio instead of one shape",
+        flag="--buckets",
+    )
+    latent_sampling: str = setting(
+        "once",
+        label="Choose latent sampling method",
+        help="once: one sample per image, reused; deterministic: the mean; random: a new sample each time",
+        choices=LATENT_SAMPLING,
+    )
+    shuffle_tags: bool = setting(
+        False,
+        label="Shuffle tags by ',' when creating prompts",
+        help="shuffle each caption's comma-separated tags",
+    )
+    tag_dropout: float = setting(
+        0.0, label="Drop out tags when creating prompts", help="probability of dropping each caption tag"
+    )
+    use_alpha_weight: bool = setting(
+        False,
+        label="Use PNG alpha channel as loss weight",
+        help="transparent parts of PNGs count less in the loss",
+        flag="--alpha-weight",
+    )
+    filename_regex: str = setting(
+        "",
+        label="Filename word regex",
+        help="for images without a caption: the words of the file name to keep",
+    )
+    filename_join: str = setting(" ", label="Filename join string", help="what goes between those words")
     # Saving
-    save_every: int = 50
-    preview_every: int = 50
-    write_csv_every: int = 1
-    save_image_with_embedding: bool = True
-    save_optimizer_state: bool = True
+    save_every: int = setting(
+        50,
+        label="Save a copy of embedding to log directory every N steps, 0 to disable",
+        help="save a copy every N steps (0: off)",
+    )
+    preview_every: int = setting(
+        50,
+        label="Save an image to log directory every N steps, 0 to disable",
+        help="render a preview every N steps (0: off)",
+    )
+    write_csv_every: int = setting(
+        1,
+        label="Write the loss to a CSV every N steps, 0 to disable",
+        help="write the loss to textual_inversion_loss.csv every N steps (0: off)",
+    )
+    save_image_with_embedding: bool = setting(
+        True,
+        label="Save images with embedding in PNG chunks",
+        help="also save each preview as a PNG that carries the embedding",
+    )
+    save_optimizer_state: bool = setting(
+        True,
+        label="Save optimizer state (.optim) for exact resume",
+        help="save the optimizer state beside the embedding, so a resumed run continues exactly",
+    )
     # Previews: an empty prompt means "the first caption of the current batch", as in A1111
-    preview_prompt: str = ""
-    preview_negative_prompt: str = ""
-    preview_steps: int = 20
-    preview_sampler: str = "Euler a"
-    preview_cfg_scale: float = 7.0
+    preview_prompt: str = setting("", label="Preview prompt", help="empty: the first caption of the batch")
+    preview_negative_prompt: str = setting(
+        "", label="Preview negative prompt", help="what previews should avoid", flag="--preview-negative"
+    )
+    preview_steps: int = setting(20, label="Preview sampling steps", help="sampling steps per preview")
+    preview_sampler: str = setting(
+        "Euler a", label="Preview sampling method", help="the sampler previews are drawn with"
+    )
+    preview_cfg_scale: float = setting(7.0, label="Preview CFG scale", help="CFG scale of previews")
     # A fixed preview seed (not A1111's -1) so previews of different steps differ only by the embedding.
-    preview_seed: int = 1
-    preview_width: int = 0  # 0 = training width
-    preview_height: int = 0
+    preview_seed: int = setting(
+        1, label="Preview seed", help="seed of previews (fixed: steps stay comparable)"
+    )
+    preview_width: int = setting(0, label="Preview width (0: training width)", help="0: the training width")
+    preview_height: int = setting(
+        0, label="Preview height (0: training height)", help="0: the training height"
+    )
     # Reproducibility and numerics
-    seed: int | None = None  # None: chosen at start and recorded in the settings and the .optim file
-    precision: str = "auto"
+    # None: chosen at start and recorded in the settings and the .optim file
+    seed: int | None = setting(
+        None,
+        label="Training seed (-1: random)",
+        help="seed for a reproducible run (default: chosen at start)",
+    )
+    precision: str = setting(
+        "auto",
+        label="Precision",
+        help="auto: bf16 where the GPU has it, else fp16; fp32 on a CPU",
+        choices=PRECISIONS,
+    )
     # Memory levers (ti_trainer/memory.py). The plan in force is reported in words when a run starts.
-    attention: str = "auto"  # SDPA, or xformers when installed; "math" is the plain path A1111 trains with
-    gradient_checkpointing: str = "auto"  # auto: off, raised on a GPU only if the batch needs it (fit.py)
-    vae_offload: bool = True  # the VAE waits in RAM while training (latents are cached first)
-    upcast_attention: str = "auto"  # auto: fp32 attention scores when the model wants them, under fp16
+    # SDPA, or xformers when installed; "math" is the plain path A1111 trains with
+    attention: str = setting(
+        "auto",
+        label="Attention",
+        help="auto: SDPA, or xformers when installed; math: the plain kind the WebUI trains with",
+        choices=ATTENTION_CHOICES,
+    )
+    # auto: off, raised on a GPU only if the batch needs it (fit.py)
+    gradient_checkpointing: str = setting(
+        "auto",
+        label="Gradient checkpointing",
+        help="recompute activations to save memory; auto: only if the batch would not fit",
+        choices=CHECKPOINTING_CHOICES,
+    )
+    # The VAE waits in RAM while training (latents are cached first)
+    vae_offload: bool = setting(
+        True, label="Keep the VAE in RAM while training", help="move the VAE off the GPU while training"
+    )
+    # auto: fp32 attention scores when the model wants them, under fp16
+    upcast_attention: str = setting(
+        "auto",
+        label="Attention scores in fp32",
+        help="auto: when the model wants them, under fp16 (SD 2.1 768-v)",
+        choices=UPCAST_CHOICES,
+    )
     # Choosing the result (ti_trainer/analysis): a loss on a fixed batch, comparable across steps (DVAR,
     # reference/peers.md §4), and the DVAR stopping rule on it. The window is in steps; the threshold is
     # Var(loss over the window) / Var(loss over the whole run). 200 steps / 0.15 are the DVAR repository's
     # defaults. Stopping is on: the rule waits for the loss to level off, the saved copies stay, and a stopped
     # run resumes from its last save (see analysis/early_stopping.py for why this default).
-    validate_every: int = 10  # 0 = no validation loss, no early stopping
-    early_stopping: bool = True
-    early_stop_window: int = 200
-    early_stop_threshold: float = 0.15
+    validate_every: int = setting(
+        10,
+        label="Validation loss every N steps, 0 to disable",
+        help="fixed-batch validation loss every N steps (0: no validation loss, no early stopping)",
+    )
+    early_stopping: bool = setting(
+        True,
+        label="Stop early when the validation loss levels off",
+        help="stop when the validation loss levels off (off: train to max steps; a step is still suggested)",
+    )
+    early_stop_window: int = setting(200, label="Early-stopping window (steps)", help="DVAR window in steps")
+    early_stop_threshold: float = setting(
+        0.15, label="Early-stopping threshold (variance ratio)", help="DVAR variance-ratio threshold"
+    )
 
     def validate(self) -> None:
         """Check everything that can be checked without the model or the images."""
@@ -147,3 +296,13 @@ class TrainConfig:
         except (OSError, json.JSONDecodeError) as error:
             raise UserError(f"Could not read the settings file {path}: {error}") from error
         return cls.from_dict(data.get("ti_trainer_config", data))
+
+
+def field_info(name: str) -> FieldInfo:
+    """The label, help, CLI flag and choices of TrainConfig field `name`."""
+    return TrainConfig.__dataclass_fields__[name].metadata["info"]
+
+
+def cli_flag(name: str) -> str:
+    """The CLI's flag for field `name`: its own, or `--` and the name in kebab case."""
+    return field_info(name).flag or "--" + name.replace("_", "-")

@@ -39,13 +39,19 @@ from ti_trainer.embeddings.files import load_embedding
 from ti_trainer.training import outputs
 
 Message = Callable[[str], None]
+ValidationPoint = Callable[[int, float], None]
 
 
-def monitors_for(config: TrainConfig, on_message: Message = print) -> list:
-    """The monitors this config asks for: validation loss (with the DVAR rule) and the vector norms."""
+def monitors_for(
+    config: TrainConfig, on_message: Message = print, on_validation_loss: ValidationPoint | None = None
+) -> list:
+    """The monitors this config asks for: validation loss (with the DVAR rule) and the vector norms.
+    `on_validation_loss(step, loss)` hears every point of the validation curve, a resumed run's history too."""
     monitors: list = [NormMonitor(config.validate_every or config.save_every or 10, on_message)]
     if config.validate_every > 0:
-        monitors.append(ValidationMonitor(stopping_rule(config), config.early_stopping, on_message))
+        monitors.append(
+            ValidationMonitor(stopping_rule(config), config.early_stopping, on_message, on_validation_loss)
+        )
     return monitors
 
 
@@ -60,10 +66,17 @@ class ValidationMonitor:
     """The loss on a fixed batch every `rule.every_steps` steps, the DVAR rule on it, and at the start and the
     end of the run the per-image report (loss and gradient share of every image)."""
 
-    def __init__(self, rule: early_stopping.StoppingRule, stop_enabled: bool, on_message: Message = print):
+    def __init__(
+        self,
+        rule: early_stopping.StoppingRule,
+        stop_enabled: bool,
+        on_message: Message = print,
+        on_point: ValidationPoint | None = None,
+    ):
         self.rule = rule
         self.stop_enabled = stop_enabled
         self.on_message = on_message
+        self.on_point = on_point or (lambda step, loss: None)
         self.steps: list[int] = []
         self.losses: list[float] = []
         self.suggested_step: int | None = None
@@ -87,6 +100,7 @@ class ValidationMonitor:
         for row in read_rows(self.log.path):  # a resumed run continues its history
             self.steps.append(int(row["step"]))
             self.losses.append(float(row["loss"]))
+            self.on_point(self.steps[-1], self.losses[-1])
         # A run resumed after the rule fired was resumed on purpose: it is not stopped a second time.
         self.suggested_step = early_stopping.first_plateau(self.steps, self.losses, self.rule)
         update_summary(
@@ -143,6 +157,7 @@ class ValidationMonitor:
         loss = float(losses.mean())
         self.steps.append(step)
         self.losses.append(loss)
+        self.on_point(step, loss)
         verdict = early_stopping.check(self.losses, self.rule)
         ratio = "" if verdict.ratio is None else number(verdict.ratio)
         self.log.write([step, number(loss), ratio])

@@ -14,6 +14,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from ti_trainer.backends.tiny import tiny_backend
+from ti_trainer.cli.terminal import train_in_terminal
 from ti_trainer.config import TrainConfig
 from ti_trainer.embeddings.create import create_embedding
 from ti_trainer.fsutil import atomic_write, atomic_write_text
@@ -61,8 +62,6 @@ def make_dataset(folder: Path, count: int = 8, size: int = 128, seed: int = 0) -
 
 
 def run_demo(out: Path, steps: int = 50) -> Path:
-    from ti_trainer.cli.main import run_training
-
     started = time.perf_counter()
     out = Path(out)
     data = make_dataset(out / "dataset")
@@ -89,7 +88,7 @@ def run_demo(out: Path, steps: int = 50) -> Path:
         seed=0,
         validate_every=5,  # a short run: evaluate often enough to draw a curve
     )
-    result = run_training(config, backend)
+    result = train_in_terminal(config, lambda: backend)
     print(result.summary)
     print(f"\nLog folder: {result.log_folder}")
     for sub in ("embeddings", "images", "image_embeddings"):

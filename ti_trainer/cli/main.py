@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import signal
+import dataclasses
 import sys
+import typing
 from pathlib import Path
 
 from ti_trainer.cli import analysis_verbs
 from ti_trainer.cli.prepare_verbs import PREPARE_VERBS, add_prepare_verbs, run_prepare_verb
-from ti_trainer.config import CLIP_MODES, LATENT_SAMPLING, PRECISIONS, TrainConfig
+from ti_trainer.config import TrainConfig, cli_flag, field_info
 from ti_trainer.errors import UserError
 
 
@@ -28,52 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(create)
 
     train = verbs.add_parser("train", help="train an embedding on a folder of images")
-    train.add_argument("name", nargs="?", help="embedding name (or give --config)")
     train.add_argument("--config", type=Path, help="a settings-*.json from an earlier run: reproduce it")
     _model_options(train)
-    defaults = TrainConfig()
-    options = [
-        ("--data", "data_dir", str, "folder of training images (captions in <image>.txt)"),
-        ("--embeddings-dir", "embeddings_dir", str, "where <name>.pt lives"),
-        ("--log-dir", "log_dir", str, "where copies, previews and logs go"),
-        ("--template", "template", str, "prompt template file name or path"),
-        ("--lr", "learn_rate", str, "learning rate or schedule, e.g. '0.005:100, 1e-3:1000, 1e-5'"),
-        ("--batch", "batch_size", int, "images per micro-batch"),
-        ("--grad-accum", "gradient_accumulation", int, "micro-batches per optimizer step"),
-        ("--steps", "max_steps", int, "max steps"),
-        ("--width", "width", int, None),
-        ("--height", "height", int, None),
-        ("--save-every", "save_every", int, "save a copy every N steps (0: off)"),
-        ("--preview-every", "preview_every", int, "render a preview every N steps (0: off)"),
-        ("--clip-value", "clip_grad_value", str, "gradient clipping value or schedule"),
-        ("--tag-dropout", "tag_dropout", float, "probability of dropping each caption tag"),
-        ("--preview-prompt", "preview_prompt", str, "empty: the first caption of the batch"),
-        ("--preview-negative", "preview_negative_prompt", str, None),
-        ("--preview-steps", "preview_steps", int, None),
-        ("--preview-seed", "preview_seed", int, None),
-        ("--seed", "seed", int, "seed for a reproducible run"),
-        ("--validate-every", "validate_every", int, "fixed-batch validation loss every N steps (0: off)"),
-        ("--early-stop-window", "early_stop_window", int, "DVAR window in steps"),
-        ("--early-stop-threshold", "early_stop_threshold", float, "DVAR variance-ratio threshold"),
-    ]
-    for flag, dest, kind, text in options:
-        train.add_argument(
-            flag, dest=dest, type=kind, help=f"{text or dest} (default {getattr(defaults, dest)!r})"
-        )
-    train.add_argument("--clip-mode", dest="clip_grad_mode", choices=CLIP_MODES)
-    train.add_argument("--latent-sampling", dest="latent_sampling", choices=LATENT_SAMPLING)
-    train.add_argument("--precision", dest="precision", choices=PRECISIONS)
-    train.add_argument("--shuffle-tags", dest="shuffle_tags", action="store_true", default=None)
-    train.add_argument("--keep-size", dest="keep_size", action="store_true", default=None)
-    train.add_argument("--buckets", dest="aspect_buckets", action="store_true", default=None)
-    train.add_argument("--alpha-weight", dest="use_alpha_weight", action="store_true", default=None)
-    train.add_argument(
-        "--no-early-stopping",
-        dest="early_stopping",
-        action="store_false",
-        default=None,
-        help="train to max steps even when the validation loss levels off (a step is still suggested)",
-    )
+    add_config_flags(train)
 
     demo = verbs.add_parser("demo", help="train a small embedding on the built-in tiny model, end to end")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -108,63 +66,42 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, from the field's metadata (config.py). Every default is None, so a
+    flag left out changes nothing: TrainConfig's default, or the value in --config's settings file."""
+    defaults = TrainConfig()
+    types = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        info, kind = field_info(field.name), types[field.name]
+        default = getattr(defaults, field.name)
+        # argparse formats help with %: a literal one is doubled.
+        text = f"{info.help or info.label} (default {default!r})".replace("%", "%%")
+        flag = cli_flag(field.name)
+        if not flag.startswith("-"):
+            parser.add_argument(field.name, metavar=flag, nargs="?", help=text)
+        elif kind is bool:
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, help=text)
+        elif typing.get_origin(kind) is list:
+            parser.add_argument(flag, dest=field.name, action="append", help=text)
+        else:
+            parser.add_argument(
+                flag, dest=field.name, type=_value_type(kind), choices=info.choices or None, help=text
+            )
+
+
+def _value_type(kind) -> type:
+    """int for `int | None` (the seed); the type itself otherwise."""
+    options = [option for option in typing.get_args(kind) if option is not type(None)]
+    return options[0] if options else kind
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     config = TrainConfig.from_settings_file(args.config) if args.config else TrainConfig()
-    for key, value in vars(args).items():
-        if value is not None and hasattr(config, key):
-            setattr(config, key, value)
-    if args.name:
-        config.embedding_name = args.name
+    for field in dataclasses.fields(TrainConfig):
+        value = getattr(args, field.name, None)
+        if value is not None:
+            setattr(config, field.name, value)
     return config
-
-
-class StopOnInterrupt:
-    """The first Ctrl+C asks the run to stop at the next step boundary and save; the second aborts."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __enter__(self):
-        self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._previous)
-
-    def _handle(self, *_):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nStopping after this step and saving... (Ctrl+C again to abort)", file=sys.stderr)
-
-
-def run_training(config: TrainConfig, backend):
-    from tqdm import tqdm
-
-    from ti_trainer.analysis.monitors import monitors_for
-    from ti_trainer.training.loop import TrainingHooks, train
-
-    bar = None
-
-    def on_step(report):
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=report.end_step, initial=report.step - 1, unit="step", dynamic_ncols=True)
-        bar.set_postfix(loss=f"{report.loss:.4f}", lr=f"{report.learn_rate:g}", epoch=report.epoch)
-        bar.update(1)
-
-    with StopOnInterrupt() as stop:
-        hooks = TrainingHooks(
-            on_step=on_step,
-            on_message=lambda text: print(text, file=sys.stderr),
-            should_stop=lambda: stop.requested,
-            monitors=monitors_for(config, on_message=lambda text: print(text, file=sys.stderr)),
-        )
-        try:
-            return train(config, backend, hooks)
-        finally:
-            if bar is not None:
-                bar.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,10 +134,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"Created {path}")
             return 0
+        from ti_trainer.cli.terminal import train_in_terminal
+
         config = config_from_args(args)
         config.validate()
-        backend = load_backend(args.model, args.device, args.parameterization)
-        result = run_training(config, backend)
+        result = train_in_terminal(
+            config, lambda: load_backend(args.model, args.device, args.parameterization)
+        )
         print(result.summary)
         print(f"Log folder: {result.log_folder}")
         return 0

@@ -77,7 +77,7 @@ def run_prepare_verb(args: argparse.Namespace) -> int:
 def _preprocess(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ti_trainer.cli.main import StopOnInterrupt
+    from ti_trainer.cli.terminal import StopOnInterrupt
     from ti_trainer.prepare.captioners import BLIP_LABEL, build_captioner
     from ti_trainer.prepare.focal import FocalWeights
     from ti_trainer.prepare.preprocess import PrepareOptions, prepare_dataset

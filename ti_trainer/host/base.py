@@ -8,10 +8,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from ti_trainer.backends.contract import PreviewRequest
+from ti_trainer.config import TrainConfig
+from ti_trainer.progress import LiveRun, RunProgress
+
+if TYPE_CHECKING:
+    from ti_trainer.training.loop import TrainResult
 
 
 @dataclass
@@ -37,3 +43,30 @@ class HostServices:
     job_progress: Callable[[int, int, str], None] = lambda done, total, text: None
     interrupt_requested: Callable[[], bool] = lambda: False
     request_interrupt: Callable[[], None] = lambda: None
+
+    def train(
+        self, config: TrainConfig, live: LiveRun, should_stop: Callable[[], bool] | None = None
+    ) -> TrainResult:
+        """Train on the host's model with its previews, progress bar and Interrupt (or `should_stop`);
+        whatever was saved is usable at once afterwards, however the run ended."""
+        # The launcher brings torch; the panels load without it until a run starts.
+        from ti_trainer.launch import launch
+
+        try:
+            return launch(
+                config,
+                self.get_backend,
+                live,
+                should_stop=should_stop or self.interrupt_requested,
+                render_preview=self.render_preview,
+                on_progress=self._report_progress,
+            )
+        finally:
+            self.refresh_embeddings()
+
+    def _report_progress(self, run: RunProgress) -> None:
+        """The host's progress bar counts the steps of this run (a resumed run starts it at 0)."""
+        loss = "" if run.loss is None else f", loss {run.loss:.4f}"
+        self.job_progress(
+            run.step - run.first_step, run.end_step - run.first_step, f"Step {run.step}/{run.end_step}{loss}"
+        )

@@ -6,9 +6,9 @@ from typing import TYPE_CHECKING
 
 import gradio as gr
 
+from ti_trainer.progress import LiveRun
 from ti_trainer.ui.common import note
 from ti_trainer.ui.create_panel import build_create_panel
-from ti_trainer.ui.live_run import LiveRun
 from ti_trainer.ui.train_handlers import refresh_lists
 from ti_trainer.ui.train_panel import build_train_panel
 

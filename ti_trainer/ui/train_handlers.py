@@ -17,10 +17,11 @@ import pandas as pd
 
 from ti_trainer.config import TrainConfig
 from ti_trainer.errors import UserError
+from ti_trainer.progress import LiveRun, RunProgress
 from ti_trainer.training import batch_plan
 from ti_trainer.training.schedule import parse_schedule
 from ti_trainer.ui.common import embedding_names, note, notes, template_names
-from ti_trainer.ui.live_run import LiveRun, RunSnapshot, loss_rows, progress_html
+from ti_trainer.ui.live_run import loss_rows, progress_html
 from ti_trainer.ui.train_form import config_from_form, form_values, latest_settings
 
 if TYPE_CHECKING:
@@ -153,41 +154,6 @@ def refresh_lists(services: HostServices, embedding: str, template: str):
 # ---- the run ----------------------------------------------------------------------------------------------
 
 
-def train_with_live_view(services: HostServices, live: LiveRun, config: TrainConfig):
-    """Train `config` on the host's model, reporting into `live` and the host's progress; returns the result."""
-    from ti_trainer.analysis.monitors import monitors_for
-    from ti_trainer.training.loop import TrainingHooks, train
-
-    live.begin(config.embedding_name, config.max_steps)
-
-    def on_step(report) -> None:
-        live.on_step(report)
-        run = live.snapshot()
-        services.job_progress(
-            report.step - run.first_step,
-            report.end_step - run.first_step,
-            f"Step {report.step}/{report.end_step}, loss {report.loss:.4f}",
-        )
-
-    monitors = monitors_for(config, on_message=live.message)
-    live.watch_validation(next((m for m in monitors if hasattr(m, "losses")), None))
-    hooks = TrainingHooks(
-        on_step=on_step,
-        on_message=live.message,
-        should_stop=services.interrupt_requested,
-        render_preview=services.render_preview,
-        on_saved=live.on_saved,
-        on_preview=live.on_preview,
-        monitors=monitors,
-    )
-    result = train(config, services.get_backend(), hooks)
-    how = (
-        "interrupted" if result.interrupted else "stopped early" if result.stopped_by_monitor else "finished"
-    )
-    live.finish(f"Training {how} at step {result.steps_done}.")
-    return result
-
-
 def run_training_job(services: HostServices, live: LiveRun, names: list[str], id_task: str, *values):
     """The Train button. `id_task` is the WebUI's job id (its progress bar follows it); unused here.
 
@@ -196,16 +162,16 @@ def run_training_job(services: HostServices, live: LiveRun, names: list[str], id
     """
     try:
         config = config_from_form(services, names, list(values))
-        result = train_with_live_view(services, live, config)
     except UserError as error:
         live.fail(str(error))
         return note("error", str(error)), ""
+    try:
+        result = services.train(config, live)  # records its own failure in `live`
+    except UserError as error:
+        return note("error", str(error)), ""
     except Exception as error:
         traceback.print_exc()
-        live.fail(f"Training stopped by an error: {error}")
         return note("error", f"Training stopped by an error: {error} (details in the console)"), ""
-    finally:
-        services.refresh_embeddings()
     return note("ok", f"{result.summary}. Copies, previews and logs: {result.log_folder}"), ""
 
 
@@ -230,14 +196,14 @@ def poll(live: LiveRun, seen_version):
     )
 
 
-def loss_frame(run: RunSnapshot) -> pd.DataFrame:
+def loss_frame(run: RunProgress) -> pd.DataFrame:
     return pd.DataFrame(loss_rows(run), columns=["step", "loss", "curve"])
 
 
-def preview_items(run: RunSnapshot) -> list[tuple[str, str]]:
-    return [(str(path), path.stem) for path in reversed(run.previews) if path.is_file()]
+def preview_items(run: RunProgress) -> list[tuple[str, str]]:
+    return [(path, Path(path).stem) for path in reversed(run.previews) if Path(path).is_file()]
 
 
-def saved_file(run: RunSnapshot) -> str | None:
+def saved_file(run: RunProgress) -> str | None:
     path = run.last_saved
-    return str(path) if path is not None and Path(path).is_file() else None
+    return path if path is not None and Path(path).is_file() else None

@@ -19,8 +19,9 @@ from ti_trainer.config import (
     PRECISIONS,
     UPCAST_CHOICES,
 )
+from ti_trainer.progress import LiveRun
 from ti_trainer.ui.common import REFRESH_SYMBOL, embedding_names, note, template_names
-from ti_trainer.ui.live_run import LiveRun, progress_html
+from ti_trainer.ui.live_run import progress_html
 from ti_trainer.ui.train_form import form_fields, form_values, initial_config
 from ti_trainer.ui.train_handlers import (
     DEFAULT_MAX_BATCH,
