@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import gradio as gr
 import pytest
@@ -12,7 +13,8 @@ import torch
 from ti_trainer.config import TrainConfig
 from ti_trainer.embeddings.files import load_embedding
 from ti_trainer.ui import create_panel, train_handlers
-from ti_trainer.ui.live_run import LiveRun, format_duration, progress_html
+from ti_trainer.progress import LiveRun
+from ti_trainer.ui.live_run import format_duration, progress_html
 from ti_trainer.ui.train_form import config_from_form, form_fields, form_values, initial_config
 
 
@@ -98,9 +100,9 @@ def test_train_creates_files_reports_progress_and_refreshes(services, train_valu
     assert [(done, total) for done, total, _ in calls["progress"]] == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert calls["refreshes"] >= 1
     run = live.snapshot()
-    assert run.state == "finished" and [step for step, _ in run.losses] == [1, 2, 3, 4]
-    assert [p.name for p in run.previews] == ["shapes-2.png", "shapes-4.png"]
-    assert run.last_saved == services.embeddings_dir / "shapes.pt"
+    assert run.status == "finished" and [step for step, _ in run.losses] == [1, 2, 3, 4]
+    assert [Path(p).name for p in run.previews] == ["shapes-2.png", "shapes-4.png"]
+    assert run.last_saved == str(services.embeddings_dir / "shapes.pt")
     assert run.validation and run.validation[0][0] == 0  # validation loss before the first step
 
     progress, plot, gallery, saved, version = train_handlers.poll(live, None)
@@ -134,7 +136,7 @@ def test_interrupt_stops_at_a_step_boundary_and_saves(services, train_values):
 
     assert not worker.is_alive()
     run = live.snapshot()
-    assert run.state == "finished" and "interrupted" in outcome["result"][0]
+    assert run.status == "interrupted" and "interrupted" in outcome["result"][0]
     assert 2 <= run.step < 500
     assert load_embedding(services.embeddings_dir / "stopme.pt").step == run.step
     assert not services.interrupt_requested()  # the next job starts with a clear flag
@@ -146,7 +148,7 @@ def test_bad_input_is_a_message_not_a_crash(services, train_values):
     live = LiveRun()
     result, _ = train_handlers.run_training_job(services, live, names, "", *values)
     assert "ti-trainer-error" in result and "does not exist" in result
-    assert live.snapshot().state == "failed"
+    assert live.snapshot().status == "failed"
     assert 'data-state="failed"' in progress_html(live.snapshot())
 
 

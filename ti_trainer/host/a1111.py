@@ -20,7 +20,7 @@ from PIL import Image
 
 from ti_trainer.backends.contract import PreviewRequest
 from ti_trainer.backends.ldm_backend import LdmBackend
-from ti_trainer.config import LATENT_SAMPLING, PRECISIONS, TrainConfig
+from ti_trainer.config import TrainConfig, field_info
 from ti_trainer.errors import UserError
 from ti_trainer.host import api
 from ti_trainer.host.base import HostServices
@@ -33,25 +33,24 @@ TAB_ID = "ti_trainer"
 SETTINGS_SECTION = ("ti_trainer", "TI Trainer")
 OPTION_PREFIX = "ti_trainer_"
 
-# Our defaults on the Settings page (category "Training"): TrainConfig field -> label.
-SETTINGS = {
-    "learn_rate": "Learning rate (a number, or a schedule such as 0.005:100, 1e-3:1000, 1e-5)",
-    "batch_size": "Batch size: images in one step",
-    "gradient_accumulation": "Gradient accumulation: batches averaged into one step",
-    "max_steps": "Max steps",
-    "width": "Training width",
-    "height": "Training height",
-    "template": "Prompt template file",
-    "latent_sampling": "Latent sampling method",
-    "save_every": "Save a copy of the embedding every N steps (0: only at the end)",
-    "preview_every": "Render a preview every N steps (0: never)",
-    "write_csv_every": "Write the loss to the CSV log every N steps (0: never)",
-    "save_optimizer_state": "Save the optimizer state beside the embedding (.optim), so a resumed run continues exactly",
-    "save_image_with_embedding": "Save previews with the embedding inside the PNG",
-    "precision": "Precision (auto: bf16 where the GPU has it, else fp16)",
-    "log_dir": "Log folder for copies, previews and losses (relative to the WebUI folder)",
-}
-CHOICES = {"latent_sampling": LATENT_SAMPLING, "precision": PRECISIONS}
+# Our defaults on the Settings page (category "Training"), shown with the fields' labels and help (config.py).
+SETTINGS = (
+    "learn_rate",
+    "batch_size",
+    "gradient_accumulation",
+    "max_steps",
+    "width",
+    "height",
+    "template",
+    "latent_sampling",
+    "save_every",
+    "preview_every",
+    "write_csv_every",
+    "save_optimizer_state",
+    "save_image_with_embedding",
+    "precision",
+    "log_dir",
+)
 _DEFAULTS = TrainConfig()
 
 
@@ -73,24 +72,24 @@ def ui_tabs() -> list[tuple[object, str, str]]:
 def add_settings() -> None:
     import gradio as gr
 
-    for field, label in SETTINGS.items():
-        default = getattr(_DEFAULTS, field)
+    for field in SETTINGS:
+        default, info = getattr(_DEFAULTS, field), field_info(field)
         component, component_args = None, None
-        if field in CHOICES:
-            component, component_args = gr.Radio, {"choices": list(CHOICES[field])}
+        if info.choices:
+            component, component_args = gr.Radio, {"choices": list(info.choices)}
         elif isinstance(default, bool):
             component = gr.Checkbox
         elif isinstance(default, int):
             component, component_args = gr.Number, {"precision": 0}
-        info = shared.OptionInfo(
+        option = shared.OptionInfo(
             default,
-            label,
+            info.label,
             component,
             component_args,
             section=SETTINGS_SECTION,
             category_id="training",
         )
-        shared.opts.add_option(OPTION_PREFIX + field, info)
+        shared.opts.add_option(OPTION_PREFIX + field, option.info(info.help) if info.help else option)
 
 
 def add_api_routes(demo, app) -> None:

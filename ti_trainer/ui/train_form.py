@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ti_trainer.config import TrainConfig
+from ti_trainer.config import TrainConfig, field_info
 from ti_trainer.errors import UserError
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def _coerce(name: str, kind, value):
             text = "" if value is None else str(value)
             return text.strip() if name in PATH_FIELDS else text
     except (TypeError, ValueError) as error:
-        raise UserError(f"{name.replace('_', ' ')}: {value!r} is not a number.") from error
+        raise UserError(f"{field_info(name).label}: {value!r} is not a number.") from error
     return value
 
 

@@ -11,14 +11,7 @@ from typing import TYPE_CHECKING
 
 import gradio as gr
 
-from ti_trainer.config import (
-    ATTENTION_CHOICES,
-    CHECKPOINTING_CHOICES,
-    CLIP_MODES,
-    LATENT_SAMPLING,
-    PRECISIONS,
-    UPCAST_CHOICES,
-)
+from ti_trainer.config import field_info
 from ti_trainer.progress import LiveRun
 from ti_trainer.ui.common import REFRESH_SYMBOL, embedding_names, note, template_names
 from ti_trainer.ui.live_run import progress_html
@@ -59,14 +52,20 @@ def build_train_panel(services: HostServices, live: LiveRun | None = None) -> Tr
     form: dict[str, gr.components.Component] = {}
 
     def field(name: str, component, *args, **kwargs):
-        """The form's component for TrainConfig field `name`, holding the config's value."""
-        form[name] = component(*args, value=v[name], elem_id=f"ti_trainer_train_{name}", **kwargs)
+        """The form's component for TrainConfig field `name`, holding the config's value, with the field's
+        label and, where it has a fixed set, its choices (config.py)."""
+        info = field_info(name)
+        if info.choices:
+            kwargs["choices"] = list(info.choices)
+        form[name] = component(
+            *args, value=v[name], label=info.label, elem_id=f"ti_trainer_train_{name}", **kwargs
+        )
         return form[name]
 
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, elem_id="ti_trainer_train_settings"):
             with gr.Row():
-                field("embedding_name", gr.Dropdown, embedding_names(services), label="Embedding")
+                field("embedding_name", gr.Dropdown, embedding_names(services))
                 refresh = gr.Button(REFRESH_SYMBOL, elem_id="ti_trainer_train_refresh", elem_classes="tool")
             embedding_info = gr.HTML(
                 embedding_status(services, v["embedding_name"], v["max_steps"]),
@@ -81,23 +80,16 @@ def build_train_panel(services: HostServices, live: LiveRun | None = None) -> Tr
                     elem_id="ti_trainer_train_fill",
                 )
             with gr.Row():
-                field("learn_rate", gr.Textbox, label="Embedding learning rate", max_lines=1)
-                field("clip_grad_mode", gr.Dropdown, list(CLIP_MODES), label="Gradient clipping")
-                field("clip_grad_value", gr.Textbox, label="Clip value", max_lines=1)
+                field("learn_rate", gr.Textbox, max_lines=1)
+                field("clip_grad_mode", gr.Dropdown)
+                field("clip_grad_value", gr.Textbox, max_lines=1)
             learn_rate_info = gr.HTML(elem_id="ti_trainer_train_learn_rate_status")
             with gr.Row():
-                field("batch_size", gr.Number, label="Batch size", precision=0, minimum=1)
-                field(
-                    "gradient_accumulation",
-                    gr.Number,
-                    label="Gradient accumulation steps",
-                    precision=0,
-                    minimum=1,
-                )
+                field("batch_size", gr.Number, precision=0, minimum=1)
+                field("gradient_accumulation", gr.Number, precision=0, minimum=1)
             field(
                 "data_dir",
                 gr.Textbox,
-                label="Dataset directory",
                 placeholder="folder with your images and their .txt captions",
                 max_lines=1,
             )
@@ -135,76 +127,50 @@ def build_train_panel(services: HostServices, live: LiveRun | None = None) -> Tr
                         min_width=220,
                         elem_id="ti_trainer_plan_align",
                     )
-            field("log_dir", gr.Textbox, label="Log directory", max_lines=1)
+            field("log_dir", gr.Textbox, max_lines=1)
             with gr.Row():
-                field("template", gr.Dropdown, template_names(services), label="Prompt template")
+                field("template", gr.Dropdown, template_names(services))
                 refresh_templates = gr.Button(
                     REFRESH_SYMBOL, elem_id="ti_trainer_train_refresh_templates", elem_classes="tool"
                 )
             with gr.Row():
-                field("width", gr.Slider, 64, 2048, step=8, label="Width")
-                field("height", gr.Slider, 64, 2048, step=8, label="Height")
+                field("width", gr.Slider, 64, 2048, step=8)
+                field("height", gr.Slider, 64, 2048, step=8)
             with gr.Row():
-                field("keep_size", gr.Checkbox, label="Do not resize images")
-                field("aspect_buckets", gr.Checkbox, label="Aspect-ratio buckets")
-            field("max_steps", gr.Number, label="Max steps", precision=0, minimum=1)
+                field("keep_size", gr.Checkbox)
+                field("aspect_buckets", gr.Checkbox)
+            field("max_steps", gr.Number, precision=0, minimum=1)
             with gr.Row():
-                field(
-                    "preview_every",
-                    gr.Number,
-                    label="Save an image to log directory every N steps, 0 to disable",
-                    precision=0,
-                    minimum=0,
-                )
-                field(
-                    "save_every",
-                    gr.Number,
-                    label="Save a copy of embedding to log directory every N steps, 0 to disable",
-                    precision=0,
-                    minimum=0,
-                )
-            field("use_alpha_weight", gr.Checkbox, label="Use PNG alpha channel as loss weight")
-            field("save_image_with_embedding", gr.Checkbox, label="Save images with embedding in PNG chunks")
-            field("shuffle_tags", gr.Checkbox, label="Shuffle tags by ',' when creating prompts")
-            field("tag_dropout", gr.Slider, 0, 1, step=0.1, label="Drop out tags when creating prompts")
-            field("latent_sampling", gr.Radio, list(LATENT_SAMPLING), label="Choose latent sampling method")
+                field("preview_every", gr.Number, precision=0, minimum=0)
+                field("save_every", gr.Number, precision=0, minimum=0)
+            field("use_alpha_weight", gr.Checkbox)
+            field("save_image_with_embedding", gr.Checkbox)
+            field("shuffle_tags", gr.Checkbox)
+            field("tag_dropout", gr.Slider, 0, 1, step=0.1)
+            field("latent_sampling", gr.Radio)
             with gr.Accordion("Previews", open=False, elem_id="ti_trainer_train_previews"):
                 field(
                     "preview_prompt",
                     gr.Textbox,
-                    label="Preview prompt",
                     placeholder="empty: a caption from the batch, as built by the template",
                     lines=2,
                 )
-                field("preview_negative_prompt", gr.Textbox, label="Preview negative prompt", lines=2)
+                field("preview_negative_prompt", gr.Textbox, lines=2)
                 with gr.Row():
-                    field(
-                        "preview_sampler",
-                        gr.Dropdown,
-                        PREVIEW_SAMPLERS,
-                        label="Sampling method",
-                        allow_custom_value=True,
-                    )
-                    field("preview_steps", gr.Slider, 1, 150, step=1, label="Sampling steps")
-                    field("preview_cfg_scale", gr.Slider, 1, 30, step=0.5, label="CFG Scale")
+                    field("preview_sampler", gr.Dropdown, PREVIEW_SAMPLERS, allow_custom_value=True)
+                    field("preview_steps", gr.Slider, 1, 150, step=1)
+                    field("preview_cfg_scale", gr.Slider, 1, 30, step=0.5)
                 with gr.Row():
-                    field("preview_seed", gr.Number, label="Seed", precision=0)
-                    field("preview_width", gr.Slider, 0, 2048, step=8, label="Width (0: training width)")
-                    field("preview_height", gr.Slider, 0, 2048, step=8, label="Height (0: training height)")
+                    field("preview_seed", gr.Number, precision=0)
+                    field("preview_width", gr.Slider, 0, 2048, step=8)
+                    field("preview_height", gr.Slider, 0, 2048, step=8)
             with gr.Accordion("Memory and speed", open=False, elem_id="ti_trainer_train_memory"):
-                field("precision", gr.Radio, list(PRECISIONS), label="Precision")
+                field("precision", gr.Radio)
                 with gr.Row():
-                    field("attention", gr.Radio, list(ATTENTION_CHOICES), label="Attention")
-                    field(
-                        "upcast_attention", gr.Radio, list(UPCAST_CHOICES), label="Attention scores in fp32"
-                    )
-                field(
-                    "gradient_checkpointing",
-                    gr.Radio,
-                    list(CHECKPOINTING_CHOICES),
-                    label="Gradient checkpointing",
-                )
-                field("vae_offload", gr.Checkbox, label="Keep the VAE in RAM while training")
+                    field("attention", gr.Radio)
+                    field("upcast_attention", gr.Radio)
+                field("gradient_checkpointing", gr.Radio)
+                field("vae_offload", gr.Checkbox)
                 gr.HTML(
                     note(
                         "info",
@@ -217,39 +183,21 @@ def build_train_panel(services: HostServices, live: LiveRun | None = None) -> Tr
                 "Stop when it stops improving", open=False, elem_id="ti_trainer_train_stopping"
             ):
                 with gr.Row():
-                    field(
-                        "validate_every",
-                        gr.Number,
-                        label="Validation loss every N steps, 0 to disable",
-                        precision=0,
-                        minimum=0,
-                    )
-                    field(
-                        "early_stopping", gr.Checkbox, label="Stop early when the validation loss levels off"
-                    )
+                    field("validate_every", gr.Number, precision=0, minimum=0)
+                    field("early_stopping", gr.Checkbox)
                 with gr.Row():
-                    field("early_stop_window", gr.Number, label="Window (steps)", precision=0, minimum=1)
-                    field("early_stop_threshold", gr.Number, label="Threshold (variance ratio)")
+                    field("early_stop_window", gr.Number, precision=0, minimum=1)
+                    field("early_stop_threshold", gr.Number)
             with gr.Accordion("Captions and logging", open=False, elem_id="ti_trainer_train_more"):
                 with gr.Row():
-                    field("filename_regex", gr.Textbox, label="Filename word regex", max_lines=1)
-                    field("filename_join", gr.Textbox, label="Filename join string", max_lines=1)
+                    field("filename_regex", gr.Textbox, max_lines=1)
+                    field("filename_join", gr.Textbox, max_lines=1)
                 with gr.Row():
-                    field(
-                        "write_csv_every",
-                        gr.Number,
-                        label="Write the loss to a CSV every N steps, 0 to disable",
-                        precision=0,
-                        minimum=0,
-                    )
-                    field(
-                        "save_optimizer_state",
-                        gr.Checkbox,
-                        label="Save optimizer state (.optim) for exact resume",
-                    )
+                    field("write_csv_every", gr.Number, precision=0, minimum=0)
+                    field("save_optimizer_state", gr.Checkbox)
                 with gr.Row():
-                    field("seed", gr.Number, label="Training seed (-1: random)", precision=0)
-                    field("weight_decay", gr.Number, label="Weight decay")
+                    field("seed", gr.Number, precision=0)
+                    field("weight_decay", gr.Number)
             with gr.Row():
                 interrupt = gr.Button("Interrupt", elem_id="ti_trainer_train_interrupt")
                 train_button = gr.Button(
