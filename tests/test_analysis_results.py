@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -228,3 +230,34 @@ def test_chart_axes_cover_every_value_and_an_empty_chart_says_so():
         assert ticks[0] <= low and ticks[-1] >= high and len(ticks) <= 8
     empty = charts.render(charts.Chart("Validation loss", "loss", [charts.Series("fixed batch", [], [])]))
     assert empty.size == (760, 320) and len(set(empty.getdata())) > 1, "the 'no data' text is drawn"
+
+
+# Runs a verb as `python -m ti_trainer` does, then names the heavy libraries it loaded on the way.
+LOADED_LIBRARIES = """
+import runpy, sys
+sys.argv = ["ti_trainer", *sys.argv[1:]]
+try:
+    runpy.run_module("ti_trainer", run_name="__main__")
+except SystemExit as done:
+    status = done.code
+heavy = ("diffusers", "transformers", "gradio", "matplotlib")
+print("LOADED", ",".join(name for name in heavy if name in sys.modules))
+sys.exit(status)
+"""
+
+
+@pytest.mark.parametrize("verb", ["--help", "report", "analyze", "use-step"])
+def test_cli_verbs_that_need_no_model_load_no_model_library(verb, trained, dataset, tmp_path):
+    """`--help`, `report`, `analyze` and `use-step` answer in seconds: diffusers and transformers (and
+    Gradio, matplotlib) stay unloaded."""
+    args = {
+        "--help": ["--help"],
+        "report": ["report", str(dataset)],
+        "analyze": ["analyze", str(trained)],
+        "use-step": ["use-step", str(trained), "2", "startup-copy", "--embeddings-dir", str(tmp_path)],
+    }[verb]
+    done = subprocess.run(
+        [sys.executable, "-c", LOADED_LIBRARIES, *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "LOADED", done.stdout

@@ -27,11 +27,13 @@ def launch(
     render_preview: Callable[[PreviewRequest], object] | None = None,
     message_sinks: Sequence[MessageSink] = (),
     on_progress: Callable[[RunProgress], None] = lambda progress: None,
+    refresh_embeddings: Callable[[], None] = lambda: None,
 ) -> TrainResult:
     """Train `config` on the backend `get_backend()` gives, keeping `live` up to date; returns the result.
 
-    The backend is asked for inside, so loading a model shows as "preparing". An error is recorded in `live`
-    (status "failed", its message) and raised again for the caller to present.
+    The backend is asked for inside, so loading a model shows as "preparing". However the run ends,
+    `refresh_embeddings` makes what it saved usable (the WebUI reloads its embeddings) before `live` says it
+    ended. An error is recorded in `live` (status "failed", its message) and raised again for the caller.
     """
     live.begin(config.embedding_name, config.max_steps)
 
@@ -60,7 +62,10 @@ def launch(
             on_preview=live.previewed,
             monitors=monitors_for(config, message, on_validation_loss=live.validation_point),
         )
-        result = train(config, get_backend(), hooks)
+        try:
+            result = train(config, get_backend(), hooks)
+        finally:
+            refresh_embeddings()
     except Exception as error:
         live.fail(failure_text(error))
         raise

@@ -93,6 +93,11 @@ def test_train_starts_a_job_whose_progress_can_be_followed(webui, dataset):
             break
         time.sleep(0.05)
     assert progress["status"] == "finished", progress
+    # The names clients have read since the first version of the route; new ones may only be added.
+    assert set(progress) >= {
+        "id", "status", "step", "end_step", "loss", "learn_rate", "error", "embedding_path", "log_folder",
+        "last_saved", "last_preview", "messages",
+    }  # fmt: skip
     assert progress["step"] == 2 and progress["embedding_path"] == str(webui.embeddings_dir / "apiemb.pt")
     assert webui.db.word_embeddings["apiemb"].step == 2
     interrupted = client.post(f"/ti-trainer/v1/interrupt/{job_id}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from fastapi import FastAPI
 
-from ti_trainer.config import TrainConfig
+from ti_trainer.config import TrainConfig, field_info
 from ti_trainer.host import a1111
 
 ENTRY = Path(__file__).resolve().parents[2] / "scripts" / "ti_trainer_tab.py"
@@ -69,7 +69,7 @@ def test_the_settings_section_holds_our_defaults_in_the_training_category(webui)
     for field in a1111.SETTINGS:
         info = shared.opts.data_labels[f"ti_trainer_{field}"]
         assert info.section == ("ti_trainer", "TI Trainer") and info.category_id == "training"
-        assert info.default == getattr(defaults, field) and info.label
+        assert info.default == getattr(defaults, field) and info.label == field_info(field).label
 
     services = a1111.host_services()
     assert services.defaults["batch_size"] == defaults.batch_size

@@ -12,8 +12,8 @@ import torch
 
 from ti_trainer.config import TrainConfig
 from ti_trainer.embeddings.files import load_embedding
-from ti_trainer.ui import create_panel, train_handlers
 from ti_trainer.progress import LiveRun
+from ti_trainer.ui import create_panel, train_handlers
 from ti_trainer.ui.live_run import format_duration, progress_html
 from ti_trainer.ui.train_form import config_from_form, form_fields, form_values, initial_config
 

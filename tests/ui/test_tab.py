@@ -13,6 +13,7 @@ import gradio as gr
 import pytest
 
 from ti_trainer.cli.main import build_parser
+from ti_trainer.config import field_info
 from ti_trainer.host.standalone import SCRIPT_FILE, STYLE_FILE, build_app, page_script
 from ti_trainer.ui.tab import build_tab
 from ti_trainer.ui.train_form import HOST_FIELDS, form_fields
@@ -33,6 +34,17 @@ def test_every_run_option_is_on_the_train_form(services):
     # The form starts from the host's defaults and folders.
     assert panel.form["log_dir"].value == str(services.log_dir)
     assert panel.form["template"].value == "style_filewords.txt"
+
+
+def test_form_labels_and_choices_are_the_config_fields(services):
+    with gr.Blocks():
+        panel = build_train_panel(services)
+    for name, component in panel.form.items():
+        info = field_info(name)
+        assert component.label == info.label, name
+        if info.choices:
+            values = [choice[1] if isinstance(choice, tuple) else choice for choice in component.choices]
+            assert values == list(info.choices), name
 
 
 def test_host_defaults_fill_the_form(services):

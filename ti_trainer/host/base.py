@@ -52,17 +52,15 @@ class HostServices:
         # The launcher brings torch; the panels load without it until a run starts.
         from ti_trainer.launch import launch
 
-        try:
-            return launch(
-                config,
-                self.get_backend,
-                live,
-                should_stop=should_stop or self.interrupt_requested,
-                render_preview=self.render_preview,
-                on_progress=self._report_progress,
-            )
-        finally:
-            self.refresh_embeddings()
+        return launch(
+            config,
+            self.get_backend,
+            live,
+            should_stop=should_stop or self.interrupt_requested,
+            render_preview=self.render_preview,
+            on_progress=self._report_progress,
+            refresh_embeddings=self.refresh_embeddings,
+        )
 
     def _report_progress(self, run: RunProgress) -> None:
         """The host's progress bar counts the steps of this run (a resumed run starts it at 0)."""
