@@ -48,7 +48,9 @@ class TrainConfig:
     )
     embeddings_dir: str = setting("embeddings", label="Embeddings directory", help="where <name>.pt lives")
     log_dir: str = setting(
-        "textual_inversion", label="Log directory", help="where copies, previews and logs go"
+        "textual_inversion",
+        label="Log directory",
+        help="where copies, previews and logs go (a relative path starts at the working folder; in the WebUI, at its folder)",
     )
     template: str = setting(
         "style_filewords.txt", label="Prompt template", help="prompt template file name or path"
