@@ -132,9 +132,7 @@ def _require_download_possible(model_name: str, where: object) -> None:
         if problem is None:
             return
         why = f"{endpoint} cannot be reached ({problem}): no network connection?"
-    raise UserError(
-        f"The captioning model {model_name!r} is not in {where}, and {why}. {_HOW_TO_GO_ON}"
-    )
+    raise UserError(f"The captioning model {model_name!r} is not in {where}, and {why}. {_HOW_TO_GO_ON}")
 
 
 def hub_unreachable(endpoint: str, timeout: float = _CONNECT_TIMEOUT_S) -> str | None:
