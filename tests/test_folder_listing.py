@@ -141,3 +141,10 @@ def test_a_looping_folder_is_a_clear_error(tmp_path):
     os.symlink("itself", tmp_path / "itself")
     with pytest.raises(UserError, match="symbolic link that loops"):
         scan_folder(tmp_path / "itself", "dataset folder")
+
+
+def test_a_looping_destination_is_a_clear_error(tmp_path):
+    folder = folder_with_special_entries(tmp_path)
+    os.symlink("out", tmp_path / "out")
+    with pytest.raises(UserError, match="symbolic link that leads nowhere"):
+        prepare_dataset(folder, tmp_path / "out", PrepareOptions(size=64))

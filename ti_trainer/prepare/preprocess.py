@@ -142,6 +142,11 @@ def prepare_dataset(
 
 
 def _check_folders(source: Path, dest: Path) -> None:
+    if dest.is_symlink() and not dest.exists():  # checked first: resolving a looping link raises
+        raise UserError(
+            f"The destination {dest} is a symbolic link that leads nowhere (broken, or looping back to "
+            "itself). Remove it or give another folder for the prepared images."
+        )
     if dest.exists() and not dest.is_dir():
         raise UserError(f"The destination {dest} is a file; give a folder for the prepared images.")
     if source.exists() and dest.exists() and source.resolve() == dest.resolve():
