@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ti_trainer.errors import UserError
@@ -73,6 +76,11 @@ def require_folder(folder: Path, role: str) -> Path:
     """`folder` if it is an existing folder; otherwise a UserError naming the `role` ("dataset folder")."""
     folder = Path(folder)
     if not folder.exists():
+        if folder.is_symlink():
+            problem = _link_problem(folder)
+            raise UserError(
+                f"The {role} {folder} is {problem}. Give the folder that holds the images itself."
+            )
         raise UserError(
             f"The {role} {folder} does not exist. Check the path (copy it from your file manager)."
         )
@@ -81,6 +89,108 @@ def require_folder(folder: Path, role: str) -> Path:
             f"The {role} {folder} is a file, not a folder. Give the folder that holds the images."
         )
     return folder
+
+
+# Litter that file managers and OS tools leave beside images (and dot-files such as macOS's "._name.png"
+# shadows): no verb uses them, and naming them as "skipped" would only be noise.
+_SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini"})
+
+
+@dataclass
+class SkippedEntry:
+    """One entry of a folder that no verb can use, with the reason in words an artist can act on."""
+
+    path: Path
+    reason: str
+
+
+@dataclass
+class FolderScan:
+    """What is directly inside a folder: files that can be read, sub-folders, and entries that are neither."""
+
+    files: list[Path] = field(default_factory=list)  # regular files (or links to them), by name
+    folders: list[Path] = field(default_factory=list)
+    skipped: list[SkippedEntry] = field(default_factory=list)  # FIFOs, devices, broken or looping links
+
+
+def scan_folder(folder: Path, role: str, ignore: Path | None = None) -> FolderScan:
+    """The one listing of a folder that every verb uses, so a special file is named the same way everywhere.
+
+    Entries are classified from their own status, never by resolving paths: a symbolic link that loops or
+    points nowhere, a named pipe (reading it would wait forever) or a device file becomes a skipped entry
+    with its reason instead of an exception or a hang. `ignore` (a folder inside, e.g. the destination of
+    a preparation) is left out. Raises UserError when `folder` itself is not a readable folder.
+    """
+    folder = require_folder(folder, role)
+    ignored = _identity(ignore) if ignore is not None else None
+    scan = FolderScan()
+    for path in _entries(folder, role):
+        if path.name.startswith(".") or path.name.lower() in _SYSTEM_FILES:
+            continue
+        try:
+            status = path.stat()
+        except OSError as exc:
+            scan.skipped.append(SkippedEntry(path, _unreadable_entry_reason(path, exc)))
+            continue
+        if stat.S_ISDIR(status.st_mode):
+            if ignored is None or (status.st_dev, status.st_ino) != ignored:
+                scan.folders.append(path)
+        elif stat.S_ISREG(status.st_mode):
+            scan.files.append(path)
+        else:
+            scan.skipped.append(SkippedEntry(path, _special_file_reason(status.st_mode)))
+    return scan
+
+
+def _entries(folder: Path, role: str) -> list[Path]:
+    try:
+        return sorted(folder.iterdir(), key=lambda p: p.name)
+    except OSError as exc:
+        raise UserError(
+            f"The {role} {folder} cannot be listed ({exc.strerror or exc}). Check that you may read it."
+        ) from exc
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        status = Path(path).stat()
+    except OSError:  # not there yet (or unusable): nothing inside the folder can be it
+        return None
+    return status.st_dev, status.st_ino
+
+
+def _unreadable_entry_reason(path: Path, exc: OSError) -> str:
+    if path.is_symlink():
+        return _link_problem(path)
+    if isinstance(exc, PermissionError):
+        return "cannot be read (permission denied)"
+    return f"cannot be read ({exc.strerror or exc})"
+
+
+def _link_problem(path: Path) -> str:
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "?"
+    try:
+        path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"a symbolic link that loops (it leads back to itself through {target}); remove or fix it"
+        if isinstance(exc, PermissionError):
+            return f"a symbolic link to {target}, which cannot be read (permission denied)"
+        return f"a broken symbolic link: it points to {target}, which does not exist; remove or fix it"
+    return f"a symbolic link to {target}"
+
+
+def _special_file_reason(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO), not a file: reading it would wait forever"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device file, not an image"
+    if stat.S_ISSOCK(mode):
+        return "a socket, not a file"
+    return "not a regular file"
 
 
 def read_text_file(path: Path) -> str:

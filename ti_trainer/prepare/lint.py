@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ti_trainer.images import ImageLoadError, load_image
+from ti_trainer.images import ImageLoadError, ImageProblem, load_image
 from ti_trainer.prepare.captions import CaptionEntry
 from ti_trainer.prepare.phash import near_duplicate_groups, perceptual_hash
 from ti_trainer.text.templates import FILEWORDS_PLACEHOLDER, NAME_PLACEHOLDER
@@ -175,9 +175,14 @@ def lint_dataset(
     init_text: str = "",
     budget: TokenBudget | None = None,
     check_duplicates: bool = True,
+    skipped: list[ImageProblem] | None = None,
 ) -> LintReport:
-    """Every finding for a dataset, caption by caption, then its near-duplicate images."""
+    """Every finding for a dataset, caption by caption, then its near-duplicate images.
+
+    `skipped`: the folder's entries that are not images (from `caption_listing`), named in the notes.
+    """
     report = LintReport(lint_captions(entries, init_text, budget))
+    report.notes += [f"skipped {problem.path.name}: {problem.reason}" for problem in skipped or []]
     if check_duplicates:
         report.findings += duplicate_findings(near_duplicate_groups(image_hashes([e.image for e in entries])))
     if not init_text_stems(init_text):

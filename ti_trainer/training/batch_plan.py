@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from ti_trainer.errors import UserError
+from ti_trainer.fsutil import scan_folder
 from ti_trainer.images import is_image_file
 
 # Save intervals: whole epochs, at multiples an artist would pick.
@@ -66,9 +68,11 @@ def count_images(folder: str | Path) -> int | None:
     if not folder:
         return None
     path = Path(folder).expanduser()
-    if not path.is_dir():
+    try:
+        scan = scan_folder(path, "dataset folder")  # the loader's own listing, so the count is what it loads
+    except UserError:
         return None
-    return sum(1 for entry in path.iterdir() if entry.is_file() and is_image_file(entry))
+    return sum(1 for entry in scan.files if is_image_file(entry))
 
 
 def plan(images: int, batch_size: int, gradient_accumulation: int) -> Plan:
