@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ti_trainer.embedding import Embedding
+from ti_trainer.embedding_checks import require_finite_on_load, require_finite_on_save
 from ti_trainer.errors import UserError
 from ti_trainer.fsutil import atomic_write
 
@@ -53,6 +54,7 @@ def embedding_to_dict(embedding: Embedding) -> dict[str, Any]:
 def save_embedding(embedding: Embedding, path: Path) -> Path:
     """Write `.pt` (A1111's dict) or `.safetensors` (one tensor; metadata as strings) atomically."""
     path = Path(path)
+    require_finite_on_save(embedding.vectors, path)
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import save_file
 
@@ -188,6 +190,7 @@ def embedding_from_data(data: dict, name: str, source: Path | str = "") -> Embed
         vectors = vectors.unsqueeze(0)
     if vectors.dim() != 2:
         raise UserError(f"{source}: vectors have shape {tuple(vectors.shape)}; expected [vectors, width].")
+    require_finite_on_load(vectors, source)
     step = data.get("step")
     return Embedding(
         name=name,
@@ -208,10 +211,12 @@ def save_optimizer_state(
     embedding: Embedding, embedding_path: Path, state: dict, extra: dict | None = None
 ) -> Path:
     """Write `<file>.optim` with A1111's keys (`hash`, `optimizer_state_dict`) plus our resume keys."""
+    path = optimizer_state_path(embedding_path)
+    # The checksum of non-finite vectors cannot be computed, and the state would pair with a refused file.
+    require_finite_on_save(embedding.vectors, path)
     data = {"hash": embedding.checksum(), "optimizer_state_dict": state}
     if extra:
         data["ti_trainer"] = extra
-    path = optimizer_state_path(embedding_path)
     return atomic_write(path, lambda tmp: torch_save_for_a1111(data, tmp))
 
 
