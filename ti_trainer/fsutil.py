@@ -7,6 +7,7 @@ import errno
 import os
 import re
 import secrets
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -71,7 +72,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp_path = _new_temporary_file(path)
         try:
+            mode = stat.S_IMODE(tmp_path.stat().st_mode)
             write(tmp_path)
+            # Some writers (safetensors) replace the file with one of their own, created 0600: give the
+            # result the mode the umask gave the file we created.
+            if stat.S_IMODE(tmp_path.stat().st_mode) != mode:
+                os.chmod(tmp_path, mode)
             os.replace(tmp_path, path)
         finally:
             with contextlib.suppress(OSError):  # the disk error itself is the one worth reporting

@@ -10,6 +10,7 @@ Beside A1111's files, a run folder holds:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -164,8 +165,11 @@ class RunInfo:
         return embedding
 
     def vector_width(self) -> int:
-        """The width most of this run's saved copies have (on a tie, the latest copy's)."""
-        widths = [load_embedding(path).width for path in self.saved_steps().values()]
+        """The width most of this run's readable saved copies have (on a tie, the latest copy's)."""
+        widths = []
+        for path in self.saved_steps().values():
+            with contextlib.suppress(UserError):  # a damaged copy is refused when it is chosen, not here
+                widths.append(load_embedding(path).width)
         counts = Counter(widths)
         return max(reversed(widths), key=lambda width: counts[width])
 
