@@ -18,6 +18,7 @@ from ti_trainer.embedding import Embedding
 from ti_trainer.embedding_files import (
     embedding_to_dict,
     load_embedding,
+    load_optimizer_state,
     optimizer_state_path,
     save_embedding,
     save_optimizer_state,
@@ -137,3 +138,19 @@ def test_use_step_and_compare_refuse_a_copy_with_non_finite_vectors(tmp_path):
     with pytest.raises(UserError, match="NaN or infinite"):
         compare.render_grid(run, compare.CompareSettings(prompts=["a cat, [name]"]), render, steps=[2, 4])
     assert use_step(run, 2, "picked", embeddings).is_file()
+
+
+def test_optimizer_state_with_non_finite_moments_is_not_resumed(tmp_path):
+    # Adam's moments holding NaN would make the first resumed update NaN, whatever the gradient.
+    embedding = Embedding("emb", torch.full((1, 32), 0.5), step=4)
+    target = save_embedding(embedding, tmp_path / "emb.pt")
+    moments = {"step": torch.tensor(4.0), "exp_avg": torch.zeros(1, 32), "exp_avg_sq": torch.zeros(1, 32)}
+    state = {"state": {0: moments}, "param_groups": [{"lr": 0.005, "params": [0]}]}
+    save_optimizer_state(embedding, target, state)
+    assert load_optimizer_state(embedding, target) is not None
+
+    moments["exp_avg_sq"][0, 5] = float("nan")
+    torch_save_for_a1111(
+        {"hash": embedding.checksum(), "optimizer_state_dict": state}, optimizer_state_path(target)
+    )
+    assert load_optimizer_state(embedding, target) is None

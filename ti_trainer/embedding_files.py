@@ -18,7 +18,12 @@ from typing import Any
 import torch
 
 from ti_trainer.embedding import Embedding
-from ti_trainer.embedding_checks import require_finite_on_load, require_finite_on_save
+from ti_trainer.embedding_checks import (
+    has_non_finite,
+    require_finite_on_load,
+    require_finite_on_save,
+    tensors_in,
+)
 from ti_trainer.errors import UserError
 from ti_trainer.fsutil import atomic_write
 
@@ -230,5 +235,8 @@ def load_optimizer_state(embedding: Embedding, embedding_path: Path) -> dict | N
     except Exception:  # a damaged optimizer file only costs the optimizer's momentum: start it afresh
         return None
     if not isinstance(data, dict) or data.get("hash") != embedding.checksum():
+        return None
+    # Moments holding NaN/inf would turn the first update's vectors into NaN: start the optimizer afresh.
+    if any(has_non_finite(tensor) for tensor in tensors_in(data.get("optimizer_state_dict"))):
         return None
     return data

@@ -194,10 +194,10 @@ def render_grid(
     folder = run.root / COMPARE_DIR
     cells_folder = folder / f"{run.name}-{stamp}"
     cells: dict[tuple[int, int], Image.Image] = {}
-    vectors_by_step = {step: run.step_embedding(step, model_width).vectors for step in steps}
+    embeddings = run.step_embeddings(steps, model_width)
     done = 0
     for row, step in enumerate(steps):
-        vectors = vectors_by_step[step]
+        vectors = embeddings[step].vectors
         for column, (prompt, seed) in enumerate(columns):
             if should_stop():
                 raise UserError(f"Comparison stopped after {done} of {total} images; nothing was saved.")

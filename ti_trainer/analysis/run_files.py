@@ -147,22 +147,28 @@ class RunInfo:
         return dict(sorted(found.items()))
 
     def step_embedding(self, step: int, model_width: int | None = None) -> Embedding:
-        """The copy saved at `step`, refused when its vectors are not as wide as the model's (`model_width`,
-        when known) or, without a model, as the other copies of this run: a run of the same name on another
-        model writes into the same dated folder, and its copies must not be mixed with these."""
-        path = self.saved_steps()[step]
-        embedding = load_embedding(path)
-        if model_width is not None:
-            require_width(path, embedding.width, model_width)
-        else:
-            require_width(
-                path,
-                embedding.width,
-                self.vector_width(),
-                "the other copies of this run hold",
-                "It comes from another run of the same name, on another model: pick another step.",
-            )
-        return embedding
+        """The copy saved at `step`, checked as `step_embeddings` checks it."""
+        return self.step_embeddings([step], model_width)[step]
+
+    def step_embeddings(self, steps: list[int], model_width: int | None = None) -> dict[int, Embedding]:
+        """The copies saved at `steps`, each refused when its vectors are not as wide as the model's
+        (`model_width`, when known) or, without a model, as the other copies of this run: a run of the same
+        name on another model writes into the same dated folder, and its copies must not be mixed with these."""
+        saved = self.saved_steps()
+        embeddings = {step: load_embedding(saved[step]) for step in steps}
+        run_width = self.vector_width() if model_width is None else None
+        for step, embedding in embeddings.items():
+            if model_width is not None:
+                require_width(saved[step], embedding.width, model_width)
+            else:
+                require_width(
+                    saved[step],
+                    embedding.width,
+                    run_width,
+                    "the other copies of this run hold",
+                    "It comes from another run of the same name, on another model: pick another step.",
+                )
+        return embeddings
 
     def vector_width(self) -> int:
         """The width most of this run's readable saved copies have (on a tie, the latest copy's)."""
