@@ -22,7 +22,7 @@ _NAME_ALLOWED = re.compile(r"^[A-Za-z0-9._ -]+$")
 MAX_NAME_LENGTH = 100
 
 # Errors of the disk rather than of the data: these get a message saying what to do instead of a traceback.
-_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # no EDQUOT on some systems
 _NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 
