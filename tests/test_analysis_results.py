@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -195,8 +196,10 @@ def test_panel_shows_a_run(trained):
     assert view.prompts.splitlines()[0] == "a city, [name]"  # this run's saved prompts (an earlier test)
 
 
-def test_panel_handlers_render_use_and_refuse(trained, tmp_path):
-    services = services_for(trained, render_preview=solid, embeddings_dir=tmp_path)
+def test_panel_handlers_render_use_and_refuse(trained, tmp_path, backend):
+    # The host renders (render_preview); its model is asked only for its text width, to check the copies.
+    model = SimpleNamespace(text_width=backend.text_width)
+    services = services_for(trained, render_preview=solid, embeddings_dir=tmp_path, get_backend=lambda: model)
     log_dir, label = str(services.log_dir), results_panel.run_labels(str(services.log_dir))[0]
 
     image, message = results_panel.render_comparison(

@@ -17,6 +17,10 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ATTENTION_CHOICES = ("auto", "sdpa", "xformers", "math")
 CHECKPOINTING_CHOICES = ("auto", "off", "high-res", "all")
 UPCAST_CHOICES = ("auto", "on", "off")
+# Image sizes in pixels, as preprocessing allows them: 4096 px is far past what SD 1.x/2.x were trained on,
+# and a bigger size only ends in a MemoryError while the images are resized.
+MIN_SIZE_PX = 64
+MAX_SIZE_PX = 4096
 
 
 @dataclass
@@ -96,9 +100,14 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be 0 (off) or a positive number of steps.")
         for name in ("width", "height"):
+            problem = size_problem(f"Training {name}", getattr(self, name))
+            if problem:
+                problems.append(problem)
+        for name in ("preview_width", "preview_height"):
             value = getattr(self, name)
-            if value < 64 or value % 8:
-                problems.append(f"Training {name} must be a multiple of 8 and at least 64 (got {value}).")
+            problem = size_problem(f"Preview {name.split('_')[1]}", value, zero_means="the training size")
+            if problem:
+                problems.append(problem)
         if self.latent_sampling not in LATENT_SAMPLING:
             problems.append(f"Latent sampling must be one of {', '.join(LATENT_SAMPLING)}.")
         if self.clip_grad_mode not in CLIP_MODES:
@@ -147,3 +156,14 @@ class TrainConfig:
         except (OSError, json.JSONDecodeError) as error:
             raise UserError(f"Could not read the settings file {path}: {error}") from error
         return cls.from_dict(data.get("ti_trainer_config", data))
+
+
+def size_problem(label: str, value: int, zero_means: str = "") -> str | None:
+    """What is wrong with an image size in pixels (None if nothing): a multiple of 8 within the bounds, or 0
+    where `zero_means` says what 0 stands for."""
+    if zero_means and value == 0:
+        return None
+    if MIN_SIZE_PX <= value <= MAX_SIZE_PX and value % 8 == 0:
+        return None
+    zero = f", or 0 for {zero_means}" if zero_means else ""
+    return f"{label} must be a multiple of 8 between {MIN_SIZE_PX} and {MAX_SIZE_PX} px{zero} (got {value})."

@@ -29,6 +29,7 @@ from ti_trainer.analysis.run_files import (
     read_rows,
     write_rows,
 )
+from ti_trainer.embeddings.checks import require_width
 from ti_trainer.embeddings.files import load_embedding
 from ti_trainer.errors import UserError
 from ti_trainer.images import load_folder
@@ -115,7 +116,9 @@ def report_for_step(run: RunInfo, backend, step: int) -> list[ImageRow]:
 
 
 def _measure(run: RunInfo, backend, config, embedding_path: Path) -> list[ImageRow]:
-    vectors = load_embedding(embedding_path).vectors.to(backend.device)
+    embedding = load_embedding(embedding_path)
+    require_width(embedding_path, embedding.width, backend.text_width)
+    vectors = embedding.vectors.to(backend.device)
     folder = load_folder(
         config.data_dir, config.use_alpha_weight, config.filename_regex, config.filename_join
     )

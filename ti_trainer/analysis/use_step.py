@@ -15,7 +15,7 @@ from pathlib import Path
 from ti_trainer.analysis.run_files import RunInfo
 from ti_trainer.embeddings.create import existing_embedding_file
 from ti_trainer.embeddings.embedding import Embedding
-from ti_trainer.embeddings.files import load_embedding, optimizer_state_path, save_embedding
+from ti_trainer.embeddings.files import optimizer_state_path, save_embedding
 from ti_trainer.errors import UserError
 from ti_trainer.fsutil import atomic_write, confined_path, validate_embedding_name
 
@@ -41,7 +41,7 @@ def use_step(
             f"An embedding named {name!r} already exists ({existing}). Pick another name, or tick 'overwrite' "
             "to replace it."
         )
-    source = load_embedding(saved[step])
+    source = run.step_embedding(step)  # refused if another model's run left it in this folder
     target = confined_path(embeddings_dir, name, ".pt")
     copy = Embedding(name, source.vectors, source.step, source.sd_checkpoint, source.sd_checkpoint_name)
     save_embedding(copy, target)

@@ -27,6 +27,7 @@ from ti_trainer.errors import UserError
 from ti_trainer.memory.precision import autocast, grad_scaler
 from ti_trainer.training import fit, outputs
 from ti_trainer.training.data import TrainingData, encode_dataset, prepare_images
+from ti_trainer.training.run_lock import embedding_lock
 from ti_trainer.training.setup import PreparedRun, prepare_run
 
 MAX_CONSECUTIVE_BAD_STEPS = 10
@@ -120,7 +121,14 @@ def _train(config: TrainConfig, backend, hooks: TrainingHooks) -> TrainResult:
     run = prepare_run(config, backend)  # every check that needs no GPU work
     for message in run.messages:
         hooks.on_message(message)
+    # A second run of the same embedding is refused here, before any GPU work: the two would interleave
+    # their loss logs and overwrite each other's copies.
+    with embedding_lock(run.embedding_path, hooks.on_message):
+        return _locked_train(run, backend, hooks)
 
+
+def _locked_train(run: PreparedRun, backend, hooks: TrainingHooks) -> TrainResult:
+    config = run.config
     folders = outputs.RunFolders.for_run(config.log_dir, run.embedding.name)
     run.embedding.sd_checkpoint = backend.model_hash
     run.embedding.sd_checkpoint_name = backend.model_name
@@ -185,6 +193,7 @@ def _loop(
         embedding.vectors = vectors.detach().float().cpu().clone()
         embedding.step = step
 
+    _render_missed_preview(run, backend, hooks, folders, data)
     step, skipped, bad_in_a_row, interrupted, loss_value = run.initial_step, [], 0, False, float("nan")
     stopped_by_monitor = False
     for step_index in range(run.initial_step, run.end_step):
@@ -200,10 +209,7 @@ def _loop(
         loss_value, first_prompt = 0.0, ""
         for micro in range(accumulation):
             micro_index = step_index * accumulation + micro
-            generator = step_generator(run.seed, micro_index)
-            batch = data.micro_batch(micro_index, generator)
-            prompt_rng = random.Random(f"prompt:{run.seed}:{micro_index}")
-            prompts = [run.prompts(caption, prompt_rng) for caption in batch.captions]
+            generator, batch, prompts = _micro_batch(run, data, micro_index)
             first_prompt = first_prompt or prompts[0]
             latents = batch.latents.to(device)
             noise = torch.randn(latents.shape, generator=generator).to(device)
@@ -288,6 +294,28 @@ def _loop(
     return TrainResult(
         run.embedding_path, folders.root, step, interrupted, skipped, loss_value, stopped_by_monitor
     )
+
+
+def _micro_batch(run: PreparedRun, data: TrainingData, micro_index: int):
+    """The generator, batch and prompts of one micro-batch: the same every time for the same index."""
+    generator = step_generator(run.seed, micro_index)
+    batch = data.micro_batch(micro_index, generator)
+    prompt_rng = random.Random(f"prompt:{run.seed}:{micro_index}")
+    return generator, batch, [run.prompts(caption, prompt_rng) for caption in batch.captions]
+
+
+def _render_missed_preview(run: PreparedRun, backend, hooks: TrainingHooks, folders, data) -> None:
+    """Render the preview of the step resumed from when the run that saved it was stopped before its preview
+    (the save comes first), so every preview step of the run has its image. The prompt is the one that step
+    drew, so the image is the one the first run would have made."""
+    step, every = run.initial_step, run.config.preview_every
+    if not every or step == 0 or step % every:
+        return
+    if (folders.images / f"{run.embedding.name}-{step}.png").exists():
+        return
+    hooks.on_message(f"Rendering the preview of step {step}, which the earlier run did not get to.")
+    micro_index = (step - 1) * data.gradient_accumulation
+    _preview(run, backend, hooks, folders, _micro_batch(run, data, micro_index)[2][0])
 
 
 def _preview(run: PreparedRun, backend, hooks: TrainingHooks, folders, batch_prompt: str) -> None:

@@ -19,7 +19,7 @@ from PIL import Image, PngImagePlugin
 from ti_trainer.config import TrainConfig
 from ti_trainer.embeddings.embedding import Embedding
 from ti_trainer.embeddings.files import embedding_to_dict, save_embedding, save_optimizer_state
-from ti_trainer.fsutil import atomic_write, atomic_write_text
+from ti_trainer.fsutil import atomic_write, atomic_write_text, explained_write_errors
 
 LOSS_CSV = "textual_inversion_loss.csv"
 LOSS_COLUMNS = ("step", "epoch", "epoch_step", "loss", "learn_rate")
@@ -49,7 +49,8 @@ class RunFolders:
     def for_run(cls, log_dir: str | Path, name: str, today: datetime.date | None = None) -> RunFolders:
         day = (today or datetime.date.today()).strftime("%Y-%m-%d")
         folders = cls(Path(log_dir) / day / name)
-        folders.root.mkdir(parents=True, exist_ok=True)
+        with explained_write_errors(folders.root):
+            folders.root.mkdir(parents=True, exist_ok=True)
         return folders
 
 
@@ -100,7 +101,7 @@ class LossLog:
 
     def write(self, step: int, loss: float, learn_rate: float) -> None:
         new = not self.path.exists()
-        with self.path.open("a", newline="", encoding="utf-8") as handle:
+        with explained_write_errors(self.path), self.path.open("a", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             if new:
                 writer.writerow(LOSS_COLUMNS)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ti_trainer.config import TrainConfig
+from ti_trainer.embeddings.checks import require_width
 from ti_trainer.embeddings.create import existing_embedding_file
 from ti_trainer.embeddings.embedding import Embedding
 from ti_trainer.embeddings.files import load_embedding, load_optimizer_state
@@ -63,14 +64,7 @@ def prepare_run(config: TrainConfig, backend) -> PreparedRun:
         )
     embedding = load_embedding(embedding_path)
     embedding.name = name
-    if embedding.width != backend.text_width:
-        kind = {768: "SD 1.x", 1024: "SD 2.x"}
-        raise UserError(
-            f"{embedding_path.name} has vectors of width {embedding.width} "
-            f"({kind.get(embedding.width, 'another model')}), but the loaded model's text encoder has width "
-            f"{backend.text_width} ({kind.get(backend.text_width, 'this model')}). Create the embedding with "
-            "the model you train on."
-        )
+    require_width(embedding_path, embedding.width, backend.text_width)
     # A1111 always trains into <name>.pt, whatever the source format.
     embedding_path = embedding_path.with_suffix(".pt")
 
