@@ -2,6 +2,7 @@
 its API (--api, --nowebui), behind its --api-auth; a request cannot move the host's folders."""
 
 import base64
+import csv
 import time
 from pathlib import Path
 
@@ -100,6 +101,10 @@ def test_train_starts_a_job_whose_progress_can_be_followed(webui, dataset):
         time.sleep(0.05)
     assert progress["status"] == "finished", progress
     assert progress["step"] == 2 and progress["embedding_path"] == str(webui.embeddings_dir / "apiemb.pt")
+    # Epochs as the loss CSV counts them (from 0): 3 images, batch 1, so steps 1-3 are epoch 0.
+    with (Path(progress["log_folder"]) / "textual_inversion_loss.csv").open(encoding="utf-8") as handle:
+        last_row = list(csv.DictReader(handle))[-1]
+    assert last_row["step"] == "2" and progress["epoch"] == int(last_row["epoch"]) == 0
     assert webui.db.word_embeddings["apiemb"].step == 2
     interrupted = client.post(f"/ti-trainer/v1/interrupt/{job_id}")
     assert interrupted.status_code == 200 and interrupted.json()["status"] == "finished"
