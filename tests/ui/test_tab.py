@@ -152,3 +152,15 @@ def test_every_button_has_readable_words_not_only_a_symbol(services):
     assert len(buttons) > 10
     symbol_only = [button.value for button in buttons if not re.search(r"[A-Za-z]{3}", str(button.value))]
     assert not symbol_only, f"buttons with no words: {symbol_only}"
+
+
+def test_the_results_charts_have_no_label_over_their_titles(services):
+    """Gradio lays an image's label over its top-left corner, where each chart has its own title."""
+    tab = build_tab(services)
+    images = [block for block in tab.blocks.values() if isinstance(block, gr.Image)]
+    charts = [
+        image
+        for image in images
+        if image.label in ("Training and validation loss", "Vector lengths (overbake signal)")
+    ]
+    assert len(charts) == 2 and not any(image.show_label for image in charts)

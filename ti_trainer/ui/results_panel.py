@@ -299,11 +299,20 @@ def build_results_panel(services: HostServices) -> PageLoad:
         refresh = gr.Button(REFRESH_LABEL, scale=1, elem_id="ti_trainer_results_refresh")
     summary = gr.HTML(first.summary)
     with gr.Row():
+        # No Gradio label: it would sit over the chart's own title (the label stays for screen readers).
         loss_chart = gr.Image(
-            value=first.loss_chart, label="Training and validation loss", type="pil", interactive=False
+            value=first.loss_chart,
+            label="Training and validation loss",
+            show_label=False,
+            type="pil",
+            interactive=False,
         )
         norm_chart = gr.Image(
-            value=first.norm_chart, label="Vector lengths (overbake signal)", type="pil", interactive=False
+            value=first.norm_chart,
+            label="Vector lengths (overbake signal)",
+            show_label=False,
+            type="pil",
+            interactive=False,
         )
 
     with gr.Accordion("Which image dominates", open=True):
