@@ -230,3 +230,64 @@ def test_chart_axes_cover_every_value_and_an_empty_chart_says_so():
         assert ticks[0] <= low and ticks[-1] >= high and len(ticks) <= 8
     empty = charts.render(charts.Chart("Validation loss", "loss", [charts.Series("fixed batch", [], [])]))
     assert empty.size == (760, 320) and len(set(empty.getdata())) > 1, "the 'no data' text is drawn"
+
+
+def edge_ink(image: Image.Image, margin: int = 3) -> list[tuple[int, int]]:
+    """Pixels other than the background within `margin` of the image's edge: text cut off there."""
+    width, height = image.size
+    pixels = image.load()
+    return [
+        (x, y)
+        for x in range(width)
+        for y in range(height)
+        if (x < margin or y < margin or x >= width - margin or y >= height - margin)
+        and pixels[x, y] != (255, 255, 255)
+    ]
+
+
+def edge_cases() -> list:
+    """Charts whose texts crowd the edges: long titles, markers at the last step, many series, small sizes."""
+    from ti_trainer.analysis import charts
+
+    steps = list(range(0, 3001, 50))
+    many = [
+        charts.Series(f"vector {i}", steps, [0.3 + 0.01 * i] * len(steps), charts.PALETTE[i])
+        for i in range(6)
+    ]
+    norm_like = charts.Chart(
+        "Vector lengths: far above the band, the embedding overpowers prompts (overbaking)",
+        "length",
+        many,
+        (0.2, 0.5, "ordinary words"),
+        [charts.Marker(3000, "vector 0 leaves the band", (214, 39, 40)), charts.Marker(0, "suggested 0")],
+    )
+    loss_like = charts.Chart(
+        "Training loss: new images, noise and timesteps every step, so it is noisy",
+        "loss",
+        [charts.Series("each step", steps, [0.1 + (s % 7) / 100 for s in steps])],
+        markers=[charts.Marker(2990, "suggested 2990")],
+    )
+    return [
+        (chart, size) for chart in (norm_like, loss_like) for size in [(760, 320), (480, 260), (360, 240)]
+    ]
+
+
+def test_chart_texts_lie_inside_the_image(trained):
+    """Titles, legends, tick labels, "step" and marker labels are measured and placed inside the image."""
+    from ti_trainer.analysis import charts, results
+
+    for chart, size in edge_cases():
+        image, texts = charts.render_with_layout(chart, size)
+        for text in texts:
+            left, top, right, bottom = text.box
+            assert left >= 0 and top >= 0 and right <= size[0] and bottom <= size[1], (
+                chart.title,
+                size,
+                text,
+            )
+        shown = " ".join(text.text for text in texts)
+        assert "step" in shown and ("overpowers" in shown or "noisy" in shown)
+        assert not edge_ink(image), (chart.title, size)
+    analysis = results.analyse(RunInfo.open(trained))
+    for image in (results.loss_chart(analysis), results.norm_chart(analysis)):
+        assert not edge_ink(image)

@@ -31,6 +31,7 @@ class JobProgress:
     status: str = "queued"  # queued | running | finished | interrupted | failed
     step: int = 0
     end_step: int = 0
+    epoch: int = 0  # from 0, as in the loss CSV (training/outputs.epoch_of)
     loss: float | None = None
     learn_rate: float | None = None
     error: str | None = None
@@ -120,7 +121,7 @@ class JobRegistry:
         progress.status = "running"
 
         def on_step(report: StepReport) -> None:
-            progress.step, progress.end_step = report.step, report.end_step
+            progress.step, progress.end_step, progress.epoch = report.step, report.end_step, report.epoch
             progress.loss, progress.learn_rate = report.loss, report.learn_rate
             services.job_progress(report.step, report.end_step, f"Step {report.step}, loss {report.loss:.5f}")
 

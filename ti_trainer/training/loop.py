@@ -39,7 +39,7 @@ class StepReport:
     end_step: int
     loss: float
     learn_rate: float
-    epoch: int
+    epoch: int  # from 0, as in the loss CSV (outputs.epoch_of)
     skipped: bool
     seconds: float
 
@@ -265,7 +265,7 @@ def _loop(
                 )
         step = step_index + 1
         sync_embedding(step)
-        epoch = (step - 1) // max(1, data.steps_per_epoch)
+        epoch, _ = outputs.epoch_of(step, data.steps_per_epoch)
         hooks.on_step(
             StepReport(
                 step, run.end_step, loss_value, learn_rate, epoch, not finite, time.perf_counter() - started

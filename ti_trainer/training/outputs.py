@@ -81,6 +81,15 @@ def write_settings(folders: RunFolders, config: TrainConfig, extra: dict) -> Pat
     return atomic_write_text(path, json.dumps(data, indent=4))
 
 
+def epoch_of(step: int, steps_per_epoch: int) -> tuple[int, int]:
+    """(epoch, step within it) of optimizer step `step` (1-based), both counted from 0.
+
+    A1111's meaning (its loss CSV, and its console's "[Epoch N: ...]"): steps 1..steps_per_epoch are epoch 0.
+    The CSV, the CLI's progress, the panel and the API's progress all use this one.
+    """
+    return divmod(step - 1, max(1, steps_per_epoch))
+
+
 class LossLog:
     """Appends one row per logged step. On resume, rows past the resume step (from a run that crashed after
     its last save) are dropped first, so the file describes one continuous run."""
@@ -105,7 +114,7 @@ class LossLog:
             writer = csv.writer(handle)
             if new:
                 writer.writerow(LOSS_COLUMNS)
-            epoch, epoch_step = divmod(step - 1, self.steps_per_epoch)
+            epoch, epoch_step = epoch_of(step, self.steps_per_epoch)
             writer.writerow([step, epoch, epoch_step, f"{loss:.7f}", learn_rate])
 
 

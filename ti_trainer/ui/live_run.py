@@ -35,6 +35,8 @@ class RunSnapshot:
     last_saved: Path | None = None
     messages: list[str] = field(default_factory=list)
     summary: str = ""
+    # The run's TrainConfig as a dict, so a page opened later shows the form this run was started with.
+    settings: dict | None = None
     version: int = 0
 
     @property
@@ -56,12 +58,13 @@ class LiveRun:
                 setattr(self._run, key, value)
             self._run.version += 1
 
-    def begin(self, embedding_name: str, end_step: int) -> None:
+    def begin(self, embedding_name: str, end_step: int, settings: dict | None = None) -> None:
         with self._lock:
             self._run = RunSnapshot(
                 state="preparing",
                 embedding_name=embedding_name,
                 end_step=end_step,
+                settings=settings,
                 version=self._run.version + 1,
             )
             self._timing = None
@@ -150,6 +153,7 @@ def progress_html(run: RunSnapshot) -> str:
         "failed": run.summary,
     }[run.state]
     parts = [f'<div class="ti-trainer-progress" data-state="{run.state}" data-version="{run.version}">']
+    # A failed run's message is shown here only (style.css colours it); the Train button's result stays empty.
     parts.append(f'<p class="ti-trainer-headline">{html.escape(headline)}</p>')
     if run.step:
         parts.append(
@@ -158,7 +162,7 @@ def progress_html(run: RunSnapshot) -> str:
         )
         facts = [
             f"Step {run.step} / {run.end_step}",
-            f"epoch {run.epoch + 1}",
+            f"epoch {run.epoch}",  # counted from 0, as in the loss CSV and A1111's (training/outputs.py)
             f"loss {run.loss:.4f}",
             f"learning rate {run.learn_rate:g}",
             f"{run.seconds_per_step:.2f} s/step",

@@ -158,7 +158,7 @@ def train_with_live_view(services: HostServices, live: LiveRun, config: TrainCon
     from ti_trainer.analysis.monitors import monitors_for
     from ti_trainer.training.loop import TrainingHooks, train
 
-    live.begin(config.embedding_name, config.max_steps)
+    live.begin(config.embedding_name, config.max_steps, config.to_dict())
 
     def on_step(report) -> None:
         live.on_step(report)
@@ -192,18 +192,24 @@ def run_training_job(services: HostServices, live: LiveRun, names: list[str], id
     """The Train button. `id_task` is the WebUI's job id (its progress bar follows it); unused here.
 
     Returns (result HTML, extra HTML) like the WebUI's own Train tab, so `wrap_gradio_gpu_call(fn,
-    extra_outputs=[gr.update()])` can wrap it unchanged. It never raises: the artist gets the message.
+    extra_outputs=[gr.update()])` can wrap it unchanged. It never raises: the artist gets the message, once.
+    A form that cannot be read is this page's business: its message is the result, and the run on show (which
+    every page sees) is left alone. Once a run has begun, the progress box shows its failure, and the result
+    stays empty rather than repeat it.
     """
     try:
         config = config_from_form(services, names, list(values))
+    except UserError as error:
+        return note("error", str(error)), ""
+    try:
         result = train_with_live_view(services, live, config)
     except UserError as error:
         live.fail(str(error))
-        return note("error", str(error)), ""
+        return "", ""
     except Exception as error:
         traceback.print_exc()
-        live.fail(f"Training stopped by an error: {error}")
-        return note("error", f"Training stopped by an error: {error} (details in the console)"), ""
+        live.fail(f"Training stopped by an error: {error} (details in the console)")
+        return "", ""
     finally:
         services.refresh_embeddings()
     return note("ok", f"{result.summary}. Copies, previews and logs: {result.log_folder}"), ""
@@ -228,6 +234,27 @@ def poll(live: LiveRun, seen_version):
         gr.update(value=saved, visible=saved is not None),
         run.version,
     )
+
+
+def open_page(
+    services: HostServices, live: LiveRun, names: list[str], embedding: str, template: str, max_steps
+) -> list:
+    """What a page shows when it opens (the Blocks' load event): fresh lists, and the run on show with the form
+    it was started with, so a finished or running panel never sits beside a form of other settings.
+
+    Returns updates for: every form field (`names` order), the embedding status, then `poll`'s outputs.
+    With no run since the host started, the form keeps its values and only the lists are refreshed.
+    """
+    run = live.snapshot()
+    if run.settings is not None:
+        values = form_values(TrainConfig.from_dict(run.settings), names)
+        form = dict(zip(names, values))
+        embedding, template, max_steps = form["embedding_name"], form["template"], form["max_steps"]
+    else:
+        form = {name: gr.update() for name in names}
+    form["embedding_name"], form["template"] = refresh_lists(services, embedding, template)
+    status = embedding_status(services, form["embedding_name"]["value"], max_steps)
+    return [*(form[name] for name in names), status, *poll(live, None)]
 
 
 def loss_frame(run: RunSnapshot) -> pd.DataFrame:

@@ -16,7 +16,10 @@ def default_cmd_opts(**overrides):
     flags = dict(
         embeddings_dir="embeddings",
         textual_inversion_templates_dir="textual_inversion_templates",
-        api_auth=None,
+        api=False,  # --api: serve the WebUI's HTTP API beside the UI
+        nowebui=False,  # --nowebui: serve the API only
+        api_auth=None,  # --api-auth "user:pass,user2:pass2": basic auth on the API
+        gradio_auth=None,  # --gradio-auth "user:pass": a login for the UI's pages only
         lowvram=False,
         medvram=False,
         skip_install=False,
