@@ -9,6 +9,7 @@ stopped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -20,7 +21,7 @@ from typing import Protocol
 import torch
 from PIL import Image
 
-from ti_trainer import fit
+from ti_trainer import fit, planner
 from ti_trainer.backends.base import PreviewRequest
 from ti_trainer.config import TrainConfig
 from ti_trainer.dataset import TrainingData, encode_dataset, prepare_images
@@ -131,10 +132,22 @@ def _train(config: TrainConfig, backend, hooks: TrainingHooks) -> TrainResult:
     )
     images = encode_dataset(backend, prepared, config.latent_sampling, config.use_alpha_weight, run.seed)
     data = TrainingData(images, config.batch_size, config.gradient_accumulation, run.seed)
+    the_plan = planner.plan(len(images), config.batch_size, config.gradient_accumulation)
+    for line in planner.start_lines(the_plan, run.initial_step, run.end_step):
+        hooks.on_message(line)
+    # The settings record what the run did (the batch and accumulation capped to the dataset), so --config
+    # reproduces it, and what was asked for beside it.
+    used = dataclasses.replace(
+        config, batch_size=data.batch_size, gradient_accumulation=data.gradient_accumulation
+    )
     outputs.write_settings(
         folders,
-        config,
+        used,
         {
+            "requested": {
+                "batch_size": config.batch_size,
+                "gradient_accumulation": config.gradient_accumulation,
+            },
             "model_name": backend.model_name,
             "model_hash": backend.model_hash,
             "num_of_dataset_images": len(images),

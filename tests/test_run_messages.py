@@ -1,0 +1,46 @@
+"""What a run says before its first step: the batch plan it will really train, resumed settings that changed,
+learning rates and captions that will not train as the artist expects."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import draw_dataset
+
+from ti_trainer.cli import main
+from ti_trainer.create import create_embedding
+from ti_trainer.training.loop import TrainingHooks, train
+
+
+def settings_of(log_dir: Path) -> dict:
+    (path,) = sorted(log_dir.glob("*/*/settings-*.json"))
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_cli_prints_the_plan_it_trains_and_records_the_capped_values(tmp_path, backend, capsys):
+    data = draw_dataset(tmp_path / "data", count=17, size=64)
+    create_embedding(backend, "capped", "painting", 1, tmp_path / "emb")
+    argv = [
+        "train", "capped", "--data", str(data), "--embeddings-dir", str(tmp_path / "emb"),
+        "--log-dir", str(tmp_path / "logs"), "--template", "filewords_name.txt", "--batch", "3",
+        "--grad-accum", "11", "--steps", "2", "--width", "64", "--height", "64", "--save-every", "0",
+        "--preview-every", "0", "--validate-every", "0", "--seed", "1",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "17 images; batch 3 x accumulation 5 = 15 images per step; 1 step per epoch" in err
+    assert "Accumulation 11 needs more images than the dataset has: training uses 5." in err
+    assert "2 of 17 images sit out each epoch" in err
+
+    settings = settings_of(tmp_path / "logs")
+    assert (settings["batch_size"], settings["gradient_step"]) == (3, 5)
+    assert settings["ti_trainer_config"]["gradient_accumulation"] == 5
+    assert settings["requested"] == {"batch_size": 3, "gradient_accumulation": 11}
+
+
+def test_the_plan_reaches_every_host_through_the_message_hook(make_config, backend):
+    messages = []
+    train(make_config(batch_size=9, max_steps=2), backend, TrainingHooks(on_message=messages.append))
+    assert "Batch size 9 is more than the 4 images: training uses 4." in messages
+    assert any(m.startswith("Plan: 4 images; batch 4 x accumulation 1") for m in messages)
