@@ -44,3 +44,24 @@ def test_the_plan_reaches_every_host_through_the_message_hook(make_config, backe
     train(make_config(batch_size=9, max_steps=2), backend, TrainingHooks(on_message=messages.append))
     assert "Batch size 9 is more than the 4 images: training uses 4." in messages
     assert any(m.startswith("Plan: 4 images; batch 4 x accumulation 1") for m in messages)
+
+
+def test_resuming_with_changed_settings_says_what_changed(make_config, backend):
+    quiet = TrainingHooks(on_message=lambda text: None)
+    train(make_config(max_steps=2, learn_rate="0.005"), backend, quiet)
+
+    messages = []
+    resumed = make_config(create=False, max_steps=4, learn_rate="0.001", batch_size=1, template="style.txt")
+    train(resumed, backend, TrainingHooks(on_message=messages.append))
+    (changes,) = [m for m in messages if m.startswith("Resuming 'testemb' from step 2 with settings changed")]
+    assert "learn_rate: 0.005 -> 0.001" in changes
+    assert "batch_size: 2 -> 1" in changes
+    assert "template: filewords_name.txt -> style.txt" in changes
+    assert "max_steps: 2 -> 4" in changes
+    assert "seed" not in changes and "data_dir" not in changes  # what did not change is not listed
+
+    messages.clear()
+    train(make_config(create=False, max_steps=5, learn_rate="0.001", batch_size=1, template="style.txt"), backend,
+          TrainingHooks(on_message=messages.append))  # fmt: skip
+    (changes,) = [m for m in messages if "settings changed" in m]
+    assert changes.splitlines()[1:] == ["  max_steps: 4 -> 5"]  # compared with the latest run, not the first

@@ -30,6 +30,7 @@ from ti_trainer.errors import UserError
 from ti_trainer.training import outputs
 from ti_trainer.training.precision import autocast, grad_scaler
 from ti_trainer.training.prepare import PreparedRun, prepare_run
+from ti_trainer.training.settings_history import resume_changes_message
 
 MAX_CONSECUTIVE_BAD_STEPS = 10
 
@@ -140,6 +141,10 @@ def _train(config: TrainConfig, backend, hooks: TrainingHooks) -> TrainResult:
     used = dataclasses.replace(
         config, batch_size=data.batch_size, gradient_accumulation=data.gradient_accumulation
     )
+    if run.initial_step > 0:  # before this run's own settings file is written, which would be the latest
+        changes = resume_changes_message(config.log_dir, used, run.initial_step)
+        if changes:
+            hooks.on_message(changes)
     outputs.write_settings(
         folders,
         used,

@@ -19,9 +19,10 @@ from ti_trainer import planner
 from ti_trainer.config import TrainConfig
 from ti_trainer.errors import UserError
 from ti_trainer.schedule import parse_schedule
+from ti_trainer.training.settings_history import latest_settings
 from ti_trainer.ui.common import embedding_names, note, notes, template_names
 from ti_trainer.ui.live_run import LiveRun, RunSnapshot, loss_rows, progress_html
-from ti_trainer.ui.train_form import config_from_form, form_values, latest_settings
+from ti_trainer.ui.train_form import config_from_form, form_values
 
 if TYPE_CHECKING:
     from ti_trainer.host.base import HostServices
