@@ -108,6 +108,14 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+TINY_MODEL_NOTE = (
+    "Note: this embedding was made for the built-in tiny demo model (--model tiny, the default when no --model "
+    "is given), which only the demo and the tests use; it will not work with Stable Diffusion. Create it for "
+    "your model with --model path/to/model.safetensors (a checkpoint file) or --model path/to/diffusers-folder, "
+    "adding --overwrite to replace this one."
+)
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     config = TrainConfig.from_settings_file(args.config) if args.config else TrainConfig()
     for key, value in vars(args).items():
@@ -184,10 +192,10 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(args.out, args.steps)
             return 0
-        from ti_trainer.backends.loading import load_backend
+        from ti_trainer.backends.loading import TINY, load_backend
 
         if args.verb == "create":
-            from ti_trainer.create import create_embedding
+            from ti_trainer.create import create_embedding, init_text_report
             from ti_trainer.fsutil import validate_embedding_name
 
             validate_embedding_name(args.name)
@@ -196,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
                 backend, args.name, args.init_text, args.vectors, args.embeddings_dir, args.overwrite
             )
             print(f"Created {path}")
+            for line in init_text_report(backend, args.init_text, args.vectors):
+                print(f"  {line}")
+            if args.model == TINY:
+                print(TINY_MODEL_NOTE, file=sys.stderr)
             return 0
         config = config_from_args(args)
         config.validate()
