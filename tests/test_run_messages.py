@@ -65,3 +65,44 @@ def test_resuming_with_changed_settings_says_what_changed(make_config, backend):
           TrainingHooks(on_message=messages.append))  # fmt: skip
     (changes,) = [m for m in messages if "settings changed" in m]
     assert changes.splitlines()[1:] == ["  max_steps: 4 -> 5"]  # compared with the latest run, not the first
+
+
+def messages_before_the_first_step(config, backend) -> list[str]:
+    messages = []
+
+    def no_step(report):
+        raise AssertionError("the warnings must come before any step; this test stops the run before one")
+
+    train(
+        config, backend, TrainingHooks(on_message=messages.append, on_step=no_step, should_stop=lambda: True)
+    )
+    return messages
+
+
+def test_an_insane_learning_rate_is_warned_about_before_training(make_config, backend):
+    warned = messages_before_the_first_step(make_config(learn_rate="0.005:2, 1e9"), backend)
+    (warning,) = [m for m in warned if "far above what textual inversion uses" in m]
+    assert "1e+09" in warning and "0.005:2, 1e9" in warning
+    warned = messages_before_the_first_step(make_config(create=False, learn_rate="5"), backend)
+    assert any("Learning rate 5 " in m for m in warned)
+
+
+def test_a_sane_learning_rate_is_not_warned_about(make_config, backend):
+    quiet = messages_before_the_first_step(make_config(learn_rate="0.05:2, 0.005:4, 1e-4"), backend)
+    assert not any("far above" in m for m in quiet)
+
+
+def test_captions_over_the_token_budget_are_named_before_training(make_config, backend, dataset):
+    essay = dataset / "01-square.txt"
+    essay.write_text("a long pasted essay about squares, " * 300, encoding="utf-8")
+    warned = messages_before_the_first_step(make_config(), backend)
+    (warning,) = [m for m in warned if "longer than one 75-token chunk" in m]
+    assert warning.startswith("1 caption(s)")
+    tokens = int(warning.split("01-square.txt: ")[1].split(" tokens")[0])
+    assert tokens > 300 * 7  # the whole essay is counted, with the template and the vectors
+    assert f"({-(-tokens // 75)} chunks)" in warning
+    assert "00-circle" not in warning and "02-triangle" not in warning  # the short captions fit
+
+
+def test_captions_within_budget_get_no_warning(make_config, backend):
+    assert not any("token chunk" in m for m in messages_before_the_first_step(make_config(), backend))

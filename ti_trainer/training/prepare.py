@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +15,14 @@ from ti_trainer.errors import UserError
 from ti_trainer.fsutil import validate_embedding_name
 from ti_trainer.images import LoadedFolder, load_folder
 from ti_trainer.memory import plan_for
+from ti_trainer.prepare.lint import TokenBudget, over_budget, token_counter
 from ti_trainer.prompts import PromptBuilder
 from ti_trainer.schedule import Schedule, parse_schedule
 from ti_trainer.templates import BUILTIN_TEMPLATES_DIR, Template, list_templates, read_template
+
+# Textual inversion trains at about 5e-4 to 5e-2; a rate above this is a typo, not a choice.
+MAX_SANE_LEARN_RATE = 1.0
+MAX_LISTED = 10  # files named in one warning; the rest are counted
 
 
 @dataclass
@@ -46,6 +52,49 @@ def find_template(config: TrainConfig) -> Path:
         known = ", ".join(sorted(templates)) or "none"
         raise UserError(f"Prompt template {config.template!r} not found. Available: {known}.")
     return templates[config.template]
+
+
+def learn_rate_warnings(learn_rate: Schedule) -> list[str]:
+    """A rate above MAX_SANE_LEARN_RATE anywhere in the schedule (a typo such as 1e9 for 1e-9, or 5 for 0.005)
+    makes the vectors grow to huge lengths, useless in any prompt; the run is not refused, it is explained."""
+    too_high = sorted({value for value, _ in learn_rate.pieces if value > MAX_SANE_LEARN_RATE}, reverse=True)
+    if not too_high:
+        return []
+    rates = ", ".join(f"{value:g}" for value in too_high)
+    return [
+        f"Learning rate {rates} (in {learn_rate.text!r}) is far above what textual inversion uses "
+        f"(about 0.0005 to 0.05; A1111's default is 0.005): the vectors will grow to enormous lengths and the "
+        "embedding will swamp every prompt. Check for a typo (1e9 for 1e-9?) and press Interrupt if it is one."
+    ]
+
+
+def long_caption_warnings(
+    folder: LoadedFolder, template: Template, name: str, vectors: int, chunker
+) -> list[str]:
+    """Captions whose training prompts run past one prompt chunk (the caption lint's token budget, with the
+    embedding's vectors counted): every further chunk is another text-encoder pass and longer cross-attention,
+    so a pasted essay makes every step that draws it many times slower."""
+    budget = TokenBudget(template.lines, name, token_counter(chunker, name, vectors))
+    captions = [(_caption_source(image.path), image.caption) for image in folder.images]
+    found = over_budget(captions, budget)
+    if not found:
+        return []
+    listed = "; ".join(
+        f"{source}: {tokens} tokens ({math.ceil(tokens / budget.limit)} chunks)"
+        for source, tokens in found[:MAX_LISTED]
+    )
+    more = f"; and {len(found) - MAX_LISTED} more" if len(found) > MAX_LISTED else ""
+    return [
+        f"{len(found)} caption(s) make training prompts longer than one {budget.limit}-token chunk (the "
+        f"embedding's {vectors} vector(s) counted): {listed}{more}. Each extra chunk is another pass of the text "
+        "encoder, so steps that draw them are slower, and the caption's words spread the embedding's share of "
+        "the prompt thin. Shorten them (python -m ti_trainer report lists them)."
+    ]
+
+
+def _caption_source(image_path: Path) -> str:
+    caption_file = image_path.with_suffix(".txt")
+    return caption_file.name if caption_file.is_file() else f"{image_path.name} (caption from its file name)"
 
 
 def prepare_run(config: TrainConfig, backend) -> PreparedRun:
@@ -112,6 +161,9 @@ def prepare_run(config: TrainConfig, backend) -> PreparedRun:
                 f"{template.path.name}: after tokenization it runs into the surrounding text. "
                 "Put spaces or commas around [name] in the template."
             )
+
+    messages += long_caption_warnings(folder, template, name, embedding.num_vectors, encoder.chunker)
+    messages += learn_rate_warnings(learn_rate)
 
     optimizer_state = None
     if initial_step > 0:
