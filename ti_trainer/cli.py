@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ti_trainer.analysis import commands as analysis_verbs
-from ti_trainer.config import CLIP_MODES, LATENT_SAMPLING, PRECISIONS, TrainConfig
+from ti_trainer.config import CLIP_MODES, LATENT_SAMPLING, PRECISIONS, SAVE_FORMATS, TrainConfig
 from ti_trainer.errors import UserError
 from ti_trainer.prepare.cli_verbs import PREPARE_VERBS, add_prepare_verbs, run_prepare_verb
 
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     options = [
         ("--data", "data_dir", str, "folder of training images (captions in <image>.txt)"),
-        ("--embeddings-dir", "embeddings_dir", str, "where <name>.pt lives"),
+        ("--embeddings-dir", "embeddings_dir", str, "where <name>.pt (or .safetensors) lives"),
         ("--log-dir", "log_dir", str, "where copies, previews and logs go"),
         ("--template", "template", str, "prompt template file name or path"),
         ("--lr", "learn_rate", str, "learning rate or schedule, e.g. '0.005:100, 1e-3:1000, 1e-5'"),
@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--clip-mode", dest="clip_grad_mode", choices=CLIP_MODES)
     train.add_argument("--latent-sampling", dest="latent_sampling", choices=LATENT_SAMPLING)
     train.add_argument("--precision", dest="precision", choices=PRECISIONS)
+    train.add_argument(
+        "--save-format",
+        dest="save_format",
+        choices=SAVE_FORMATS,
+        help="file format of the embedding and its step copies: pt (A1111's, default) or safetensors",
+    )
     train.add_argument("--shuffle-tags", dest="shuffle_tags", action="store_true", default=None)
     train.add_argument("--keep-size", dest="keep_size", action="store_true", default=None)
     train.add_argument("--buckets", dest="aspect_buckets", action="store_true", default=None)

@@ -59,6 +59,9 @@ class TrainConfig:
     write_csv_every: int = 1
     save_image_with_embedding: bool = True
     save_optimizer_state: bool = True
+    # The file format of <name> and its step copies: "pt" (A1111's own, read everywhere) or "safetensors"
+    # (tensors only; read by A1111, Forge, diffusers and ComfyUI). PNG copies are written beside either.
+    save_format: str = "pt"
     # Previews: an empty prompt means "the first caption of the current batch", as in A1111
     preview_prompt: str = ""
     preview_negative_prompt: str = ""
@@ -111,6 +114,10 @@ class TrainConfig:
             problems.append(f"Gradient clipping must be one of {', '.join(CLIP_MODES)}.")
         if not 0.0 <= self.tag_dropout <= 1.0:
             problems.append(f"Tag dropout is a probability between 0 and 1 (got {self.tag_dropout}).")
+        if self.save_format not in SAVE_FORMATS:
+            problems.append(
+                f"Save format must be one of {', '.join(SAVE_FORMATS)} (got {self.save_format!r})."
+            )
         if self.precision not in PRECISIONS:
             problems.append(f"Precision must be one of {', '.join(PRECISIONS)}.")
         for name, choices in (

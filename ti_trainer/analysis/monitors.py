@@ -233,7 +233,7 @@ def _initial_vectors(context) -> torch.Tensor | None:
 
 def _save_copy(context, step: int, vectors: torch.Tensor) -> Path:
     """The suggested step as a copy in `embeddings/`, so it is among the steps a comparison shows."""
-    existing = context.folders.embeddings / f"{context.embedding_name}-{step}.pt"
+    existing = context.folders.embeddings / f"{context.embedding_name}-{step}.{context.config.save_format}"
     if existing.is_file():
         return existing
     embedding = Embedding(
@@ -243,4 +243,4 @@ def _save_copy(context, step: int, vectors: torch.Tensor) -> Path:
         context.backend.model_hash,
         context.backend.model_name,
     )
-    return outputs.save_step_copy(context.folders, embedding, None, {})
+    return outputs.save_step_copy(context.folders, embedding, None, {}, context.config.save_format)

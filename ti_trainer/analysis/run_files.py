@@ -11,6 +11,7 @@ Beside A1111's files, a run folder holds:
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import re
@@ -132,13 +133,13 @@ class RunInfo:
         return self.root / "embeddings"
 
     def saved_steps(self) -> dict[int, Path]:
-        """Step -> `embeddings/<name>-<step>.pt`, in step order."""
-        pattern = re.compile(rf"^{re.escape(self.name)}-(\d+)\.pt$")
+        """Step -> `embeddings/<name>-<step>.pt` (or `.safetensors`, the run's save format), in step order."""
+        pattern = re.compile(rf"^{re.escape(self.name)}-(\d+)\.(pt|safetensors)$")
         found = {}
-        for path in self.embeddings_folder.glob("*.pt"):
+        for path in sorted(self.embeddings_folder.glob(f"{glob.escape(self.name)}-*")):
             match = pattern.match(path.name)
             if match:
-                found[int(match.group(1))] = path
+                found.setdefault(int(match.group(1)), path)
         return dict(sorted(found.items()))
 
     def training_loss(self) -> Curve:

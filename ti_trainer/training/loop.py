@@ -271,7 +271,9 @@ def _loop(
             )
             if bad_in_a_row >= MAX_CONSECUTIVE_BAD_STEPS:
                 sync_embedding(step_index + 1 - bad_in_a_row)
-                outputs.save_current(embedding, run.embedding_path, optimizer_state(), resume_state)
+                outputs.save_current(
+                    embedding, run.embedding_path, optimizer_state(), resume_state, run.source_path
+                )
                 raise UserError(
                     f"{bad_in_a_row} steps in a row gave a non-finite loss; training stopped and the last good "
                     f"vectors were saved to {run.embedding_path}. Lower the learning rate, or train in fp32/bf16."
@@ -287,8 +289,14 @@ def _loop(
         if config.write_csv_every and step % config.write_csv_every == 0 and finite:
             loss_log.write(step, loss_value, learn_rate)
         if config.save_every and step % config.save_every == 0:
-            hooks.on_saved(outputs.save_step_copy(folders, embedding, optimizer_state(), resume_state))
-            outputs.save_current(embedding, run.embedding_path, optimizer_state(), resume_state)
+            hooks.on_saved(
+                outputs.save_step_copy(
+                    folders, embedding, optimizer_state(), resume_state, config.save_format
+                )
+            )
+            outputs.save_current(
+                embedding, run.embedding_path, optimizer_state(), resume_state, run.source_path
+            )
         if config.preview_every and step % config.preview_every == 0:
             _preview(run, backend, hooks, folders, first_prompt)
         stop_requests = [monitor.after_step(step, vectors.detach()) for monitor in hooks.monitors]
@@ -299,8 +307,10 @@ def _loop(
     sync_embedding(step)
     if config.save_every and step % config.save_every and step > run.initial_step:
         # The last step gets a copy too, so the choice among copies includes where the run ended.
-        hooks.on_saved(outputs.save_step_copy(folders, embedding, optimizer_state(), resume_state))
-    outputs.save_current(embedding, run.embedding_path, optimizer_state(), resume_state)
+        hooks.on_saved(
+            outputs.save_step_copy(folders, embedding, optimizer_state(), resume_state, config.save_format)
+        )
+    outputs.save_current(embedding, run.embedding_path, optimizer_state(), resume_state, run.source_path)
     hooks.on_saved(run.embedding_path)
     for monitor in hooks.monitors:
         monitor.finish(step)

@@ -29,7 +29,8 @@ MAX_LISTED = 10  # files named in one warning; the rest are counted
 class PreparedRun:
     config: TrainConfig
     embedding: Embedding
-    embedding_path: Path
+    embedding_path: Path  # where training writes <name>, in the save format
+    source_path: Path  # the file the run started from (the same file unless the format changes)
     optimizer_state: dict | None
     learn_rate: Schedule
     clip_value: Schedule | None
@@ -120,8 +121,15 @@ def prepare_run(config: TrainConfig, backend) -> PreparedRun:
             f"{backend.text_width} ({kind.get(backend.text_width, 'this model')}). Create the embedding with "
             "the model you train on."
         )
-    # A1111 always trains into <name>.pt, whatever the source format.
-    embedding_path = embedding_path.with_suffix(".pt")
+    # Training writes <name> in the chosen format (A1111 always writes .pt); a source in the other format is
+    # replaced at the first save, so one name never stands for two files (outputs.save_current).
+    source_path = embedding_path
+    embedding_path = embedding_path.with_suffix(f".{config.save_format}")
+    if source_path != embedding_path:
+        messages.append(
+            f"Training {name!r} into {embedding_path.name} (save format {config.save_format}); {source_path.name} "
+            "is replaced by it at the first save."
+        )
 
     learn_rate = parse_schedule(config.learn_rate, config.max_steps, "learning rate")
     clip_value = None
@@ -167,11 +175,11 @@ def prepare_run(config: TrainConfig, backend) -> PreparedRun:
 
     optimizer_state = None
     if initial_step > 0:
-        optimizer_state = load_optimizer_state(embedding, embedding_path)
+        optimizer_state = load_optimizer_state(embedding, source_path)
         if optimizer_state is None:
             messages.append(
                 f"Resuming {name!r} from step {initial_step} without optimizer state "
-                f"(no matching {embedding_path.name}.optim): the first steps may wander."
+                f"(no matching {source_path.name}.optim): the first steps may wander."
             )
     resumed = (optimizer_state or {}).get("ti_trainer", {})
     seed = config.seed if config.seed is not None else resumed.get("seed")
@@ -183,6 +191,7 @@ def prepare_run(config: TrainConfig, backend) -> PreparedRun:
         config,
         embedding,
         embedding_path,
+        source_path,
         optimizer_state,
         learn_rate,
         clip_value,

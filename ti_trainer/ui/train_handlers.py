@@ -100,7 +100,7 @@ def embedding_status(services: HostServices, name: str, max_steps) -> str:
         items.append(
             ("warn", f"Already trained {embedding.step} steps: raise Max steps above that to train further.")
         )
-    elif optimizer_state_path(path.with_suffix(".pt")).is_file():
+    elif optimizer_state_path(path).is_file():
         items.append(
             ("ok", f"Trained {embedding.step} steps: training resumes from there, with its optimizer state.")
         )
