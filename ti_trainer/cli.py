@@ -132,6 +132,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return config
 
 
+EXIT_ABORTED = 130  # the shell's code for a command ended by Ctrl+C
+
+
 class StopOnInterrupt:
     """The first Ctrl+C asks the run to stop at the next step boundary and save; the second aborts."""
 
@@ -225,3 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # The second Ctrl+C (StopOnInterrupt), or one before training started: leave at once, without a
+        # traceback. Files are written atomically, so each holds its last complete save.
+        print("\nAborted: nothing more was saved (each file holds its last complete save).", file=sys.stderr)
+        return EXIT_ABORTED
