@@ -97,6 +97,9 @@
         ti_trainer_train_save_image_with_embedding:
             "Also save each preview as a PNG that carries the embedding inside it; the WebUI can load the " +
             "embedding straight from the picture.",
+        ti_trainer_train_save_format:
+            "The file the embedding and its saved steps are written as. pt is the WebUI's own format; " +
+            "safetensors holds only the numbers. The WebUI, Forge, diffusers and ComfyUI load both.",
         ti_trainer_train_shuffle_tags:
             "Shuffle the comma-separated words of each caption every time it is used, so the embedding does not " +
             "learn their order.",

@@ -70,6 +70,9 @@ def test_errors_are_messages_not_tracebacks(tmp_path):
 def test_demo_leaves_a_complete_log_folder(tmp_path):
     result = cli("demo", "--out", "demo", "--steps", "25", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert "Step 1:" not in result.stderr, (
+        "a first step that merely reaches the ordinary words is no overbake"
+    )
     runs = list((tmp_path / "demo" / "textual_inversion").glob("*/demo-style"))
     assert len(runs) == 1, "expected <log>/<date>/<name>"
     log = runs[0]

@@ -220,3 +220,19 @@ def wait_for(client, job_id: str) -> dict:
             break
         time.sleep(0.05)
     return progress
+
+
+def test_wrong_setting_types_are_named_before_a_job_starts(webui):
+    client = client_for(webui)
+    response = client.post(
+        "/ti-trainer/v1/train",
+        json={"embedding_name": "x", "batch_size": "2", "max_steps": None, "keep_size": 1},
+    )
+    assert response.status_code == 400
+    detail = response.json()["detail"]
+    for expected in (
+        "batch_size: expected a whole number, got text '2'",
+        "max_steps: expected a whole number, got null",
+        "keep_size: expected true or false, got number 1",
+    ):
+        assert expected in detail

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import io
 import json
 import re
@@ -137,13 +138,13 @@ class RunInfo:
         return self.root / "embeddings"
 
     def saved_steps(self) -> dict[int, Path]:
-        """Step -> `embeddings/<name>-<step>.pt`, in step order."""
-        pattern = re.compile(rf"^{re.escape(self.name)}-(\d+)\.pt$")
+        """Step -> `embeddings/<name>-<step>.pt` (or `.safetensors`, the run's save format), in step order."""
+        pattern = re.compile(rf"^{re.escape(self.name)}-(\d+)\.(pt|safetensors)$")
         found = {}
-        for path in self.embeddings_folder.glob("*.pt"):
+        for path in sorted(self.embeddings_folder.glob(f"{glob.escape(self.name)}-*")):
             match = pattern.match(path.name)
             if match:
-                found[int(match.group(1))] = path
+                found.setdefault(int(match.group(1)), path)
         return dict(sorted(found.items()))
 
     def step_embedding(self, step: int, model_width: int | None = None) -> Embedding:

@@ -28,7 +28,8 @@ def use_step(
     overwrite: bool = False,
     refresh: Callable[[], None] = lambda: None,
 ) -> Path:
-    """Write `<embeddings_dir>/<new_name>.pt` from the run's copy at `step`; return its path."""
+    """Write `<embeddings_dir>/<new_name>.pt` (or `.safetensors`, as the copy) from the run's copy at `step`;
+    return its path."""
     name = validate_embedding_name(new_name)
     saved = run.saved_steps()
     if step not in saved:
@@ -42,11 +43,12 @@ def use_step(
             "to replace it."
         )
     source = run.step_embedding(step)  # refused if another model's run left it in this folder
-    target = confined_path(embeddings_dir, name, ".pt")
+    target = confined_path(embeddings_dir, name, saved[step].suffix)  # the run's save format
     copy = Embedding(name, source.vectors, source.step, source.sd_checkpoint, source.sd_checkpoint_name)
     save_embedding(copy, target)
     if existing is not None and existing != target:
-        existing.unlink()  # a `<name>.safetensors` would otherwise shadow the new `<name>.pt` in A1111
+        existing.unlink()  # a `<name>` in the other format would otherwise shadow the new file in A1111
+        optimizer_state_path(existing).unlink(missing_ok=True)
     optimizer_file = optimizer_state_path(saved[step])
     target_optimizer = optimizer_state_path(target)
     if optimizer_file.is_file():

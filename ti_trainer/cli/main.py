@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ti_trainer.cli import analysis_verbs
 from ti_trainer.cli.prepare_verbs import PREPARE_VERBS, add_prepare_verbs, run_prepare_verb
-from ti_trainer.config import CLIP_MODES, LATENT_SAMPLING, PRECISIONS, TrainConfig
+from ti_trainer.config import CLIP_MODES, LATENT_SAMPLING, PRECISIONS, SAVE_FORMATS, TrainConfig
 from ti_trainer.errors import UserError
 
 
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     options = [
         ("--data", "data_dir", str, "folder of training images (captions in <image>.txt)"),
-        ("--embeddings-dir", "embeddings_dir", str, "where <name>.pt lives"),
+        ("--embeddings-dir", "embeddings_dir", str, "where <name>.pt (or .safetensors) lives"),
         ("--log-dir", "log_dir", str, "where copies, previews and logs go"),
         ("--template", "template", str, "prompt template file name or path"),
         ("--lr", "learn_rate", str, "learning rate or schedule, e.g. '0.005:100, 1e-3:1000, 1e-5'"),
@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--clip-mode", dest="clip_grad_mode", choices=CLIP_MODES)
     train.add_argument("--latent-sampling", dest="latent_sampling", choices=LATENT_SAMPLING)
     train.add_argument("--precision", dest="precision", choices=PRECISIONS)
+    train.add_argument(
+        "--save-format",
+        dest="save_format",
+        choices=SAVE_FORMATS,
+        help="file format of the embedding and its step copies: pt (A1111's, default) or safetensors",
+    )
     train.add_argument("--shuffle-tags", dest="shuffle_tags", action="store_true", default=None)
     train.add_argument("--keep-size", dest="keep_size", action="store_true", default=None)
     train.add_argument("--buckets", dest="aspect_buckets", action="store_true", default=None)
@@ -108,6 +114,14 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+TINY_MODEL_NOTE = (
+    "Note: this embedding was made for the built-in tiny demo model (--model tiny, the default when no --model "
+    "is given), which only the demo and the tests use; it will not work with Stable Diffusion. Create it for "
+    "your model with --model path/to/model.safetensors (a checkpoint file) or --model path/to/diffusers-folder, "
+    "adding --overwrite to replace this one."
+)
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     config = TrainConfig.from_settings_file(args.config) if args.config else TrainConfig()
     for key, value in vars(args).items():
@@ -116,6 +130,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.name:
         config.embedding_name = args.name
     return config
+
+
+EXIT_ABORTED = 130  # the shell's code for a command ended by Ctrl+C
 
 
 class StopOnInterrupt:
@@ -184,10 +201,10 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(args.out, args.steps)
             return 0
-        from ti_trainer.backends.loading import load_backend
+        from ti_trainer.backends.loading import TINY, load_backend
 
         if args.verb == "create":
-            from ti_trainer.embeddings.create import create_embedding
+            from ti_trainer.embeddings.create import create_embedding, init_text_report
             from ti_trainer.fsutil import validate_embedding_name
 
             validate_embedding_name(args.name)
@@ -196,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
                 backend, args.name, args.init_text, args.vectors, args.embeddings_dir, args.overwrite
             )
             print(f"Created {path}")
+            for line in init_text_report(backend, args.init_text, args.vectors):
+                print(f"  {line}")
+            if args.model == TINY:
+                print(TINY_MODEL_NOTE, file=sys.stderr)
             return 0
         config = config_from_args(args)
         config.validate()
@@ -207,3 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # The second Ctrl+C (StopOnInterrupt), or one before training started: leave at once, without a
+        # traceback. Files are written atomically, so each holds its last complete save.
+        print("\nAborted: nothing more was saved (each file holds its last complete save).", file=sys.stderr)
+        return EXIT_ABORTED

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ti_trainer.embeddings.embedding import Embedding, vectors_from_init
 from ti_trainer.embeddings.files import save_embedding
+from ti_trainer.embeddings.init_text import init_mapping, vector_lines
 from ti_trainer.errors import UserError
 from ti_trainer.fsutil import confined_path, validate_embedding_name
 
@@ -46,3 +47,13 @@ def create_embedding(
     embedding = Embedding(name, vectors_from_init(init, num_vectors, backend.text_width), step=0)
     path = confined_path(embeddings_dir, name, ".pt")
     return save_embedding(embedding, path)
+
+
+def init_text_report(backend, init_text: str, num_vectors: int) -> list[str]:
+    """Which tokens of `init_text` each vector starts from, as `create` builds them (the panel's sentence, then
+    one line per vector with the token's text where the tokenizer can spell it)."""
+    tokenize = backend.prompt_encoder.chunker.tokenize
+    ids = tokenize([init_text])[0] if (init_text or "").strip() else []
+    decode = getattr(tokenize, "decode", None)
+    texts = [decode([token]) if decode else f"id {token}" for token in ids]
+    return [init_mapping(len(ids), num_vectors), *vector_lines(texts, num_vectors)]

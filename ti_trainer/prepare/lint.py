@@ -135,6 +135,16 @@ def lint_captions(
 
 
 def _longest_prompt(caption: str, budget: TokenBudget) -> tuple[int, str] | None:
+    """The longest training prompt of `caption` over the budget, as (tokens, prompt); None when all fit."""
+    with_caption = [line for line in budget.template_lines if FILEWORDS_PLACEHOLDER in line]
+    if with_caption and budget.count_tokens(caption) > budget.limit:
+        # Over the budget on its own: count only the line with the most words of its own, as tokenizing a
+        # huge caption (a pasted megabyte) once per template line would take minutes.
+        line = max(
+            with_caption, key=lambda text: budget.count_tokens(text.replace(FILEWORDS_PLACEHOLDER, ""))
+        )
+        prompt = line.replace(FILEWORDS_PLACEHOLDER, caption).replace(NAME_PLACEHOLDER, budget.name)
+        return budget.count_tokens(prompt), prompt
     longest: tuple[int, str] | None = None
     for line in budget.template_lines:
         prompt = line.replace(FILEWORDS_PLACEHOLDER, caption).replace(NAME_PLACEHOLDER, budget.name)
@@ -142,6 +152,19 @@ def _longest_prompt(caption: str, budget: TokenBudget) -> tuple[int, str] | None
         if tokens > budget.limit and (longest is None or tokens > longest[0]):
             longest = (tokens, prompt)
     return longest
+
+
+def over_budget(captions: list[tuple[str, str]], budget: TokenBudget) -> list[tuple[str, int]]:
+    """(source, tokens) for each (source, caption) whose longest training prompt is over the budget; a caption
+    shared by several images is counted once."""
+    counted: dict[str, tuple[int, str] | None] = {}
+    found = []
+    for source, caption in captions:
+        if caption not in counted:
+            counted[caption] = _longest_prompt(caption, budget)
+        if counted[caption] is not None:
+            found.append((source, counted[caption][0]))
+    return found
 
 
 def duplicate_findings(groups: list[list[str]]) -> list[LintFinding]:

@@ -189,5 +189,21 @@ def explain(the_plan: Plan, max_steps: int, save_every: int, preview_every: int)
     return lines
 
 
+def start_lines(the_plan: Plan, initial_step: int, end_step: int) -> list[str]:
+    """The plan in plain sentences, as a run announces it when it starts (CLI, panel log, API messages)."""
+    p = the_plan
+    steps = end_step - initial_step
+    span = f"steps {initial_step + 1}-{end_step}" if initial_step else f"{end_step} steps"
+    lines = [
+        f"Plan: {p.images} images; batch {p.batch_size} x accumulation {p.gradient_accumulation} = "
+        f"{p.images_per_step} images per step; {p.steps_per_epoch} step{'s' * (p.steps_per_epoch != 1)} per "
+        f"epoch; {span} = {epochs(steps, p.steps_per_epoch):g} epochs.",
+        *p.notes,
+    ]
+    if not p.divides_evenly:
+        lines.append(f"{p.sitting_out} of {p.images} images sit out each epoch (a different few each time).")
+    return lines
+
+
 def _epoch_count(count: int) -> str:
     return "every epoch" if count == 1 else f"every {count} epochs"

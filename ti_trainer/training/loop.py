@@ -9,6 +9,7 @@ stopped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -25,9 +26,11 @@ from ti_trainer.config import TrainConfig
 from ti_trainer.diffusion import denoising_loss, noisy_latents_and_target
 from ti_trainer.errors import UserError
 from ti_trainer.memory.precision import autocast, grad_scaler
+from ti_trainer.training import batch_plan as planner
 from ti_trainer.training import fit, outputs
 from ti_trainer.training.data import TrainingData, encode_dataset, prepare_images
 from ti_trainer.training.run_lock import embedding_lock
+from ti_trainer.training.settings_history import resume_changes_message
 from ti_trainer.training.setup import PreparedRun, prepare_run
 
 MAX_CONSECUTIVE_BAD_STEPS = 10
@@ -138,10 +141,26 @@ def _locked_train(run: PreparedRun, backend, hooks: TrainingHooks) -> TrainResul
     )
     images = encode_dataset(backend, prepared, config.latent_sampling, config.use_alpha_weight, run.seed)
     data = TrainingData(images, config.batch_size, config.gradient_accumulation, run.seed)
+    the_plan = planner.plan(len(images), config.batch_size, config.gradient_accumulation)
+    for line in planner.start_lines(the_plan, run.initial_step, run.end_step):
+        hooks.on_message(line)
+    # The settings record what the run did (the batch and accumulation capped to the dataset), so --config
+    # reproduces it, and what was asked for beside it.
+    used = dataclasses.replace(
+        config, batch_size=data.batch_size, gradient_accumulation=data.gradient_accumulation
+    )
+    if run.initial_step > 0:  # before this run's own settings file is written, which would be the latest
+        changes = resume_changes_message(config.log_dir, used, run.initial_step)
+        if changes:
+            hooks.on_message(changes)
     outputs.write_settings(
         folders,
-        config,
+        used,
         {
+            "requested": {
+                "batch_size": config.batch_size,
+                "gradient_accumulation": config.gradient_accumulation,
+            },
             "model_name": backend.model_name,
             "model_hash": backend.model_hash,
             "num_of_dataset_images": len(images),
@@ -258,7 +277,9 @@ def _loop(
             )
             if bad_in_a_row >= MAX_CONSECUTIVE_BAD_STEPS:
                 sync_embedding(step_index + 1 - bad_in_a_row)
-                outputs.save_current(embedding, run.embedding_path, optimizer_state(), resume_state)
+                outputs.save_current(
+                    embedding, run.embedding_path, optimizer_state(), resume_state, run.source_path
+                )
                 raise UserError(
                     f"{bad_in_a_row} steps in a row gave a non-finite loss; training stopped and the last good "
                     f"vectors were saved to {run.embedding_path}. Lower the learning rate, or train in fp32/bf16."
@@ -274,8 +295,14 @@ def _loop(
         if config.write_csv_every and step % config.write_csv_every == 0 and finite:
             loss_log.write(step, loss_value, learn_rate)
         if config.save_every and step % config.save_every == 0:
-            hooks.on_saved(outputs.save_step_copy(folders, embedding, optimizer_state(), resume_state))
-            outputs.save_current(embedding, run.embedding_path, optimizer_state(), resume_state)
+            hooks.on_saved(
+                outputs.save_step_copy(
+                    folders, embedding, optimizer_state(), resume_state, config.save_format
+                )
+            )
+            outputs.save_current(
+                embedding, run.embedding_path, optimizer_state(), resume_state, run.source_path
+            )
         if config.preview_every and step % config.preview_every == 0:
             _preview(run, backend, hooks, folders, first_prompt)
         stop_requests = [monitor.after_step(step, vectors.detach()) for monitor in hooks.monitors]
@@ -286,8 +313,10 @@ def _loop(
     sync_embedding(step)
     if config.save_every and step % config.save_every and step > run.initial_step:
         # The last step gets a copy too, so the choice among copies includes where the run ended.
-        hooks.on_saved(outputs.save_step_copy(folders, embedding, optimizer_state(), resume_state))
-    outputs.save_current(embedding, run.embedding_path, optimizer_state(), resume_state)
+        hooks.on_saved(
+            outputs.save_step_copy(folders, embedding, optimizer_state(), resume_state, config.save_format)
+        )
+    outputs.save_current(embedding, run.embedding_path, optimizer_state(), resume_state, run.source_path)
     hooks.on_saved(run.embedding_path)
     for monitor in hooks.monitors:
         monitor.finish(step)

@@ -1,6 +1,7 @@
 """Everything a run writes, in A1111's log layout (reference/a1111.md §1.5, §1.10, §8).
 
-`<log_dir>/<YYYY-MM-DD>/<name>/` holds `embeddings/<name>-<step>.pt`, `images/<name>-<step>.png`,
+`<log_dir>/<YYYY-MM-DD>/<name>/` holds `embeddings/<name>-<step>.pt` (or `.safetensors`, the run's save format),
+`images/<name>-<step>.png`,
 `image_embeddings/<name>-<step>.png`, `textual_inversion_loss.csv` and `settings-<datetime>.json`.
 """
 
@@ -18,7 +19,12 @@ from PIL import Image, PngImagePlugin
 
 from ti_trainer.config import TrainConfig
 from ti_trainer.embeddings.embedding import Embedding
-from ti_trainer.embeddings.files import embedding_to_dict, save_embedding, save_optimizer_state
+from ti_trainer.embeddings.files import (
+    embedding_to_dict,
+    optimizer_state_path,
+    save_embedding,
+    save_optimizer_state,
+)
 from ti_trainer.fsutil import atomic_write, atomic_write_text, explained_write_errors
 
 LOSS_CSV = "textual_inversion_loss.csv"
@@ -124,20 +130,37 @@ def step_copy(embedding: Embedding) -> Embedding:
 
 
 def save_step_copy(
-    folders: RunFolders, embedding: Embedding, optimizer_state: dict | None, resume_state: dict
+    folders: RunFolders,
+    embedding: Embedding,
+    optimizer_state: dict | None,
+    resume_state: dict,
+    save_format: str = "pt",
 ) -> Path:
-    """`embeddings/<name>-<step>.pt`: its stored name is `<name>-<step>` and its stored step is `<step>`."""
+    """`embeddings/<name>-<step>.pt` (or `.safetensors`): its stored name is `<name>-<step>` and its stored
+    step is `<step>`."""
     copy = step_copy(embedding)
-    path = save_embedding(copy, folders.embeddings / f"{copy.name}.pt")
+    path = save_embedding(copy, folders.embeddings / f"{copy.name}.{save_format}")
     if optimizer_state is not None:
         save_optimizer_state(copy, path, optimizer_state, resume_state)
     return path
 
 
-def save_current(embedding: Embedding, path: Path, optimizer_state: dict | None, resume_state: dict) -> Path:
+def save_current(
+    embedding: Embedding,
+    path: Path,
+    optimizer_state: dict | None,
+    resume_state: dict,
+    replaces: Path | None = None,
+) -> Path:
+    """Write the embedding the run trains. `replaces`: the file it started from when that was in the other
+    format; it goes (with its .optim) once the new file is safely written, as the WebUI would otherwise load
+    two embeddings of one name, and the next run would resume from the stale one."""
     save_embedding(embedding, path)
     if optimizer_state is not None:
         save_optimizer_state(embedding, path, optimizer_state, resume_state)
+    if replaces is not None and replaces != path:
+        for stale in (replaces, optimizer_state_path(replaces)):
+            stale.unlink(missing_ok=True)
     return path
 
 

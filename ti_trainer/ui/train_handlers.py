@@ -19,9 +19,10 @@ from ti_trainer.config import TrainConfig
 from ti_trainer.errors import UserError
 from ti_trainer.training import batch_plan
 from ti_trainer.training.schedule import parse_schedule
+from ti_trainer.training.settings_history import latest_settings
 from ti_trainer.ui.common import embedding_names, note, notes, template_names
 from ti_trainer.ui.live_run import LiveRun, RunSnapshot, loss_rows, progress_html
-from ti_trainer.ui.train_form import config_from_form, form_values, latest_settings
+from ti_trainer.ui.train_form import config_from_form, form_values
 
 if TYPE_CHECKING:
     from ti_trainer.host.base import HostServices
@@ -99,7 +100,7 @@ def embedding_status(services: HostServices, name: str, max_steps) -> str:
         items.append(
             ("warn", f"Already trained {embedding.step} steps: raise Max steps above that to train further.")
         )
-    elif optimizer_state_path(path.with_suffix(".pt")).is_file():
+    elif optimizer_state_path(path).is_file():
         items.append(
             ("ok", f"Trained {embedding.step} steps: training resumes from there, with its optimizer state.")
         )

@@ -17,6 +17,7 @@ from ti_trainer.config import (
     CLIP_MODES,
     LATENT_SAMPLING,
     PRECISIONS,
+    SAVE_FORMATS,
     UPCAST_CHOICES,
 )
 from ti_trainer.ui.common import REFRESH_LABEL, PageLoad, embedding_names, note, template_names
@@ -172,6 +173,13 @@ def build_train_panel(services: HostServices, live: LiveRun | None = None) -> Tr
                 )
             field("use_alpha_weight", gr.Checkbox, label="Use PNG alpha channel as loss weight")
             field("save_image_with_embedding", gr.Checkbox, label="Save images with embedding in PNG chunks")
+            field(
+                "save_format",
+                gr.Radio,
+                list(SAVE_FORMATS),
+                label="Embedding file format (pt: A1111's own; safetensors: tensors only, loads in A1111, "
+                "Forge, diffusers, ComfyUI)",
+            )
             field("shuffle_tags", gr.Checkbox, label="Shuffle tags by ',' when creating prompts")
             field("tag_dropout", gr.Slider, 0, 1, step=0.1, label="Drop out tags when creating prompts")
             field("latent_sampling", gr.Radio, list(LATENT_SAMPLING), label="Choose latent sampling method")
