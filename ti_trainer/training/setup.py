@@ -5,7 +5,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from ti_trainer.backends.contract import family_title_for_width
 from ti_trainer.config import TrainConfig
 from ti_trainer.embeddings.create import existing_embedding_file
 from ti_trainer.embeddings.embedding import Embedding
@@ -13,10 +15,13 @@ from ti_trainer.embeddings.files import load_embedding, load_optimizer_state
 from ti_trainer.errors import UserError
 from ti_trainer.fsutil import validate_embedding_name
 from ti_trainer.images import LoadedFolder, load_folder
-from ti_trainer.memory.plan import plan_for
+from ti_trainer.memory.plan import MemoryPlan, plan_for
 from ti_trainer.text.prompts import PromptBuilder
 from ti_trainer.text.templates import BUILTIN_TEMPLATES_DIR, Template, list_templates, read_template
 from ti_trainer.training.schedule import Schedule, parse_schedule
+
+if TYPE_CHECKING:
+    from ti_trainer.backends.contract import Backend
 
 
 @dataclass
@@ -34,6 +39,8 @@ class PreparedRun:
     initial_step: int
     end_step: int
     messages: list[str]
+    # The run's memory plan, worked out once here and passed on (fit.py may raise its checkpointing).
+    memory_plan: MemoryPlan
 
 
 def find_template(config: TrainConfig) -> Path:
@@ -48,9 +55,9 @@ def find_template(config: TrainConfig) -> Path:
     return templates[config.template]
 
 
-def prepare_run(config: TrainConfig, backend) -> PreparedRun:
+def prepare_run(config: TrainConfig, backend: Backend) -> PreparedRun:
     config.validate()
-    plan_for(config, backend)  # an impossible memory choice (xformers not installed) is reported now
+    memory_plan = plan_for(config, backend)  # an impossible choice (xformers not installed) is reported now
     messages: list[str] = []
     name = validate_embedding_name(config.embedding_name)
     config.embedding_name = name
@@ -64,11 +71,10 @@ def prepare_run(config: TrainConfig, backend) -> PreparedRun:
     embedding = load_embedding(embedding_path)
     embedding.name = name
     if embedding.width != backend.text_width:
-        kind = {768: "SD 1.x", 1024: "SD 2.x"}
         raise UserError(
             f"{embedding_path.name} has vectors of width {embedding.width} "
-            f"({kind.get(embedding.width, 'another model')}), but the loaded model's text encoder has width "
-            f"{backend.text_width} ({kind.get(backend.text_width, 'this model')}). Create the embedding with "
+            f"({family_title_for_width(embedding.width, 'another model')}), but the loaded model's text "
+            f"encoder has width {backend.text_width} ({backend.family.title}). Create the embedding with "
             "the model you train on."
         )
     # A1111 always trains into <name>.pt, whatever the source format.
@@ -141,4 +147,5 @@ def prepare_run(config: TrainConfig, backend) -> PreparedRun:
         initial_step,
         end_step,
         messages,
+        memory_plan,
     )
