@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
@@ -120,6 +120,7 @@ def family_title_for_width(width: int, otherwise: str) -> str:
 # --- the backend ---------------------------------------------------------------------------------------------
 
 
+@runtime_checkable  # so a test can check that a backend has every member
 class Backend(Protocol):
     """Every member a backend has. The core uses these and nothing else.
 
