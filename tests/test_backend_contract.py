@@ -176,3 +176,9 @@ def test_a_run_works_its_memory_plan_out_once_and_hands_it_to_the_monitors(backe
     train(config, backend, hooks)
     assert len(chosen) == 1
     assert watcher.plan is chosen[0]
+
+
+def test_asking_for_an_encoder_the_family_does_not_have_is_an_error():
+    backend = tiny_backend("v")
+    with pytest.raises(ValueError, match="clip_g"):
+        backend.token_embedding_weight("clip_g")

@@ -93,6 +93,14 @@ class ModelFamily:
     def title(self) -> str:
         return FAMILY_TITLES.get(self.name, self.name)
 
+    def encoder(self, key: str) -> TextEncoderSpec:
+        """The text encoder keyed `key`; a key the family does not have is a programming error."""
+        for spec in self.text_encoders:
+            if spec.key == key:
+                return spec
+        keys = [spec.key for spec in self.text_encoders]
+        raise ValueError(f"{self.title}'s text encoders are {keys}, not {key!r}")
+
     @property
     def text_width(self) -> int:
         """The width of an embedding's vectors: this family's one text encoder's."""

@@ -101,7 +101,7 @@ class DiffusersBackend:
 
     def token_embedding_weight(self, encoder: str) -> torch.Tensor:
         """The CLIP text model's token-embedding matrix (`text_model.embeddings.token_embedding.weight`)."""
-        self._check_encoder(encoder)
+        self.family.encoder(encoder)
         return self._plain_token_embedding().weight
 
     def token_vectors(self, text: str) -> torch.Tensor:
@@ -111,11 +111,6 @@ class DiffusersBackend:
 
     def _plain_token_embedding(self) -> torch.nn.Embedding:
         return self._text_model.embeddings.token_embedding
-
-    def _check_encoder(self, encoder: str) -> None:
-        keys = [spec.key for spec in self.family.text_encoders]
-        if encoder not in keys:
-            raise ValueError(f"this {self.family.title} model's text encoders are {keys}, not {encoder!r}")
 
     def _encode_chunk(self, tokens: torch.Tensor) -> torch.Tensor:
         # The injector sits in front of the token embedding only while the prompt encodes: the text encoder

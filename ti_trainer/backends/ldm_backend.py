@@ -175,9 +175,7 @@ class LdmBackend:
         """The text encoder's token-embedding matrix: OpenCLIP's `model.token_embedding.weight` (SD 2.x's
         FrozenOpenCLIPEmbedder) or CLIP's `transformer.text_model.embeddings.token_embedding.weight` (SD 1.x's
         FrozenCLIPEmbedder), under the WebUI's wrapper."""
-        keys = [spec.key for spec in self.family.text_encoders]
-        if encoder not in keys:
-            raise ValueError(f"this {self.family.title} model's text encoders are {keys}, not {encoder!r}")
+        self.family.encoder(encoder)
         return self._token_embedding_layer().weight
 
     @torch.no_grad()

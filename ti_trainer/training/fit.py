@@ -166,8 +166,7 @@ def _advice(
     if size is not None:
         return (
             f"{text} Even batch 1 does not fit at this size; {px(size, factor)} px fits at batch 1. Train at "
-            "that size, "
-            "or free GPU memory (close other programs that use the GPU) and try again."
+            "that size, or free GPU memory (close other programs that use the GPU) and try again."
         )
     advice = "Free GPU memory (close other programs that use the GPU)"
     if plan.precision == "fp32":
