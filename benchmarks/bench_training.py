@@ -44,11 +44,12 @@ if str(ROOT) not in sys.path:
 from ti_trainer.backends.clip_bpe import tiny_tokenizer  # noqa: E402
 from ti_trainer.backends.diffusers_backend import DiffusersBackend  # noqa: E402
 from ti_trainer.backends.diffusers_memory import attention_processors, unet_checkpointing  # noqa: E402
-from ti_trainer.diffusion import denoising_loss, noisy_latents_and_target, scaled_linear_schedule  # noqa: E402
-from ti_trainer.memory.plan import MemoryPlan, apply_memory_plan, choose_memory_plan  # noqa: E402
+from ti_trainer.diffusion import noisy_latents_and_target, scaled_linear_schedule  # noqa: E402
+from ti_trainer.memory.plan import MemoryPlan, choose_memory_plan  # noqa: E402
 from ti_trainer.memory.precision import autocast, grad_scaler, resolve_precision  # noqa: E402
 from ti_trainer.text.conditioning import TokenIds  # noqa: E402
 from ti_trainer.training import fit  # noqa: E402
+from ti_trainer.training.step import step_loss  # noqa: E402
 
 GIB = 1024**3
 CONFIGS = ("ours", "a1111", "diffusers-example")
@@ -211,14 +212,6 @@ def memory_cap(device: torch.device, cap_gib: float | None):
         torch.cuda.set_per_process_memory_fraction(1.0, device)
 
 
-def random_batch(batch: int, latent: int, device: torch.device, schedule):
-    latents = torch.randn(batch, 4, latent, latent, device=device)
-    noise = torch.randn_like(latents)
-    timesteps = torch.randint(0, schedule.num_timesteps, (batch,), device=device)
-    noisy, target = noisy_latents_and_target(schedule, latents, noise, timesteps)
-    return noisy, target, timesteps
-
-
 # --- the three configurations: each gives a step(batch, latent) and the plan in words --------------------
 
 
@@ -260,18 +253,22 @@ def backward_and_step(loss: torch.Tensor, optimizer, scaler) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def embedding_step(backend, precision: str, uses_scaler: bool, device: torch.device):
-    """The loop's step (training/loop.py): vectors injected into the prompt, UNet, loss, AdamW on the vectors."""
+def embedding_step(backend: DiffusersBackend, precision: str, uses_scaler: bool, device: torch.device):
+    """The loop's step (training/step.py `step_loss`, as training/loop.py calls it): vectors injected into the
+    prompt, UNet, loss; then AdamW on the vectors."""
     vectors = torch.zeros(VECTORS, backend.text_width, device=device, requires_grad=True)
     optimizer = torch.optim.AdamW([vectors], lr=5e-3, weight_decay=0.0)
     scaler = grad_scaler(precision, device) if uses_scaler else None
+    channels = backend.family.latent_channels
 
     def step(batch: int, latent: int) -> None:
-        noisy, target, timesteps = random_batch(batch, latent, device, backend.schedule)
-        with autocast(precision, device):
-            cond = backend.prompt_encoder([PROMPT] * batch, {NAME: vectors})
-            prediction = backend.predict(noisy, timesteps, cond)
-        backward_and_step(denoising_loss(prediction, target), optimizer, scaler)
+        latents = torch.randn(batch, channels, latent, latent, device=device)
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, backend.schedule.num_timesteps, (batch,), device=device)
+        loss = step_loss(
+            backend, [PROMPT] * batch, latents, noise, timesteps, None, {NAME: vectors}, precision
+        )
+        backward_and_step(loss, optimizer, scaler)
 
     return step
 
@@ -289,7 +286,7 @@ def ours(parts: Parts, device: torch.device, batch: int, latent: int):
         plan = fit.checkpointing_by_need(backend, plan, batch, (latent, latent), VECTORS)
         if plan is None:
             raise torch.cuda.OutOfMemoryError("no checkpointing level fits this batch")
-    with apply_memory_plan(backend, plan):
+    with backend.memory_levers(plan):
         yield embedding_step(backend, plan.precision, True, device), plan
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from PIL import Image
 from test_analysis_validation import make_config
 
@@ -291,3 +293,23 @@ def test_chart_texts_lie_inside_the_image(trained):
     analysis = results.analyse(RunInfo.open(trained))
     for image in (results.loss_chart(analysis), results.norm_chart(analysis)):
         assert not edge_ink(image)
+
+
+def test_the_per_image_report_computes_in_the_precision_the_run_trained_in(
+    trained, backend, tmp_path, monkeypatch
+):
+    """A model held in fp16 (the WebUI's) trains in fp16 on "auto" precision; the report measured later must
+    compute in it too, not in the device's own "auto" choice (bf16 on a bf16 GPU; fp32 on this CPU)."""
+    copy = shutil.copytree(trained, tmp_path / trained.name)  # the report rewrites the run's CSV
+    monkeypatch.setattr(backend, "preferred_precision", "fp16")
+    dtypes = []
+    real_predict = backend.predict
+
+    def predict(*args, **kwargs):
+        out = real_predict(*args, **kwargs)
+        dtypes.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(backend, "predict", predict)
+    report_for_step(RunInfo.open(copy), backend, 4)
+    assert dtypes and set(dtypes) == {torch.float16}

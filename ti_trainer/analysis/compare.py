@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, PngImagePlugin
 
 from ti_trainer.analysis.charts import font, text_width
 from ti_trainer.analysis.run_files import COMPARE_DIR, COMPARE_SETTINGS_JSON, RunInfo
-from ti_trainer.backends.contract import PreviewRequest
+from ti_trainer.backends.contract import Backend, PreviewRequest
 from ti_trainer.config import size_problem
 from ti_trainer.embeddings.files import load_embedding
 from ti_trainer.errors import UserError
@@ -303,7 +303,7 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, typeface, max_width: int, max_li
     return lines
 
 
-def backend_renderer(backend, name: str, num_vectors: int) -> Render:
+def backend_renderer(backend: Backend, name: str, num_vectors: int) -> Render:
     """Render with the standalone backend's sampler, the run's name recognised in prompts."""
     backend.prompt_encoder.chunker.register(name, num_vectors)
     return backend.render

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -37,6 +38,9 @@ from ti_trainer.embeddings.create import existing_embedding_file
 from ti_trainer.embeddings.embedding import Embedding
 from ti_trainer.embeddings.files import load_embedding
 from ti_trainer.training import outputs
+
+if TYPE_CHECKING:
+    from ti_trainer.training.loop import RunContext
 
 Message = Callable[[str], None]
 
@@ -69,7 +73,7 @@ class ValidationMonitor:
         self.suggested_step: int | None = None
         self._vectors: torch.Tensor | None = None
 
-    def start(self, context) -> None:
+    def start(self, context: RunContext) -> None:
         self.context = context
         images = context.data.images
         prompts = fixed_prompts(
@@ -177,7 +181,7 @@ class NormMonitor:
         self.log: CsvLog | None = None
         self._latest: tuple[int, torch.Tensor] | None = None
 
-    def start(self, context) -> None:
+    def start(self, context: RunContext) -> None:
         self.context = context
         self.reference = norms.ordinary_token_norms(context.backend)
         self.tracker = norms.OverbakeTracker(self.reference)
@@ -223,7 +227,7 @@ class NormMonitor:
             )
 
 
-def _initial_vectors(context) -> torch.Tensor | None:
+def _initial_vectors(context: RunContext) -> torch.Tensor | None:
     """The vectors the run starts from: the embedding file as it is before the first step."""
     path = existing_embedding_file(Path(context.config.embeddings_dir), context.embedding_name)
     if path is None:
@@ -231,7 +235,7 @@ def _initial_vectors(context) -> torch.Tensor | None:
     return load_embedding(path).vectors.to(context.backend.device)
 
 
-def _save_copy(context, step: int, vectors: torch.Tensor) -> Path:
+def _save_copy(context: RunContext, step: int, vectors: torch.Tensor) -> Path:
     """The suggested step as a copy in `embeddings/`, so it is among the steps a comparison shows."""
     existing = context.folders.embeddings / f"{context.embedding_name}-{step}.{context.config.save_format}"
     if existing.is_file():

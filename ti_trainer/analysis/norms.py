@@ -8,15 +8,13 @@ the style swallowing the subject). OneTrainer preserves the norm for this reason
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-# When the backend cannot hand over its whole vocabulary, the range comes from plain words like these.
-COMMON_WORDS = (
-    "a photo of the painting by an artist with a cat dog house tree city street car person woman man "
-    "portrait landscape mountain river sky cloud sun night light dark red blue green yellow old new small "
-    "large beautiful detailed style drawing sketch oil watercolor color colour face hand water flower"
-)
+if TYPE_CHECKING:
+    from ti_trainer.backends.contract import Backend
+
 LOW_QUANTILE, HIGH_QUANTILE = 0.01, 0.99
 
 
@@ -38,17 +36,20 @@ class NormRange:
             return None
 
 
-def ordinary_token_norms(backend) -> NormRange:
-    """The 1st-99th percentile of the lengths of the model's token embeddings (its ordinary words)."""
-    weight = getattr(backend, "token_embedding_weight", None)
-    if weight is not None:
-        norms, source = weight.detach().float().cpu().norm(dim=1), f"all {weight.shape[0]} tokens"
-    else:
-        vectors = backend.token_vectors(COMMON_WORDS)
-        norms, source = vectors.float().norm(dim=1), f"{vectors.shape[0]} common words"
+def ordinary_token_norms(backend: Backend) -> NormRange:
+    """The range of the model's ordinary words: read from its text encoder's token-embedding matrix, the
+    same way on every host (the WebUI's ldm model and the standalone diffusers one)."""
+    encoder = backend.family.text_encoders[0].key
+    return token_norm_range(backend.token_embedding_weight(encoder))
+
+
+def token_norm_range(token_embedding_weight: torch.Tensor) -> NormRange:
+    """The 1st-99th percentile of the lengths of every token's embedding `[vocab, width]`, computed in fp32
+    on the CPU whatever the matrix's dtype and device."""
+    norms = token_embedding_weight.detach().to("cpu", torch.float32).norm(dim=1)
     quantiles = torch.quantile(norms.double(), torch.tensor([LOW_QUANTILE, 0.5, HIGH_QUANTILE]).double())
     low, median, high = (float(value) for value in quantiles)
-    return NormRange(low, median, high, source)
+    return NormRange(low, median, high, f"all {token_embedding_weight.shape[0]} tokens")
 
 
 def vector_norms(vectors: torch.Tensor) -> list[float]:

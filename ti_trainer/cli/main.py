@@ -6,11 +6,15 @@ import argparse
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ti_trainer.cli import analysis_verbs
 from ti_trainer.cli.prepare_verbs import PREPARE_VERBS, add_prepare_verbs, run_prepare_verb
 from ti_trainer.config import CLIP_MODES, LATENT_SAMPLING, PRECISIONS, SAVE_FORMATS, TrainConfig
 from ti_trainer.errors import UserError
+
+if TYPE_CHECKING:
+    from ti_trainer.backends.contract import Backend
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,7 +159,7 @@ class StopOnInterrupt:
         print("\nStopping after this step and saving... (Ctrl+C again to abort)", file=sys.stderr)
 
 
-def run_training(config: TrainConfig, backend):
+def run_training(config: TrainConfig, backend: Backend):
     from tqdm import tqdm
 
     from ti_trainer.analysis.monitors import monitors_for

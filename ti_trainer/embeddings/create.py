@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ti_trainer.embeddings.embedding import Embedding, vectors_from_init
 from ti_trainer.embeddings.files import save_embedding
 from ti_trainer.embeddings.init_text import init_mapping, vector_lines
 from ti_trainer.errors import UserError
 from ti_trainer.fsutil import confined_path, validate_embedding_name
+
+if TYPE_CHECKING:
+    from ti_trainer.backends.contract import Backend
 
 MAX_VECTORS = 75  # one chunk of prompt tokens
 
@@ -30,7 +34,12 @@ def existing_embedding_file(embeddings_dir: Path, name: str) -> Path | None:
 
 
 def create_embedding(
-    backend, name: str, init_text: str, num_vectors: int, embeddings_dir: Path, overwrite: bool = False
+    backend: Backend,
+    name: str,
+    init_text: str,
+    num_vectors: int,
+    embeddings_dir: Path,
+    overwrite: bool = False,
 ) -> Path:
     """Write `<embeddings_dir>/<name>.pt` at step 0, initialised from `init_text`'s token embeddings."""
     name = validate_embedding_name(name)

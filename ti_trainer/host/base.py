@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ti_trainer.backends.contract import PreviewRequest
+from ti_trainer.backends.contract import Backend, PreviewRequest
 
 
 @dataclass
@@ -22,7 +22,7 @@ class HostServices:
     log_dir: Path
     models_dir: Path  # where downloaded helper models (e.g. BLIP) are kept
     # The backend over the model the host has loaded (built lazily: loading can be slow).
-    get_backend: Callable[[], object]
+    get_backend: Callable[[], Backend]
     # Generate a preview the host's way (A1111: txt2img processing); None: the backend renders.
     render_preview: Callable[[PreviewRequest], Image.Image | None] | None = None
     # Make files just written into embeddings_dir usable at once (A1111: reload the embedding database).

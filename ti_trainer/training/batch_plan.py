@@ -5,10 +5,10 @@ optimizer step then learns from every image, and copies saved every N steps land
 says what a choice means for a dataset (images per step, steps per epoch, images that sit out), suggests
 choices that divide the dataset evenly, and save intervals that line up with epochs.
 
-The counting rules are the training data's (dataset.py `TrainingData`, after A1111 §1.7): the batch is capped
-at the number of images, accumulation at images // batch, and an epoch is images // batch micro-batches with
-a trailing partial accumulation group dropped. A test holds the two to the same numbers. No torch here: the
-panels call this on every keystroke.
+`plan` is the one capping rule (after A1111 §1.7): the batch is capped at the number of images, accumulation
+at images // batch, and an epoch is images // batch micro-batches with a trailing partial accumulation group
+dropped. Training (training/data.py `TrainingData`), the per-image report and the dataset report read their
+numbers from it. No torch here: the panels call this on every keystroke.
 """
 
 from __future__ import annotations
@@ -100,26 +100,33 @@ def divisors(number: int) -> list[int]:
     return sorted(set(small + [number // d for d in small]))
 
 
-def even_combinations(images: int, max_batch: int, per_batch: int = 3) -> list[Combination]:
+def even_combinations(images: int, max_batch: int, per_batch: int | None = 3) -> list[Combination]:
     """Batch x accumulation choices that use every image exactly once per epoch, largest batch first.
 
     For each batch size up to `max_batch` that divides the dataset: one step per epoch (the seeds' choice:
     the whole dataset in every step), one image batch per step, and the accumulation in between closest to
-    the geometric middle; at most `per_batch` of them.
+    the geometric middle; at most `per_batch` of them. `per_batch` None: every accumulation that divides.
     """
     found = []
     for batch in range(min(max_batch, images), 0, -1):
         if images % batch:
             continue
         options = divisors(images // batch)
-        picked = {options[-1], options[0]}
-        middle = [a for a in options if a not in picked]
-        if middle:
-            centre = math.sqrt(options[-1])
-            picked.add(min(middle, key=lambda a: abs(math.log(a / centre))))
+        picked = set(options) if per_batch is None else _spread(options)
         for accumulation in sorted(picked, reverse=True)[:per_batch]:
-            found.append(Combination(batch, accumulation, images // (batch * accumulation)))
+            steps = plan(images, batch, accumulation).steps_per_epoch
+            found.append(Combination(batch, accumulation, steps))
     return found
+
+
+def _spread(options: list[int]) -> set[int]:
+    """The smallest, the largest, and the one nearest their geometric middle."""
+    picked = {options[-1], options[0]}
+    middle = [a for a in options if a not in picked]
+    if middle:
+        centre = math.sqrt(options[-1])
+        picked.add(min(middle, key=lambda a: abs(math.log(a / centre))))
+    return picked
 
 
 def nearby_dataset_sizes(images: int, batch_size: int) -> tuple[int | None, int]:

@@ -8,7 +8,6 @@ stopped.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import random
@@ -16,22 +15,25 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from PIL import Image
 
 from ti_trainer.backends.contract import PreviewRequest
 from ti_trainer.config import TrainConfig
-from ti_trainer.diffusion import denoising_loss, noisy_latents_and_target
 from ti_trainer.errors import UserError
-from ti_trainer.memory.precision import autocast, grad_scaler
-from ti_trainer.training import batch_plan as planner
-from ti_trainer.training import fit, outputs
+from ti_trainer.memory.plan import MemoryPlan
+from ti_trainer.memory.precision import grad_scaler
+from ti_trainer.training import batch_plan, fit, outputs
 from ti_trainer.training.data import TrainingData, encode_dataset, prepare_images
 from ti_trainer.training.run_lock import embedding_lock
 from ti_trainer.training.settings_history import resume_changes_message
 from ti_trainer.training.setup import PreparedRun, prepare_run
+from ti_trainer.training.step import step_loss
+
+if TYPE_CHECKING:
+    from ti_trainer.backends.contract import Backend
 
 MAX_CONSECUTIVE_BAD_STEPS = 10
 
@@ -52,14 +54,18 @@ class RunContext:
     """What a monitor may read about the run it watches (it must not change any of it)."""
 
     config: TrainConfig
-    backend: object
+    backend: Backend
     data: TrainingData
     folders: outputs.RunFolders
     embedding_name: str
     seed: int
     initial_step: int
     end_step: int
-    precision: str  # what the run computes in (the memory plan's), for monitors that run the model too
+    memory_plan: MemoryPlan  # the run's one plan, as applied: monitors that run the model compute in it
+
+    @property
+    def precision(self) -> str:
+        return self.memory_plan.precision
 
 
 class TrainingMonitor(Protocol):
@@ -111,16 +117,15 @@ def step_generator(seed: int, micro_index: int) -> torch.Generator:
     return torch.Generator().manual_seed(mixed)
 
 
-def train(config: TrainConfig, backend, hooks: TrainingHooks | None = None) -> TrainResult:
+def train(config: TrainConfig, backend: Backend, hooks: TrainingHooks | None = None) -> TrainResult:
     hooks = hooks or TrainingHooks()
     # A backend over a model it does not own (the WebUI's) borrows it for the run and gives it back as it
     # found it, however the run ends.
-    session = getattr(backend, "training_session", None)
-    with session() if session else contextlib.nullcontext():
+    with backend.training_session():
         return _train(config, backend, hooks)
 
 
-def _train(config: TrainConfig, backend, hooks: TrainingHooks) -> TrainResult:
+def _train(config: TrainConfig, backend: Backend, hooks: TrainingHooks) -> TrainResult:
     run = prepare_run(config, backend)  # every check that needs no GPU work
     for message in run.messages:
         hooks.on_message(message)
@@ -130,7 +135,7 @@ def _train(config: TrainConfig, backend, hooks: TrainingHooks) -> TrainResult:
         return _locked_train(run, backend, hooks)
 
 
-def _locked_train(run: PreparedRun, backend, hooks: TrainingHooks) -> TrainResult:
+def _locked_train(run: PreparedRun, backend: Backend, hooks: TrainingHooks) -> TrainResult:
     config = run.config
     folders = outputs.RunFolders.for_run(config.log_dir, run.embedding.name)
     run.embedding.sd_checkpoint = backend.model_hash
@@ -141,8 +146,7 @@ def _locked_train(run: PreparedRun, backend, hooks: TrainingHooks) -> TrainResul
     )
     images = encode_dataset(backend, prepared, config.latent_sampling, config.use_alpha_weight, run.seed)
     data = TrainingData(images, config.batch_size, config.gradient_accumulation, run.seed)
-    the_plan = planner.plan(len(images), config.batch_size, config.gradient_accumulation)
-    for line in planner.start_lines(the_plan, run.initial_step, run.end_step):
+    for line in batch_plan.start_lines(data.plan, run.initial_step, run.end_step):
         hooks.on_message(line)
     # The settings record what the run did (the batch and accumulation capped to the dataset), so --config
     # reproduces it, and what was asked for beside it.
@@ -170,9 +174,17 @@ def _locked_train(run: PreparedRun, backend, hooks: TrainingHooks) -> TrainResul
         },
     )
     loss_log = outputs.LossLog(folders.loss_csv, data.steps_per_epoch, run.initial_step)
-    # The memory plan (attention, checkpointing, VAE in RAM, precision) holds for the run and is undone after;
-    # running out of GPU memory ends the run with a message naming the batch or size that fits (fit.py).
-    with fit.memory_for_training(config, backend, data, run.embedding.num_vectors, hooks.on_message) as plan:
+    # The run's memory plan (attention, checkpointing, VAE in RAM, precision), worked out once in
+    # prepare_run, holds for the run and is undone after; "auto" checkpointing is raised by need, and running
+    # out of GPU memory ends the run with a message naming the batch or size that fits (fit.py).
+    with fit.memory_for_training(
+        run.memory_plan,
+        backend,
+        data,
+        run.embedding.num_vectors,
+        auto_checkpointing=config.gradient_checkpointing == "auto",
+        say=hooks.on_message,
+    ) as plan:
         context = RunContext(
             config,
             backend,
@@ -182,7 +194,7 @@ def _locked_train(run: PreparedRun, backend, hooks: TrainingHooks) -> TrainResul
             run.seed,
             run.initial_step,
             run.end_step,
-            plan.precision,
+            plan,
         )
         for monitor in hooks.monitors:
             monitor.start(context)
@@ -190,7 +202,7 @@ def _locked_train(run: PreparedRun, backend, hooks: TrainingHooks) -> TrainResul
 
 
 def _loop(
-    run: PreparedRun, backend, hooks, folders, data: TrainingData, loss_log, precision: str
+    run: PreparedRun, backend: Backend, hooks, folders, data: TrainingData, loss_log, precision: str
 ) -> TrainResult:
     config, embedding, name = run.config, run.embedding, run.embedding.name
     device = backend.device
@@ -230,17 +242,15 @@ def _loop(
             micro_index = step_index * accumulation + micro
             generator, batch, prompts = _micro_batch(run, data, micro_index)
             first_prompt = first_prompt or prompts[0]
-            latents = batch.latents.to(device)
-            noise = torch.randn(latents.shape, generator=generator).to(device)
+            noise = torch.randn(batch.latents.shape, generator=generator)
             timesteps = torch.randint(
-                0, backend.schedule.num_timesteps, (latents.shape[0],), generator=generator
+                0, backend.schedule.num_timesteps, (batch.latents.shape[0],), generator=generator
             )
-            noisy, target = noisy_latents_and_target(backend.schedule, latents, noise, timesteps.to(device))
-            with autocast(precision, device):
-                cond = backend.prompt_encoder(prompts, {name: vectors})
-                prediction = backend.predict(noisy, timesteps.to(device), cond)
+            loss = step_loss(
+                backend, prompts, batch.latents, noise, timesteps, batch.weights, {name: vectors}, precision
+            )
             # Averaged over the accumulation group, so the step's loss is the mean of its micro-batches.
-            loss = denoising_loss(prediction, target, batch.weights) / accumulation
+            loss = loss / accumulation
             (scaler.scale(loss) if scaler else loss).backward()
             loss_value += loss.item()
 
@@ -333,7 +343,7 @@ def _micro_batch(run: PreparedRun, data: TrainingData, micro_index: int):
     return generator, batch, [run.prompts(caption, prompt_rng) for caption in batch.captions]
 
 
-def _render_missed_preview(run: PreparedRun, backend, hooks: TrainingHooks, folders, data) -> None:
+def _render_missed_preview(run: PreparedRun, backend: Backend, hooks: TrainingHooks, folders, data) -> None:
     """Render the preview of the step resumed from when the run that saved it was stopped before its preview
     (the save comes first), so every preview step of the run has its image. The prompt is the one that step
     drew, so the image is the one the first run would have made."""
@@ -347,7 +357,7 @@ def _render_missed_preview(run: PreparedRun, backend, hooks: TrainingHooks, fold
     _preview(run, backend, hooks, folders, _micro_batch(run, data, micro_index)[2][0])
 
 
-def _preview(run: PreparedRun, backend, hooks: TrainingHooks, folders, batch_prompt: str) -> None:
+def _preview(run: PreparedRun, backend: Backend, hooks: TrainingHooks, folders, batch_prompt: str) -> None:
     config, embedding = run.config, run.embedding
     request = PreviewRequest(
         prompt=config.preview_prompt or batch_prompt,
@@ -362,7 +372,7 @@ def _preview(run: PreparedRun, backend, hooks: TrainingHooks, folders, batch_pro
     )
     render = hooks.render_preview or backend.render
     # A backend that lends parts of its model out while training (VAE in RAM, WebUI placement) takes them back.
-    with getattr(backend, "previewing", contextlib.nullcontext)():
+    with backend.previewing():
         image = render(request)
     if image is None:
         return

@@ -6,6 +6,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ti_trainer.config import TrainConfig
 from ti_trainer.embeddings.checks import require_width
@@ -15,7 +16,7 @@ from ti_trainer.embeddings.files import load_embedding, load_optimizer_state
 from ti_trainer.errors import UserError
 from ti_trainer.fsutil import validate_embedding_name
 from ti_trainer.images import LoadedFolder, load_folder
-from ti_trainer.memory.plan import plan_for
+from ti_trainer.memory.plan import MemoryPlan, plan_for
 from ti_trainer.prepare.lint import TokenBudget, over_budget, token_counter
 from ti_trainer.text.prompts import PromptBuilder
 from ti_trainer.text.templates import BUILTIN_TEMPLATES_DIR, Template, list_templates, read_template
@@ -24,6 +25,9 @@ from ti_trainer.training.schedule import Schedule, parse_schedule
 # Textual inversion trains at about 5e-4 to 5e-2; a rate above this is a typo, not a choice.
 MAX_SANE_LEARN_RATE = 1.0
 MAX_LISTED = 10  # files named in one warning; the rest are counted
+
+if TYPE_CHECKING:
+    from ti_trainer.backends.contract import Backend
 
 
 @dataclass
@@ -42,6 +46,8 @@ class PreparedRun:
     initial_step: int
     end_step: int
     messages: list[str]
+    # The run's memory plan, worked out once here and passed on (fit.py may raise its checkpointing).
+    memory_plan: MemoryPlan
 
 
 def find_template(config: TrainConfig) -> Path:
@@ -99,9 +105,9 @@ def _caption_source(image_path: Path) -> str:
     return caption_file.name if caption_file.is_file() else f"{image_path.name} (caption from its file name)"
 
 
-def prepare_run(config: TrainConfig, backend) -> PreparedRun:
+def prepare_run(config: TrainConfig, backend: Backend) -> PreparedRun:
     config.validate()
-    plan_for(config, backend)  # an impossible memory choice (xformers not installed) is reported now
+    memory_plan = plan_for(config, backend)  # an impossible choice (xformers not installed) is reported now
     messages: list[str] = []
     name = validate_embedding_name(config.embedding_name)
     config.embedding_name = name
@@ -196,4 +202,5 @@ def prepare_run(config: TrainConfig, backend) -> PreparedRun:
         initial_step,
         end_step,
         messages,
+        memory_plan,
     )
