@@ -23,8 +23,6 @@ from ti_trainer.text.conditioning import (
     injected_token_embedding,
 )
 
-SAMPLERS = ("Euler a", "Euler", "DDIM", "DPM++ 2M")
-
 
 class DiffusersBackend:
     def __init__(
