@@ -131,10 +131,6 @@ def write_error(path: Path, error: OSError) -> UserError:
     return UserError(f"Could not write {path}: {reason}.{kept} {advice}")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
-
-
 def atomic_write_text(path: Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 

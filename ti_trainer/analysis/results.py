@@ -16,7 +16,6 @@ from ti_trainer.analysis.monitors import stopping_rule
 from ti_trainer.analysis.run_files import RunInfo
 
 TRAINING_TREND_WINDOW = 25  # steps averaged to show the trend of the noisy training loss
-IMAGE_TABLE_HEADERS = ["image", "caption", "validation loss", "gradient share %", "note"]
 
 
 @dataclass

@@ -25,8 +25,6 @@ from ti_trainer.text.conditioning import (
     injector_installed,
 )
 
-SAMPLERS = ("Euler a", "Euler", "DDIM", "DPM++ 2M")
-
 
 class DiffusersBackend:
     """The contract (backends/contract.py `Backend`) over diffusers' UNet and VAE and a transformers CLIP

@@ -28,7 +28,6 @@ from ti_trainer.errors import UserError
 from ti_trainer.fsutil import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".webp", ".jxl", ".avif")
-TENSOR_SUFFIXES = (".pt", ".bin", ".safetensors")
 
 # Written by A1111 for every embedding: the token id of "*" in SD1's CLIP vocabulary, a legacy of the
 # original textual_inversion code. Kept for files that older tools read.

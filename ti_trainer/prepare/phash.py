@@ -20,7 +20,6 @@ from itertools import combinations
 import numpy as np
 from PIL import Image
 
-HASH_BITS = 64
 # At most this many differing bits counts as "the same picture": re-encoding or resizing stays under ~4,
 # unrelated photos sit near 32.
 NEAR_DUPLICATE_BITS = 10

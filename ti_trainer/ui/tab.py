@@ -15,8 +15,6 @@ from ti_trainer.ui.train_panel import build_train_panel
 if TYPE_CHECKING:
     from ti_trainer.host.base import HostServices
 
-TAB_ELEM_ID = "ti_trainer"
-
 
 def build_tab(services: HostServices, live: LiveRun | None = None) -> gr.Blocks:
     """The tab's Blocks (A1111: returned from `on_ui_tabs`; standalone: rendered into the app)."""
