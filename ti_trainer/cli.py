@@ -10,6 +10,7 @@ from pathlib import Path
 from ti_trainer.analysis import commands as analysis_verbs
 from ti_trainer.config import CLIP_MODES, LATENT_SAMPLING, PRECISIONS, TrainConfig
 from ti_trainer.errors import UserError
+from ti_trainer.memory_estimate.cli_verb import add_estimate_verb, run_estimate
 from ti_trainer.prepare.cli_verbs import PREPARE_VERBS, add_prepare_verbs, run_prepare_verb
 
 
@@ -85,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     analysis_verbs.add_verbs(verbs)
     # The standalone app: the WebUI tab's panels in a browser (ti_trainer/host/standalone.py).
     _add_app_verb(verbs)
+    # What fits in GPU memory, estimated without a GPU (ti_trainer/memory_estimate).
+    add_estimate_verb(verbs)
     return parser
 
 
@@ -174,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_prepare_verb(args)
         if args.verb in analysis_verbs.VERBS:
             return analysis_verbs.run(args)
+        if args.verb == "estimate":
+            return run_estimate(args)
         if args.verb == "app":
             from ti_trainer.host.standalone import serve
 

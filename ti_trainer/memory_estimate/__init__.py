@@ -1,34 +1,36 @@
 """A VRAM estimate that needs no GPU: the peak memory of one training step, and the largest batch that fits.
 
+    from ti_trainer.memory_estimate import GIB, Settings, estimate_step_bytes, largest_batch
     estimate_step_bytes("sd21-768", Settings(width=768, height=768, batch=8, checkpointing="all"))
     largest_batch("sdxl", Settings(width=1024, height=1024), budget_bytes=int(7.5 * GIB))
 
-See estimate.py for what the figures compare to, tally.py for how they are counted, and config.py for the
-bridge from a TrainConfig and a backend.
+estimate.py says what the figures compare to, tally.py how they are counted, architectures.py which models
+are known, for_config.py the bridge from a TrainConfig and a backend (and the one-line summary), cli_verb.py
+the `estimate` verb. Names load on first use, so that importing the CLI does not import torch.
 """
 
-from ti_trainer.memory_estimate.architectures import ARCHITECTURES, Architecture, named_architecture
-from ti_trainer.memory_estimate.estimate import (
-    DEFAULT_BUDGET_GIB,
-    GIB,
-    Estimate,
-    Settings,
-    a1111_settings,
-    estimate_step_bytes,
-    largest_batch,
-    least_checkpointing,
-)
+import importlib
 
-__all__ = [
-    "ARCHITECTURES",
-    "DEFAULT_BUDGET_GIB",
-    "GIB",
-    "Architecture",
-    "Estimate",
-    "Settings",
-    "a1111_settings",
-    "estimate_step_bytes",
-    "largest_batch",
-    "least_checkpointing",
-    "named_architecture",
-]
+_HOMES = {
+    "ARCHITECTURES": "architectures",
+    "Architecture": "architectures",
+    "named_architecture": "architectures",
+    "DEFAULT_BUDGET_GIB": "estimate",
+    "GIB": "estimate",
+    "Estimate": "estimate",
+    "Settings": "estimate",
+    "a1111_settings": "estimate",
+    "estimate_step_bytes": "estimate",
+    "largest_batch": "estimate",
+    "least_checkpointing": "estimate",
+    "estimate_for_config": "for_config",
+    "estimate_note": "for_config",
+    "summary": "for_config",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)

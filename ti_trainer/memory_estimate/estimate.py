@@ -180,11 +180,13 @@ def levers(meta: MetaModel, settings: Settings):
     from ti_trainer.backends.diffusers_memory import attention_processors, unet_checkpointing
 
     kind = "sdpa" if settings.attention == "xformers" else settings.attention
-    with attention_processors(meta.unet, kind, settings.upcast_attention):
-        with unet_checkpointing(meta.unet, settings.checkpointing) as flagged:
-            for module in flagged:
-                module._gradient_checkpointing_func = checkpoint_under_emulation
-            yield
+    with (
+        attention_processors(meta.unet, kind, settings.upcast_attention),
+        unet_checkpointing(meta.unet, settings.checkpointing) as flagged,
+    ):
+        for module in flagged:
+            module._gradient_checkpointing_func = checkpoint_under_emulation
+        yield
 
 
 def run_step(meta: MetaModel, settings: Settings, tally: LiveBytes | None, device: str = "meta") -> None:
@@ -268,27 +270,29 @@ def encode_prompt(meta: MetaModel, vectors: list[torch.Tensor], batch: int):
 
 
 def largest_batch(
-    model, settings: Settings, budget_bytes: int, limit: int = 64
+    model, settings: Settings, budget_bytes: int, limit: int = 64, known: dict[int, Estimate] | None = None
 ) -> tuple[int, Estimate | None]:
     """The largest batch <= `limit` whose estimate fits `budget_bytes` (0 and None if not even batch 1).
+    `known`: estimates already made for these settings, by batch (they are reused, and new ones added).
 
-    Every activation has the batch as a dimension, so the step's bytes grow linearly with it: batches 1 and 2
-    give the slope, and the batch it points to is confirmed (and corrected by one) with its own estimate."""
-    first = estimate_step_bytes(model, settings.with_batch(1))
-    if not first.fits(budget_bytes):
-        return 0, None
-    if limit == 1:
-        return 1, first
-    second = estimate_step_bytes(model, settings.with_batch(2))
-    slope = max(1, second.needed_bytes - first.needed_bytes)
-    guess = max(1, min(limit, 1 + math.floor((budget_bytes - first.needed_bytes) / slope)))
-    known = {1: first, 2: second}
+    Every activation has the batch as a dimension, so the step's bytes grow about linearly with it: batches
+    1 and 2 give the slope, and the batch it points to is confirmed (and corrected one at a time) with its own
+    estimate (the peak may move to another point of the step as the batch grows, so the line is only a guess).
+    """
+    known = {} if known is None else known
 
     def at(batch: int) -> Estimate:
         if batch not in known:
             known[batch] = estimate_step_bytes(model, settings.with_batch(batch))
         return known[batch]
 
+    first = at(1)
+    if not first.fits(budget_bytes):
+        return 0, None
+    if limit == 1:
+        return 1, first
+    slope = max(1, at(2).needed_bytes - first.needed_bytes)
+    guess = max(1, min(limit, 1 + math.floor((budget_bytes - first.needed_bytes) / slope)))
     while guess > 1 and not at(guess).fits(budget_bytes):
         guess -= 1
     while guess < limit and at(guess + 1).fits(budget_bytes):
