@@ -1,8 +1,8 @@
 """Run one real training step on the CPU and print the peak resident memory it added, in bytes.
 
 Used by tests/test_memory_estimate.py in a fresh process (so nothing else's memory is in the figure):
-    python tests/measure_step_rss.py '<Architecture as JSON>' '<Settings as JSON>'
-The peak is the kernel's high-water mark of resident memory (VmHWM), reset just before the step
+    python tests/measure_step_rss.py '<Architecture as JSON>' '<Settings as JSON>' LEVEL...
+prints, for each checkpointing LEVEL, the bytes the step added at its peak. The peak is the kernel's high-water mark of resident memory (VmHWM), reset just before the step
 (/proc/self/clear_refs), minus the resident memory before it: the weights are already there.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 
 def resident_kib(field: str) -> int:
@@ -31,16 +32,17 @@ def main() -> None:
     settings = Settings(**json.loads(sys.argv[2]))
     model = build_on_meta(architecture, device="cpu")
     store_weights(model, settings)
-    with levers(model, settings):
-        run_step(model, settings, None, device="cpu")  # warm-up: one-time allocations (kernels, caches)
-        for module in (model.unet, *model.text_encoders):
-            module.zero_grad(set_to_none=True)
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")  # reset VmHWM to the current resident size
-        before = resident_kib("VmRSS")
-        run_step(model, settings, None, device="cpu")
-        peak = resident_kib("VmHWM")
-    print(json.dumps({"step_bytes": (peak - before) * 1024, "before_bytes": before * 1024}))
+    added = {}
+    for index, level in enumerate(sys.argv[3:]):
+        with levers(model, replace(settings, checkpointing=level)):
+            if index == 0:  # warm-up: one-time allocations (kernel caches) are not the step's
+                run_step(model, settings, None, device="cpu")
+            with open("/proc/self/clear_refs", "w") as clear:
+                clear.write("5")  # reset VmHWM to the current resident size
+            before = resident_kib("VmRSS")
+            run_step(model, settings, None, device="cpu")
+            added[level] = (resident_kib("VmHWM") - before) * 1024
+    print(json.dumps(added))
 
 
 if __name__ == "__main__":

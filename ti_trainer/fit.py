@@ -233,8 +233,11 @@ def memory_for_training(
     if not out_of_memory:
         return
     release_memory()
+    from ti_trainer.memory_estimate.for_config import estimate_note
+
     raise UserError(
         _advice(backend, plan, batch, accumulation, latent_hw, num_vectors, "Training ran out of GPU memory")
+        + estimate_note(config, backend, num_vectors)
         + " The embedding keeps its last saved step; start again to resume from it."
     ) from None
 
