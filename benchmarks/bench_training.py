@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import gc
 import json
@@ -129,6 +130,9 @@ class Row:
     images_per_s: float | None = None
     achieved_tflops: float | None = None
     utilisation: float | None = None
+    # The no-GPU estimate (ti_trainer/memory_estimate) of the same step's peak allocated memory, to set beside
+    # peak_allocated_gib (torch.cuda.max_memory_allocated); ours and a1111 only.
+    estimated_allocated_gib: float | None = None
     note: str = ""
 
 
@@ -360,6 +364,42 @@ def diffusers_example(parts: Parts, device: torch.device, batch: int, latent: in
 SETUPS = {"ours": ours, "a1111": a1111, "diffusers-example": diffusers_example}
 
 
+def estimated_allocated_gib(parts: Parts, config: str, plan: MemoryPlan, size_px: int, batch: int):
+    """The estimate of the step just measured, from the same configs, on the meta device (None for the
+    diffusers example, whose whole-matrix AdamW the estimate does not model)."""
+    from ti_trainer.memory_estimate import Architecture, Settings, a1111_settings, estimate_step_bytes
+
+    if config == "diffusers-example":
+        return None
+    architecture = Architecture(
+        name=config,
+        title=config,
+        unet=dict(parts.unet.config),
+        text_encoders=(parts.text_encoder.config.to_dict(),),
+        vae=dict(parts.vae.config),
+        text_layer="penultimate+norm" if parts.penultimate else "last",
+    )
+    half = plan.precision != "fp32"
+    if config == "a1111":
+        settings = dataclasses.replace(
+            a1111_settings(size_px, size_px, batch), precision=plan.precision, half_weights=half
+        )
+    else:
+        settings = Settings(
+            width=size_px,
+            height=size_px,
+            batch=batch,
+            precision=plan.precision,
+            attention=plan.attention,
+            checkpointing=plan.checkpointing,
+            upcast_attention=plan.upcast_attention,
+            half_weights=half,
+            vae_on_gpu=not plan.vae_offload,
+        )
+    settings = dataclasses.replace(settings, num_vectors=VECTORS)
+    return estimate_step_bytes(architecture, settings).allocated_bytes / GIB
+
+
 def measure(
     parts: Parts, config: str, arch: str, size_px: int, batch: int, cap_gib, device, args, yardstick
 ) -> Row:
@@ -385,6 +425,7 @@ def measure(
             if device.type == "cuda":
                 row.peak_allocated_gib = torch.cuda.max_memory_allocated(device) / GIB
                 row.peak_reserved_gib = torch.cuda.max_memory_reserved(device) / GIB
+            row.estimated_allocated_gib = estimated_allocated_gib(parts, config, plan, size_px, batch)
             row.seconds_per_step = seconds
             row.images_per_s = batch / seconds
             row.achieved_tflops = row.images_per_s * flops
@@ -465,14 +506,15 @@ def format_row(row: Row) -> str:
     cap = "none" if row.cap_gib is None else f"{row.cap_gib:g} GiB"
     return (
         f"| {row.config} | {row.arch} | {row.size_px} | {row.batch} | {cap} | {row.status} | {row.checkpointing} "
-        f"| {row.precision} | {number(row.peak_allocated_gib, '{:.2f}')} | {number(row.peak_reserved_gib, '{:.2f}')} "
+        f"| {row.precision} | {number(row.peak_allocated_gib, '{:.2f}')} "
+        f"| {number(row.estimated_allocated_gib, '{:.2f}')} | {number(row.peak_reserved_gib, '{:.2f}')} "
         f"| {number(row.images_per_s, '{:.2f}')} | {number(row.utilisation, '{:.0%}')} |"
     )
 
 
 TABLE_HEADER = (
-    "| config | arch | px | batch | cap | status | checkpointing | precision | peak alloc GiB | peak reserved GiB "
-    "| images/s | utilisation |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| config | arch | px | batch | cap | status | checkpointing | precision | peak alloc GiB | estimated alloc GiB "
+    "| peak reserved GiB | images/s | utilisation |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 

@@ -65,6 +65,7 @@ SMALL = Architecture(
 )
 FP32 = Settings(width=384, height=384, batch=2, precision="fp32", half_weights=False)
 BF16 = Settings(width=384, height=384, batch=2, precision="bf16")
+QUICK = Settings(width=128, height=128, batch=2, precision="bf16")  # where the size does not matter
 
 
 def measured_step_bytes(architecture: Architecture, settings: Settings, levels: list[str]) -> dict[str, int]:
@@ -94,7 +95,7 @@ def test_estimate_is_within_10_percent_of_a_real_steps_measured_memory():
 
 
 def test_grows_with_the_batch_and_weights_are_counted_once():
-    one, two, three = (estimate_step_bytes(SMALL, BF16.with_batch(b)) for b in (1, 2, 3))
+    one, two, three = (estimate_step_bytes(SMALL, QUICK.with_batch(b)) for b in (1, 2, 3))
     assert one.needed_bytes < two.needed_bytes < three.needed_bytes
     assert one.weights_bytes == two.weights_bytes == three.weights_bytes
     # Activations are batch-sized: the step's bytes grow by about the same amount per image.
@@ -103,23 +104,23 @@ def test_grows_with_the_batch_and_weights_are_counted_once():
 
 def test_checkpointing_lowers_the_peak():
     off, high_res, every = (
-        estimate_step_bytes(SMALL, dataclasses.replace(BF16, checkpointing=level))
+        estimate_step_bytes(SMALL, dataclasses.replace(QUICK, checkpointing=level))
         for level in ("off", "high-res", "all")
     )
     assert every.step_bytes < high_res.step_bytes < off.step_bytes
 
 
 def test_bf16_weights_take_half_and_fp8_weights_a_quarter_of_fp32():
-    fp32 = estimate_step_bytes(SMALL, dataclasses.replace(BF16, half_weights=False)).weights_bytes
-    bf16 = estimate_step_bytes(SMALL, BF16).weights_bytes
-    fp8 = estimate_step_bytes(SMALL, dataclasses.replace(BF16, fp8_weights=True)).weights_bytes
+    fp32 = estimate_step_bytes(SMALL, dataclasses.replace(QUICK, half_weights=False)).weights_bytes
+    bf16 = estimate_step_bytes(SMALL, QUICK).weights_bytes
+    fp8 = estimate_step_bytes(SMALL, dataclasses.replace(QUICK, fp8_weights=True)).weights_bytes
     assert bf16 == pytest.approx(fp32 / 2, rel=0.02)
     assert fp32 / 4 < fp8 < fp32 * 0.3  # norms, biases and embeddings stay in bf16
 
 
 def test_fp32_weights_under_autocast_hold_their_half_copies_for_the_backward_pass():
-    half = estimate_step_bytes(SMALL, BF16)
-    full = estimate_step_bytes(SMALL, dataclasses.replace(BF16, half_weights=False))
+    half = estimate_step_bytes(SMALL, QUICK)
+    full = estimate_step_bytes(SMALL, dataclasses.replace(QUICK, half_weights=False))
     # Frozen weights are cast at each use (autocast caches only trainable ones); a linear or conv whose input
     # needs a gradient keeps its bf16 copy for the backward pass: most of the model's weights, once more.
     assert full.step_bytes - half.step_bytes > 0.5 * half.weights_bytes
@@ -137,20 +138,20 @@ def test_plain_attention_holds_the_score_matrix_and_sdpa_does_not():
 
 
 def test_text_encoder_on_the_cpu_leaves_only_its_output_on_the_gpu():
-    on_gpu = estimate_step_bytes(SMALL, BF16)
-    on_cpu = estimate_step_bytes(SMALL, dataclasses.replace(BF16, text_encoder_on_gpu=False))
+    on_gpu = estimate_step_bytes(SMALL, QUICK)
+    on_cpu = estimate_step_bytes(SMALL, dataclasses.replace(QUICK, text_encoder_on_gpu=False))
     assert on_cpu.weights_bytes < on_gpu.weights_bytes
-    assert on_cpu.step_bytes <= on_gpu.step_bytes
-    with_vae = estimate_step_bytes(SMALL, dataclasses.replace(BF16, vae_on_gpu=True))
+    assert on_cpu.step_bytes < on_gpu.step_bytes  # its activations are in RAM
+    with_vae = estimate_step_bytes(SMALL, dataclasses.replace(QUICK, vae_on_gpu=True))
     assert with_vae.weights_bytes > on_gpu.weights_bytes and with_vae.step_bytes == on_gpu.step_bytes
 
 
 def test_largest_batch_is_the_last_that_fits():
-    budget = estimate_step_bytes(SMALL, BF16.with_batch(5)).needed_bytes + 1
-    batch, estimate = largest_batch(SMALL, BF16, budget)
+    budget = estimate_step_bytes(SMALL, QUICK.with_batch(5)).needed_bytes + 1
+    batch, estimate = largest_batch(SMALL, QUICK, budget)
     assert batch == 5 and estimate.fits(budget)
-    assert not estimate_step_bytes(SMALL, BF16.with_batch(6)).fits(budget)
-    assert largest_batch(SMALL, BF16, 1000) == (0, None)
+    assert not estimate_step_bytes(SMALL, QUICK.with_batch(6)).fits(budget)
+    assert largest_batch(SMALL, QUICK, 1000) == (0, None)
 
 
 # --- the targets, on the named architectures (estimates, not measurements) ------------------------------------
@@ -184,11 +185,16 @@ def test_a1111s_configuration_does_not_train_batch_1_at_768_px_in_8_gib():
 
 
 def test_estimate_verb_prints_the_table_and_the_largest_batch(capsys):
-    assert main(["estimate", "--model", "tiny", "--width", "64", "--batch", "1", "2", "--budget", "1"]) == 0
+    argv = ["estimate", "--model", "tiny", "--width", "64", "--batch", "1", "2", "--budget", "1"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "| batch | checkpointing off | checkpointing high-res | checkpointing all |" in out
     assert out.count("\n| 1 | ") == 1 and out.count("\n| 2 | ") == 1
     assert "Largest batch under 1 GiB: 64 without checkpointing" in out  # the tiny model fits the limit
+    assert main([*argv, "--checkpointing", "all", "--budget", "0.001"]) == 0
+    out = capsys.readouterr().out
+    assert "| batch | checkpointing all |" in out and "(over)" in out
+    assert "Largest batch under 0.001 GiB: none; even batch 1 needs more." in out
 
 
 def test_estimate_verb_names_unknown_models_clearly(capsys):
