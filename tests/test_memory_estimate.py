@@ -224,3 +224,16 @@ def test_out_of_memory_message_names_the_estimate(backend, make_config):
     message = str(error.value)
     assert "The estimate for this step was about 0." in message
     assert message.endswith("The embedding keeps its last saved step; start again to resume from it.")
+
+
+def test_the_webuis_model_is_matched_to_its_named_architecture():
+    from types import SimpleNamespace
+
+    from ti_trainer.memory_estimate.architectures import architecture_of_backend
+
+    def ldm(width: int, parameterization: str):  # what an ldm backend exposes: no diffusers configs
+        return SimpleNamespace(text_width=width, schedule=SimpleNamespace(parameterization=parameterization))
+
+    assert architecture_of_backend(ldm(1024, "v")).unet["sample_size"] == 96  # SD 2.1-768-v
+    assert architecture_of_backend(ldm(1024, "eps")).unet["sample_size"] == 64  # SD 2.1-base
+    assert architecture_of_backend(ldm(768, "eps")).text_encoders[0]["hidden_size"] == 768  # SD 1.x

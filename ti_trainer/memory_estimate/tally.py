@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 ALLOCATOR_BLOCK = 512  # bytes: every CUDA caching-allocator block is a multiple of this
 
@@ -66,7 +66,7 @@ class LiveBytes(TorchDispatchMode):
                 # weight must not count the weight again).
                 if declared.alias_info is not None:
                     continue
-                for tensor in tree_leaves(result):
+                for tensor in tree_flatten(result)[0]:
                     if isinstance(tensor, torch.Tensor):
                         self._track(tensor, func)
         return out
