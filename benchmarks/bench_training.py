@@ -49,6 +49,7 @@ from ti_trainer.backends.diffusers_memory import attention_processors, unet_chec
 from ti_trainer.conditioning import TokenIds  # noqa: E402
 from ti_trainer.diffusion import denoising_loss, noisy_latents_and_target, scaled_linear_schedule  # noqa: E402
 from ti_trainer.memory import MemoryPlan, apply_memory_plan, choose_memory_plan  # noqa: E402
+from ti_trainer.memory_estimate import architectures  # noqa: E402
 from ti_trainer.training.precision import autocast, grad_scaler, resolve_precision  # noqa: E402
 
 GIB = 1024**3
@@ -57,47 +58,10 @@ TFLOP_PER_IMAGE_768 = 4.3  # UNet forward + input-gradient backward, batch 1, 96
 NAME, VECTORS = "benchvectors", 8
 PROMPT = f"a painting of {NAME}, oil on canvas, richly textured, by a master, in a museum"
 
-# SD 2.1's UNet (stabilityai/stable-diffusion-2-1 unet/config.json); 2.1-base differs in sample size and in
-# not asking for upcast attention.
-SD21_UNET = dict(
-    sample_size=96,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    attention_head_dim=(5, 10, 20, 20),
-    cross_attention_dim=1024,
-    use_linear_projection=True,
-    upcast_attention=True,
-    norm_num_groups=32,
-)
-# OpenCLIP ViT-H's text tower as diffusers stores it for SD 2.x: 23 layers (the penultimate of 24).
-OPENCLIP_H_TEXT = dict(
-    vocab_size=49408,
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=23,
-    num_attention_heads=16,
-    max_position_embeddings=77,
-    hidden_act="gelu",
-    projection_dim=512,
-    bos_token_id=49406,
-    eos_token_id=49407,
-    pad_token_id=0,
-)
-SD_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=4,
-    norm_num_groups=32,
-    sample_size=768,
-)
+# SD 2.1's UNet (stabilityai/stable-diffusion-2-1 unet/config.json; 2.1-base differs in sample size and in
+# not asking for upcast attention), OpenCLIP-H's text tower as diffusers stores it (23 layers) and the SD VAE:
+# the published configs the memory estimate builds its named architectures from.
+SD21_UNET, OPENCLIP_H_TEXT, SD_VAE = architectures.SD21_UNET, architectures.OPENCLIP_H, architectures.SD_VAE
 ARCHITECTURES = {
     "sd21-768-v": dict(parameterization="v", upcast=True),
     "sd21-base": dict(parameterization="eps", upcast=False),
