@@ -16,6 +16,8 @@ from ti_trainer.errors import UserError
 if TYPE_CHECKING:
     from ti_trainer.backends.contract import Backend
 
+from ti_trainer.cli.estimate_verb import add_estimate_verb, run_estimate
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -95,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     analysis_verbs.add_verbs(verbs)
     # The standalone app: the WebUI tab's panels in a browser (ti_trainer/host/standalone.py).
     _add_app_verb(verbs)
+    # What fits in GPU memory, estimated without a GPU (ti_trainer/vram).
+    add_estimate_verb(verbs)
     return parser
 
 
@@ -195,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_prepare_verb(args)
         if args.verb in analysis_verbs.VERBS:
             return analysis_verbs.run(args)
+        if args.verb == "estimate":
+            return run_estimate(args)
         if args.verb == "app":
             from ti_trainer.host.standalone import serve
 

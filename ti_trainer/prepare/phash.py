@@ -22,6 +22,7 @@ from PIL import Image
 
 # At most this many differing bits counts as "the same picture": re-encoding or resizing stays under ~4,
 # unrelated photos sit near 32.
+HASH_BITS = 64  # an 8x8 DCT sign pattern
 NEAR_DUPLICATE_BITS = 10
 
 

@@ -241,8 +241,12 @@ def memory_for_training(
     if not out_of_memory:
         return
     release_memory()
+    from ti_trainer.vram.for_config import estimate_note
+
+    factor = backend.family.vae_scale_factor
     raise UserError(
         _advice(backend, plan, batch, accumulation, latent_hw, num_vectors, "Training ran out of GPU memory")
+        + estimate_note(plan, backend, latent_hw[1] * factor, latent_hw[0] * factor, batch, num_vectors)
         + " The embedding keeps its last saved step; start again to resume from it."
     ) from None
 
