@@ -12,7 +12,14 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import webui_session
-from tiny_sgm import BIGG_WIDTH, CLIP_L_LAYERS, CLIP_L_WIDTH, CROSSATTN_WIDTH, SIZE_EMBEDDING_WIDTH, VECTOR_WIDTH
+from tiny_sgm import (
+    BIGG_WIDTH,
+    CLIP_L_LAYERS,
+    CLIP_L_WIDTH,
+    CROSSATTN_WIDTH,
+    SIZE_EMBEDDING_WIDTH,
+    VECTOR_WIDTH,
+)
 
 BPE = open_clip.tokenizer._tokenizer
 START, END = BPE.encoder["<start_of_text>"], BPE.encoder["<end_of_text>"]
@@ -75,7 +82,9 @@ def conditioning(model, prompt, width=None, height=None, negative=False):
 
 def write_embedding(folder, name, clip_l_rows, clip_g_rows):
     path = folder / f"{name}.safetensors"
-    safetensors.torch.save_file({"clip_l": clip_l_rows.contiguous(), "clip_g": clip_g_rows.contiguous()}, path)
+    safetensors.torch.save_file(
+        {"clip_l": clip_l_rows.contiguous(), "clip_g": clip_g_rows.contiguous()}, path
+    )
     return path
 
 
@@ -188,7 +197,9 @@ def test_vector_is_pooled_then_original_crop_and_target_sizes_as_height_width(we
 def test_a_plain_prompt_list_is_conditioned_at_1024_square(webui_sdxl):
     with torch.no_grad():
         cond = webui_sdxl.model.get_learned_conditioning(["a cat"])
-    assert torch.allclose(cond["vector"][:, BIGG_WIDTH:], size_embedding(1024, 1024, 0, 0, 1024, 1024), atol=1e-5)
+    assert torch.allclose(
+        cond["vector"][:, BIGG_WIDTH:], size_embedding(1024, 1024, 0, 0, 1024, 1024), atol=1e-5
+    )
 
 
 def test_a_long_prompt_has_two_chunks_and_the_first_chunks_pooled_vector(webui_sdxl):
@@ -220,7 +231,9 @@ def test_clip_skip_sdxl_takes_clip_ls_layer_from_the_end_without_layernorm(webui
     monkeypatch.setitem(shared.opts.data, "sdxl_clip_l_skip", True)
     monkeypatch.setitem(shared.opts.data, "CLIP_stop_at_last_layers", 1)
     cond = conditioning(model, prompt)
-    hidden = clip_l(model).transformer(input_ids=chunk_ids(prompt, END), output_hidden_states=True).hidden_states
+    hidden = (
+        clip_l(model).transformer(input_ids=chunk_ids(prompt, END), output_hidden_states=True).hidden_states
+    )
     assert torch.allclose(cond["crossattn"][..., :CLIP_L_WIDTH], hidden[-1], atol=1e-5)
     penultimate, _ = expected_bigg(model, prompt)  # bigG is not affected
     assert torch.allclose(cond["crossattn"][..., CLIP_L_WIDTH:], penultimate, atol=1e-5)
@@ -257,7 +270,10 @@ def test_an_sdxl_embedding_loads_and_its_vectors_take_the_names_place_in_both_en
 def test_each_half_of_an_sdxl_embedding_reaches_only_its_encoder(webui_sdxl):
     model, folder = webui_sdxl.model, webui_sdxl.embeddings_dir
     generator = torch.Generator().manual_seed(0)
-    rows_l, rows_g = torch.randn(2, CLIP_L_WIDTH, generator=generator), torch.randn(2, BIGG_WIDTH, generator=generator)
+    rows_l, rows_g = (
+        torch.randn(2, CLIP_L_WIDTH, generator=generator),
+        torch.randn(2, BIGG_WIDTH, generator=generator),
+    )
 
     def cond_with(clip_l_rows, clip_g_rows):
         write_embedding(folder, "xlemb", clip_l_rows, clip_g_rows)
@@ -301,7 +317,10 @@ def test_generation_notes_the_embeddings_hash_once_per_text_encoder(webui_sdxl):
     p = processing.StableDiffusionProcessingTxt2Img(prompt="a xlemb", steps=1, width=64, height=64, seed=1)
     processing.process_images(p)
     shorthash = webui_sdxl.db.word_embeddings["xlemb"].shorthash
-    assert sd_hijack.model_hijack.extra_generation_params["TI hashes"] == f"xlemb: {shorthash}, xlemb: {shorthash}"
+    assert (
+        sd_hijack.model_hijack.extra_generation_params["TI hashes"]
+        == f"xlemb: {shorthash}, xlemb: {shorthash}"
+    )
 
 
 # --- the no-grad trap ---------------------------------------------------------------------------------------------
@@ -322,7 +341,9 @@ def test_the_conditioner_gives_no_gradient_but_the_two_text_wrappers_do(webui_sd
 
     with torch.enable_grad():
         cond = model.get_learned_conditioning(prompt)
-    assert not cond["crossattn"].requires_grad and not cond["vector"].requires_grad, "sgm runs them under no_grad"
+    assert not cond["crossattn"].requires_grad and not cond["vector"].requires_grad, (
+        "sgm runs them under no_grad"
+    )
 
     # What a trainer must do instead: call the two wrappers itself, one after the other.
     clip_l_wrapper, bigg_wrapper = model.conditioner.embedders[:2]
@@ -351,15 +372,23 @@ def medvram_sdxl_webui(tmp_path, monkeypatch, fresh_sdxl):
     from modules import lowvram
 
     monkeypatch.setattr(lowvram, "module_in_gpu", None)
-    yield from webui_session(tmp_path, monkeypatch, fresh_sdxl, "tiny-sdxl.safetensors", {"medvram_sdxl": True})
+    yield from webui_session(
+        tmp_path, monkeypatch, fresh_sdxl, "tiny-sdxl.safetensors", {"medvram_sdxl": True}
+    )
 
 
-def test_medvram_sdxl_moves_conditioner_unet_and_vae_to_the_device_one_at_a_time(medvram_sdxl_webui, monkeypatch):
+def test_medvram_sdxl_moves_conditioner_unet_and_vae_to_the_device_one_at_a_time(
+    medvram_sdxl_webui, monkeypatch
+):
     from modules import devices, lowvram, shared
 
     model = medvram_sdxl_webui.model
     assert model.lowvram and not shared.parallel_processing_allowed
-    parts = {id(model.conditioner): "conditioner", id(model.model): "unet", id(model.first_stage_model): "vae"}
+    parts = {
+        id(model.conditioner): "conditioner",
+        id(model.model): "unet",
+        id(model.first_stage_model): "vae",
+    }
     assert lowvram.module_in_gpu is model.conditioner  # the empty prompt was encoded at load
     # Only the CPU is here: let "ram" be a device name of its own, and record moves instead of making them.
     ram = torch.device("meta")
@@ -408,7 +437,9 @@ def test_fp8_for_sdxl_stores_linear_and_conv_weights_outside_the_vae_and_still_g
         for name, module in model.named_modules()
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
     }
-    assert {dtype for name, dtype in stored.items() if name.startswith("first_stage_model.")} == {torch.float32}
+    assert {dtype for name, dtype in stored.items() if name.startswith("first_stage_model.")} == {
+        torch.float32
+    }
     others = {dtype for name, dtype in stored.items() if not name.startswith("first_stage_model.")}
     assert others == {torch.float8_e4m3fn}
     # Token tables and open_clip's fused in-projection are other module types: left as they were.

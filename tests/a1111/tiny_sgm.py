@@ -15,8 +15,8 @@ from pathlib import Path
 import open_clip
 import torch
 from omegaconf import OmegaConf
-
 from tiny_ldm import write_clip_vocabulary
+
 from ti_trainer.backends.tiny import make_random_init_informative
 
 CLIP_L_WIDTH = 32
@@ -79,7 +79,12 @@ def tiny_sdxl_config(clip_l_folder: Path):
             "params": {"outdim": SIZE_EMBEDDING_WIDTH},
         }
 
-    clip_l = {"version": str(clip_l_folder), "device": "cpu", "layer": "hidden", "layer_idx": CLIP_L_LAYERS - 1}
+    clip_l = {
+        "version": str(clip_l_folder),
+        "device": "cpu",
+        "layer": "hidden",
+        "layer_idx": CLIP_L_LAYERS - 1,
+    }
     bigg = {
         "arch": BIGG_ARCH,
         "version": None,
@@ -151,7 +156,10 @@ def tiny_sdxl_config(clip_l_folder: Path):
                 ]
             },
         },
-        "first_stage_config": {"target": "sgm.models.autoencoder.AutoencoderKLInferenceWrapper", "params": vae},
+        "first_stage_config": {
+            "target": "sgm.models.autoencoder.AutoencoderKLInferenceWrapper",
+            "params": vae,
+        },
     }
     return OmegaConf.create({"model": {"target": "sgm.models.diffusion.DiffusionEngine", "params": params}})
 

@@ -41,7 +41,12 @@ def apply(sd_model):
 
 
 def _parts_kept_in_ram(sd_model, is_sdxl, is_sd2):
-    parts = [(sd_model, "first_stage_model"), (sd_model, "depth_model"), (sd_model, "embedder"), (sd_model, "model")]
+    parts = [
+        (sd_model, "first_stage_model"),
+        (sd_model, "depth_model"),
+        (sd_model, "embedder"),
+        (sd_model, "model"),
+    ]
     if hasattr(sd_model, "medvram_fields"):
         return sd_model.medvram_fields()
     if is_sdxl:
@@ -96,7 +101,9 @@ def setup_for_low_vram(sd_model, use_medvram):
     text_model = getattr(sd_model, "cond_stage_model", None)
     if text_model is not None and hasattr(text_model, "medvram_modules"):
         for entry in text_model.medvram_modules():
-            module, parent = (entry.module, entry.parent) if isinstance(entry, ModuleWithParent) else (entry, None)
+            module, parent = (
+                (entry.module, entry.parent) if isinstance(entry, ModuleWithParent) else (entry, None)
+            )
             if module:
                 module.register_forward_pre_hook(send_me_to_gpu)
                 if parent:

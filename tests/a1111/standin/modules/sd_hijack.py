@@ -86,16 +86,22 @@ class StableDiffusionModelHijack:
             kind = type(embedder).__name__
             if kind == "FrozenOpenCLIPEmbedder":
                 embedder.model.token_embedding = EmbeddingsWithFixes(embedder.model.token_embedding, self)
-                conditioner.embedders[index] = sd_hijack_open_clip.FrozenOpenCLIPEmbedderWithCustomWords(embedder, self)
+                conditioner.embedders[index] = sd_hijack_open_clip.FrozenOpenCLIPEmbedderWithCustomWords(
+                    embedder, self
+                )
             elif kind == "FrozenCLIPEmbedder":
                 embeddings = embedder.transformer.text_model.embeddings
                 embeddings.token_embedding = EmbeddingsWithFixes(embeddings.token_embedding, self)
-                conditioner.embedders[index] = sd_hijack_clip.FrozenCLIPEmbedderForSDXLWithCustomWords(embedder, self)
+                conditioner.embedders[index] = sd_hijack_clip.FrozenCLIPEmbedderForSDXLWithCustomWords(
+                    embedder, self
+                )
             elif kind == "FrozenOpenCLIPEmbedder2":
                 embedder.model.token_embedding = EmbeddingsWithFixes(
                     embedder.model.token_embedding, self, textual_inversion_key="clip_g"
                 )
-                conditioner.embedders[index] = sd_hijack_open_clip.FrozenOpenCLIPEmbedder2WithCustomWords(embedder, self)
+                conditioner.embedders[index] = sd_hijack_open_clip.FrozenOpenCLIPEmbedder2WithCustomWords(
+                    embedder, self
+                )
             else:
                 continue
             text_models.append(conditioner.embedders[index])

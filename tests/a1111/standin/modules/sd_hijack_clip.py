@@ -153,7 +153,9 @@ class TextConditionalModel(torch.nn.Module):
             if hashes:
                 # Appended to what an earlier encoder wrote: with SDXL's two, each name appears twice.
                 earlier = self.hijack.extra_generation_params.get("TI hashes")
-                self.hijack.extra_generation_params["TI hashes"] = ", ".join(hashes + ([earlier] if earlier else []))
+                self.hijack.extra_generation_params["TI hashes"] = ", ".join(
+                    hashes + ([earlier] if earlier else [])
+                )
         if self.return_pooled:
             return torch.hstack(outputs), outputs[0].pooled
         return torch.hstack(outputs)
@@ -203,7 +205,9 @@ class FrozenCLIPEmbedderForSDXLWithCustomWords(FrozenCLIPEmbedderWithCustomWords
     the "Clip skip SDXL" setting the one `CLIP_stop_at_last_layers` picks, also without the LayerNorm."""
 
     def encode_with_transformers(self, tokens):
-        outputs = self.wrapped.transformer(input_ids=tokens, output_hidden_states=self.wrapped.layer == "hidden")
+        outputs = self.wrapped.transformer(
+            input_ids=tokens, output_hidden_states=self.wrapped.layer == "hidden"
+        )
         if opts.sdxl_clip_l_skip is True:
             return outputs.hidden_states[-opts.CLIP_stop_at_last_layers]
         if self.wrapped.layer == "last":

@@ -30,7 +30,9 @@ def get_learned_conditioning(self, batch):
     is_negative_prompt = getattr(batch, "is_negative_prompt", False)
     opts = shared.opts
     aesthetic_score = (
-        opts.sdxl_refiner_low_aesthetic_score if is_negative_prompt else opts.sdxl_refiner_high_aesthetic_score
+        opts.sdxl_refiner_low_aesthetic_score
+        if is_negative_prompt
+        else opts.sdxl_refiner_high_aesthetic_score
     )
     count = len(batch)
     sdxl_conds = {
@@ -66,7 +68,10 @@ def _text_embedders_with(conditioner, method):
 
 def encode_embedding_init_text(self, init_text, nvpt):
     """Every text encoder's token embeddings of the text, side by side: CLIP-L's then bigG's columns."""
-    parts = [e.encode_embedding_init_text(init_text, nvpt) for e in _text_embedders_with(self, "encode_embedding_init_text")]
+    parts = [
+        e.encode_embedding_init_text(init_text, nvpt)
+        for e in _text_embedders_with(self, "encode_embedding_init_text")
+    ]
     return torch.cat(parts, dim=1)
 
 

@@ -68,7 +68,9 @@ class DiffusionEngine(pl.LightningModule):
         return batch[self.input_key]
 
     def _first_stage_autocast(self):
-        return torch.autocast("cuda", enabled=not self.disable_first_stage_autocast and torch.cuda.is_available())
+        return torch.autocast(
+            "cuda", enabled=not self.disable_first_stage_autocast and torch.cuda.is_available()
+        )
 
     @torch.no_grad()
     def decode_first_stage(self, z):

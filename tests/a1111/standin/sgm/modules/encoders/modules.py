@@ -75,7 +75,9 @@ class GeneralConditioner(torch.nn.Module):
         for config in emb_models:
             embedder = instantiate_from_config(config)
             if not isinstance(embedder, AbstractEmbModel):
-                raise TypeError(f"embedder model {type(embedder).__name__} has to inherit from AbstractEmbModel")
+                raise TypeError(
+                    f"embedder model {type(embedder).__name__} has to inherit from AbstractEmbModel"
+                )
             embedder.is_trainable = config.get("is_trainable", False)
             embedder.ucg_rate = config.get("ucg_rate", 0.0)
             if not embedder.is_trainable:
@@ -88,7 +90,9 @@ class GeneralConditioner(torch.nn.Module):
             elif "input_keys" in config:
                 embedder.input_keys = config["input_keys"]
             else:
-                raise KeyError(f"need either 'input_key' or 'input_keys' for embedder {type(embedder).__name__}")
+                raise KeyError(
+                    f"need either 'input_key' or 'input_keys' for embedder {type(embedder).__name__}"
+                )
             embedder.legacy_ucg_val = config.get("legacy_ucg_value", None)
             if embedder.legacy_ucg_val is not None:
                 embedder.ucg_prng = np.random.RandomState()
@@ -118,7 +122,9 @@ class GeneralConditioner(torch.nn.Module):
             for emb in emb_out if isinstance(emb_out, (list, tuple)) else [emb_out]:
                 out_key = self.OUTPUT_DIM2KEYS[emb.dim()]
                 if embedder.ucg_rate > 0.0 and embedder.legacy_ucg_val is None:
-                    keep = torch.bernoulli((1.0 - embedder.ucg_rate) * torch.ones(emb.shape[0], device=emb.device))
+                    keep = torch.bernoulli(
+                        (1.0 - embedder.ucg_rate) * torch.ones(emb.shape[0], device=emb.device)
+                    )
                     emb = keep.reshape((-1,) + (1,) * (emb.dim() - 1)) * emb
                 if getattr(embedder, "input_key", None) in force_zero_embeddings:
                     emb = torch.zeros_like(emb)
@@ -221,7 +227,9 @@ class FrozenOpenCLIPEmbedder2(AbstractEmbModel):
         super().__init__()
         if layer not in self.LAYERS:
             raise ValueError(f"layer {layer!r} is not one of {self.LAYERS}")
-        model, _, _ = open_clip.create_model_and_transforms(arch, device=torch.device("cpu"), pretrained=version)
+        model, _, _ = open_clip.create_model_and_transforms(
+            arch, device=torch.device("cpu"), pretrained=version
+        )
         del model.visual
         self.model = model
         self.device = device
