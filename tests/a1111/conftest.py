@@ -87,6 +87,19 @@ def webui_sdxl(tmp_path, tiny_sdxl, monkeypatch):
     yield from webui_session(tmp_path, monkeypatch, tiny_sdxl, "tiny-sdxl.safetensors")
 
 
+@pytest.fixture
+def fresh_sdxl_webui(tmp_path, tiny_sdxl_folder, monkeypatch, request):
+    """A WebUI around an SDXL of its own, for start-up choices that change a model for good (hooks, FP8
+    weights). Parametrize it indirectly with {"flags": command-line flags, "settings": settings}."""
+    import tiny_sgm
+    from modules import lowvram
+
+    monkeypatch.setattr(lowvram, "module_in_gpu", None)
+    choices = getattr(request, "param", {})
+    model = tiny_sgm.build_tiny_sdxl(tiny_sdxl_folder)
+    yield from webui_session(tmp_path, monkeypatch, model, "tiny-sdxl.safetensors", **choices)
+
+
 def webui_session(tmp_path, monkeypatch, model, checkpoint_name, flags=None, settings=None):
     """Set the stand-in WebUI up around `model` (command-line `flags` and `settings` as given at start-up),
     yield its WebUI handle, and unload the model afterwards."""

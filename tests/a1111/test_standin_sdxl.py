@@ -11,7 +11,6 @@ import open_clip
 import pytest
 import safetensors.torch
 import torch
-from conftest import webui_session
 from tiny_sgm import (
     BIGG_WIDTH,
     CLIP_L_LAYERS,
@@ -359,30 +358,17 @@ def test_the_conditioner_gives_no_gradient_but_the_two_text_wrappers_do(webui_sd
 # --- --medvram-sdxl and FP8 ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fresh_sdxl(tiny_sdxl_folder):
-    """A model of its own, for settings that change a model for good (hooks, FP8 weights)."""
-    import tiny_sgm
-
-    return tiny_sgm.build_tiny_sdxl(tiny_sdxl_folder)
+MEDVRAM_SDXL = {"flags": {"medvram_sdxl": True}}
+FP8_FOR_SDXL = {"settings": {"fp8_storage": "Enable for SDXL"}}
 
 
-@pytest.fixture
-def medvram_sdxl_webui(tmp_path, monkeypatch, fresh_sdxl):
-    from modules import lowvram
-
-    monkeypatch.setattr(lowvram, "module_in_gpu", None)
-    yield from webui_session(
-        tmp_path, monkeypatch, fresh_sdxl, "tiny-sdxl.safetensors", {"medvram_sdxl": True}
-    )
-
-
+@pytest.mark.parametrize("fresh_sdxl_webui", [MEDVRAM_SDXL], indirect=True)
 def test_medvram_sdxl_moves_conditioner_unet_and_vae_to_the_device_one_at_a_time(
-    medvram_sdxl_webui, monkeypatch
+    fresh_sdxl_webui, monkeypatch
 ):
     from modules import devices, lowvram, shared
 
-    model = medvram_sdxl_webui.model
+    model = fresh_sdxl_webui.model
     assert model.lowvram and not shared.parallel_processing_allowed
     parts = {
         id(model.conditioner): "conditioner",
@@ -421,16 +407,11 @@ def test_medvram_sdxl_leaves_other_models_and_sdxl_without_it_alone(webui_sdxl, 
     assert lowvram.is_needed(webui_sdxl.model) and not lowvram.is_needed(tiny_sd2)
 
 
-@pytest.fixture
-def fp8_webui(tmp_path, monkeypatch, fresh_sdxl):
-    settings = {"fp8_storage": "Enable for SDXL"}
-    yield from webui_session(tmp_path, monkeypatch, fresh_sdxl, "tiny-sdxl.safetensors", settings=settings)
-
-
-def test_fp8_for_sdxl_stores_linear_and_conv_weights_outside_the_vae_and_still_generates(fp8_webui):
+@pytest.mark.parametrize("fresh_sdxl_webui", [FP8_FOR_SDXL], indirect=True)
+def test_fp8_for_sdxl_stores_linear_and_conv_weights_outside_the_vae_and_still_generates(fresh_sdxl_webui):
     from modules import devices, processing
 
-    model = fp8_webui.model
+    model = fresh_sdxl_webui.model
     assert devices.fp8
     stored = {
         name: module.weight.dtype
