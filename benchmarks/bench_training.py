@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import gc
 import json
@@ -44,11 +45,13 @@ if str(ROOT) not in sys.path:
 from ti_trainer.backends.clip_bpe import tiny_tokenizer  # noqa: E402
 from ti_trainer.backends.diffusers_backend import DiffusersBackend  # noqa: E402
 from ti_trainer.backends.diffusers_memory import attention_processors, unet_checkpointing  # noqa: E402
-from ti_trainer.diffusion import denoising_loss, noisy_latents_and_target, scaled_linear_schedule  # noqa: E402
-from ti_trainer.memory.plan import MemoryPlan, apply_memory_plan, choose_memory_plan  # noqa: E402
+from ti_trainer.diffusion import noisy_latents_and_target, scaled_linear_schedule  # noqa: E402
+from ti_trainer.memory.plan import MemoryPlan, choose_memory_plan  # noqa: E402
 from ti_trainer.memory.precision import autocast, grad_scaler, resolve_precision  # noqa: E402
 from ti_trainer.text.conditioning import TokenIds  # noqa: E402
 from ti_trainer.training import fit  # noqa: E402
+from ti_trainer.training.step import step_loss  # noqa: E402
+from ti_trainer.vram import architectures  # noqa: E402
 
 GIB = 1024**3
 CONFIGS = ("ours", "a1111", "diffusers-example")
@@ -56,47 +59,10 @@ TFLOP_PER_IMAGE_768 = 4.3  # UNet forward + input-gradient backward, batch 1, 96
 NAME, VECTORS = "benchvectors", 8
 PROMPT = f"a painting of {NAME}, oil on canvas, richly textured, by a master, in a museum"
 
-# SD 2.1's UNet (stabilityai/stable-diffusion-2-1 unet/config.json); 2.1-base differs in sample size and in
-# not asking for upcast attention.
-SD21_UNET = dict(
-    sample_size=96,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    attention_head_dim=(5, 10, 20, 20),
-    cross_attention_dim=1024,
-    use_linear_projection=True,
-    upcast_attention=True,
-    norm_num_groups=32,
-)
-# OpenCLIP ViT-H's text tower as diffusers stores it for SD 2.x: 23 layers (the penultimate of 24).
-OPENCLIP_H_TEXT = dict(
-    vocab_size=49408,
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=23,
-    num_attention_heads=16,
-    max_position_embeddings=77,
-    hidden_act="gelu",
-    projection_dim=512,
-    bos_token_id=49406,
-    eos_token_id=49407,
-    pad_token_id=0,
-)
-SD_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=4,
-    norm_num_groups=32,
-    sample_size=768,
-)
+# SD 2.1's UNet (stabilityai/stable-diffusion-2-1 unet/config.json; 2.1-base differs in sample size and in
+# not asking for upcast attention), OpenCLIP-H's text tower as diffusers stores it (23 layers) and the SD VAE:
+# the published configs the memory estimate builds its named architectures from.
+SD21_UNET, OPENCLIP_H_TEXT, SD_VAE = architectures.SD21_UNET, architectures.OPENCLIP_H, architectures.SD_VAE
 ARCHITECTURES = {
     "sd21-768-v": dict(parameterization="v", upcast=True),
     "sd21-base": dict(parameterization="eps", upcast=False),
@@ -129,6 +95,9 @@ class Row:
     images_per_s: float | None = None
     achieved_tflops: float | None = None
     utilisation: float | None = None
+    # The no-GPU estimate (ti_trainer/vram) of the same step's peak allocated memory, to set beside
+    # peak_allocated_gib (torch.cuda.max_memory_allocated); ours and a1111 only.
+    estimated_allocated_gib: float | None = None
     note: str = ""
 
 
@@ -211,14 +180,6 @@ def memory_cap(device: torch.device, cap_gib: float | None):
         torch.cuda.set_per_process_memory_fraction(1.0, device)
 
 
-def random_batch(batch: int, latent: int, device: torch.device, schedule):
-    latents = torch.randn(batch, 4, latent, latent, device=device)
-    noise = torch.randn_like(latents)
-    timesteps = torch.randint(0, schedule.num_timesteps, (batch,), device=device)
-    noisy, target = noisy_latents_and_target(schedule, latents, noise, timesteps)
-    return noisy, target, timesteps
-
-
 # --- the three configurations: each gives a step(batch, latent) and the plan in words --------------------
 
 
@@ -260,18 +221,22 @@ def backward_and_step(loss: torch.Tensor, optimizer, scaler) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def embedding_step(backend, precision: str, uses_scaler: bool, device: torch.device):
-    """The loop's step (training/loop.py): vectors injected into the prompt, UNet, loss, AdamW on the vectors."""
+def embedding_step(backend: DiffusersBackend, precision: str, uses_scaler: bool, device: torch.device):
+    """The loop's step (training/step.py `step_loss`, as training/loop.py calls it): vectors injected into the
+    prompt, UNet, loss; then AdamW on the vectors."""
     vectors = torch.zeros(VECTORS, backend.text_width, device=device, requires_grad=True)
     optimizer = torch.optim.AdamW([vectors], lr=5e-3, weight_decay=0.0)
     scaler = grad_scaler(precision, device) if uses_scaler else None
+    channels = backend.family.latent_channels
 
     def step(batch: int, latent: int) -> None:
-        noisy, target, timesteps = random_batch(batch, latent, device, backend.schedule)
-        with autocast(precision, device):
-            cond = backend.prompt_encoder([PROMPT] * batch, {NAME: vectors})
-            prediction = backend.predict(noisy, timesteps, cond)
-        backward_and_step(denoising_loss(prediction, target), optimizer, scaler)
+        latents = torch.randn(batch, channels, latent, latent, device=device)
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, backend.schedule.num_timesteps, (batch,), device=device)
+        loss = step_loss(
+            backend, [PROMPT] * batch, latents, noise, timesteps, None, {NAME: vectors}, precision
+        )
+        backward_and_step(loss, optimizer, scaler)
 
     return step
 
@@ -289,7 +254,7 @@ def ours(parts: Parts, device: torch.device, batch: int, latent: int):
         plan = fit.checkpointing_by_need(backend, plan, batch, (latent, latent), VECTORS)
         if plan is None:
             raise torch.cuda.OutOfMemoryError("no checkpointing level fits this batch")
-    with apply_memory_plan(backend, plan):
+    with backend.memory_levers(plan):
         yield embedding_step(backend, plan.precision, True, device), plan
 
 
@@ -360,6 +325,42 @@ def diffusers_example(parts: Parts, device: torch.device, batch: int, latent: in
 SETUPS = {"ours": ours, "a1111": a1111, "diffusers-example": diffusers_example}
 
 
+def estimated_allocated_gib(parts: Parts, config: str, plan: MemoryPlan, size_px: int, batch: int):
+    """The estimate of the step just measured, from the same configs, on the meta device (None for the
+    diffusers example, whose whole-matrix AdamW the estimate does not model)."""
+    from ti_trainer.vram import Architecture, Settings, a1111_settings, estimate_step_bytes
+
+    if config == "diffusers-example":
+        return None
+    architecture = Architecture(
+        name=config,
+        title=config,
+        unet=dict(parts.unet.config),
+        text_encoders=(parts.text_encoder.config.to_dict(),),
+        vae=dict(parts.vae.config),
+        text_layer="penultimate+norm" if parts.penultimate else "last",
+    )
+    half = plan.precision != "fp32"
+    if config == "a1111":
+        settings = dataclasses.replace(
+            a1111_settings(size_px, size_px, batch), precision=plan.precision, half_weights=half
+        )
+    else:
+        settings = Settings(
+            width=size_px,
+            height=size_px,
+            batch=batch,
+            precision=plan.precision,
+            attention=plan.attention,
+            checkpointing=plan.checkpointing,
+            upcast_attention=plan.upcast_attention,
+            half_weights=half,
+            vae_on_gpu=not plan.vae_offload,
+        )
+    settings = dataclasses.replace(settings, num_vectors=VECTORS)
+    return estimate_step_bytes(architecture, settings).allocated_bytes / GIB
+
+
 def measure(
     parts: Parts, config: str, arch: str, size_px: int, batch: int, cap_gib, device, args, yardstick
 ) -> Row:
@@ -385,6 +386,7 @@ def measure(
             if device.type == "cuda":
                 row.peak_allocated_gib = torch.cuda.max_memory_allocated(device) / GIB
                 row.peak_reserved_gib = torch.cuda.max_memory_reserved(device) / GIB
+            row.estimated_allocated_gib = estimated_allocated_gib(parts, config, plan, size_px, batch)
             row.seconds_per_step = seconds
             row.images_per_s = batch / seconds
             row.achieved_tflops = row.images_per_s * flops
@@ -465,14 +467,15 @@ def format_row(row: Row) -> str:
     cap = "none" if row.cap_gib is None else f"{row.cap_gib:g} GiB"
     return (
         f"| {row.config} | {row.arch} | {row.size_px} | {row.batch} | {cap} | {row.status} | {row.checkpointing} "
-        f"| {row.precision} | {number(row.peak_allocated_gib, '{:.2f}')} | {number(row.peak_reserved_gib, '{:.2f}')} "
+        f"| {row.precision} | {number(row.peak_allocated_gib, '{:.2f}')} "
+        f"| {number(row.estimated_allocated_gib, '{:.2f}')} | {number(row.peak_reserved_gib, '{:.2f}')} "
         f"| {number(row.images_per_s, '{:.2f}')} | {number(row.utilisation, '{:.0%}')} |"
     )
 
 
 TABLE_HEADER = (
-    "| config | arch | px | batch | cap | status | checkpointing | precision | peak alloc GiB | peak reserved GiB "
-    "| images/s | utilisation |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| config | arch | px | batch | cap | status | checkpointing | precision | peak alloc GiB | estimated alloc GiB "
+    "| peak reserved GiB | images/s | utilisation |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 

@@ -97,6 +97,9 @@
         ti_trainer_train_save_image_with_embedding:
             "Also save each preview as a PNG that carries the embedding inside it; the WebUI can load the " +
             "embedding straight from the picture.",
+        ti_trainer_train_save_format:
+            "The file the embedding and its saved steps are written as. pt is the WebUI's own format; " +
+            "safetensors holds only the numbers. The WebUI, Forge, diffusers and ComfyUI load both.",
         ti_trainer_train_shuffle_tags:
             "Shuffle the comma-separated words of each caption every time it is used, so the embedding does not " +
             "learn their order.",
@@ -179,6 +182,7 @@
             "validation loss is measured the same way each time, so it is the one that shows progress.",
         ti_trainer_previews: "Preview pictures, newest first.",
         ti_trainer_last_saved: "The most recent copy of the embedding; click to download it.",
+        ti_trainer_results_refresh: "Read the runs under the log directory again, and the chosen run's files.",
     };
 
     // Sub-tab buttons have no id of their own: matched by their text inside our tab bar.
@@ -266,19 +270,15 @@
 
     window.ti_trainer_start_training = startTraining;
 
-    // A run started elsewhere (another browser tab) shows up when the page opens.
-    function followOnOpen() {
-        if (root().querySelector("#ti_trainer_poll")) {
-            followRun(2 * POLL_MS);
-            return true;
-        }
-        return false;
+    // A run going on when the page opens (started in another browser tab) is shown by the tab's load event;
+    // from then on it is followed here. A finished run is not polled: the load event showed it with its form.
+    function followShownRun() {
+        if (!timer && ACTIVE_STATES.includes(runState())) followRun(2 * POLL_MS);
     }
 
-    let opened = false;
     function onPageChange() {
         applyTitles();
-        if (!opened) opened = followOnOpen();
+        followShownRun();
     }
 
     // The WebUI calls its onUiUpdate callbacks on every change of the page; elsewhere we watch it ourselves.

@@ -1,4 +1,5 @@
-"""The WebUI's entry point for this extension: it registers our tab, settings section and API routes.
+"""The WebUI's entry point for this extension: it registers our tab, settings section and API routes (added
+only where the WebUI serves its own API: --api or --nowebui).
 
 The WebUI imports every file in scripts/ with the extension's folder on sys.path. Everything else lives in the
 ti_trainer package; ti_trainer/host/a1111.py is the one module that talks to the WebUI.

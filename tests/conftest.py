@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from quick_runs import quick_train_config
 
 from ti_trainer.backends.tiny import tiny_backend
 from ti_trainer.cli.demo import draw_image
@@ -50,24 +51,13 @@ def quick_config(
     if create:
         create_embedding(backend, name, "painting", vectors, embeddings, overwrite=True)
     data = root / "data"
-    settings = dict(
+    folders = dict(
         embedding_name=name,
         data_dir=str(data if data.is_dir() else draw_dataset(data)),
         embeddings_dir=str(embeddings),
         log_dir=str(root / "logs"),
-        template="filewords_name.txt",
-        learn_rate="0.01",
-        batch_size=2,
-        gradient_accumulation=1,
-        max_steps=6,
-        width=64,
-        height=64,
-        save_every=2,
-        preview_every=0,
-        seed=7,
     )
-    settings.update(overrides)
-    return TrainConfig(**settings)
+    return quick_train_config(**{**folders, **overrides})
 
 
 @pytest.fixture

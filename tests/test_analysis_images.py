@@ -55,7 +55,7 @@ def probe_for(images, seed: int = 3):
 def test_a_planted_outlier_gets_the_largest_gradient_share(backend, outlier_at):
     images = planted_set(outlier_at)
     vectors = backend.token_vectors("painting").repeat(2, 1)
-    rows = image_rows(backend, probe_for(images), images, vectors, max_batch=4)
+    rows = image_rows(backend, probe_for(images), images, vectors, max_batch=4, precision="fp32")
 
     shares = [row.gradient_share for row in rows]
     assert sum(shares) == pytest.approx(1.0)
@@ -67,7 +67,9 @@ def test_a_planted_outlier_gets_the_largest_gradient_share(backend, outlier_at):
 
 def test_an_even_set_has_no_dominant_image(backend):
     images = planted_set(outlier_at=-1)
-    rows = image_rows(backend, probe_for(images), images, backend.token_vectors("painting").repeat(2, 1), 4)
+    rows = image_rows(
+        backend, probe_for(images), images, backend.token_vectors("painting").repeat(2, 1), 4, "fp32"
+    )
     assert dominant({row.image: row.gradient_share for row in rows}) == []
 
 
@@ -75,8 +77,8 @@ def test_each_sample_gets_its_own_gradient_whatever_the_batching(backend):
     images = planted_set(outlier_at=2, count=3)
     probe = probe_for(images)
     vectors = backend.token_vectors("painting").repeat(2, 1)
-    losses_batched, batched = sample_gradients(backend, probe, vectors, max_batch=6)
-    losses_single, single = sample_gradients(backend, probe, vectors, max_batch=1)
+    losses_batched, batched = sample_gradients(backend, probe, vectors, max_batch=6, precision="fp32")
+    losses_single, single = sample_gradients(backend, probe, vectors, max_batch=1, precision="fp32")
     assert torch.allclose(losses_batched, losses_single, rtol=1e-4)
     assert torch.allclose(batched, single, rtol=1e-3, atol=1e-9)
     assert batched.abs().sum() > 0, "a zero gradient would make every share meaningless"
@@ -91,10 +93,10 @@ def test_the_report_is_kept_per_step_and_tabled_heaviest_first(backend, tmp_path
     )
     images = planted_set(outlier_at=1)
     vectors = backend.token_vectors("painting").repeat(2, 1)
-    rows = image_rows(backend, probe_for(images), images, vectors, 4)
+    rows = image_rows(backend, probe_for(images), images, vectors, 4, "fp32")
     write_image_report(tmp_path / IMAGE_REPORT_CSV, 10, rows)
     write_image_report(tmp_path / IMAGE_REPORT_CSV, 0, rows)
-    later = image_rows(backend, probe_for(images), images, 2 * vectors, 4)
+    later = image_rows(backend, probe_for(images), images, 2 * vectors, 4, "fp32")
     write_image_report(tmp_path / IMAGE_REPORT_CSV, 10, later)  # measured again: replaces step 10 only
 
     run = RunInfo.open(tmp_path)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from PIL import Image
 from test_analysis_validation import make_config
 
@@ -198,8 +201,10 @@ def test_panel_shows_a_run(trained):
     assert view.prompts.splitlines()[0] == "a city, [name]"  # this run's saved prompts (an earlier test)
 
 
-def test_panel_handlers_render_use_and_refuse(trained, tmp_path):
-    services = services_for(trained, render_preview=solid, embeddings_dir=tmp_path)
+def test_panel_handlers_render_use_and_refuse(trained, tmp_path, backend):
+    # The host renders (render_preview); its model is asked only for its text width, to check the copies.
+    model = SimpleNamespace(text_width=backend.text_width)
+    services = services_for(trained, render_preview=solid, embeddings_dir=tmp_path, get_backend=lambda: model)
     log_dir, label = str(services.log_dir), results_panel.run_labels(str(services.log_dir))[0]
 
     image, message = results_panel.render_comparison(
@@ -261,3 +266,84 @@ def test_cli_verbs_that_need_no_model_load_no_model_library(verb, trained, datas
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "LOADED", done.stdout
+
+
+def edge_ink(image: Image.Image, margin: int = 3) -> list[tuple[int, int]]:
+    """Pixels other than the background within `margin` of the image's edge: text cut off there."""
+    width, height = image.size
+    pixels = image.load()
+    return [
+        (x, y)
+        for x in range(width)
+        for y in range(height)
+        if (x < margin or y < margin or x >= width - margin or y >= height - margin)
+        and pixels[x, y] != (255, 255, 255)
+    ]
+
+
+def edge_cases() -> list:
+    """Charts whose texts crowd the edges: long titles, markers at the last step, many series, small sizes."""
+    from ti_trainer.analysis import charts
+
+    steps = list(range(0, 3001, 50))
+    many = [
+        charts.Series(f"vector {i}", steps, [0.3 + 0.01 * i] * len(steps), charts.PALETTE[i])
+        for i in range(6)
+    ]
+    norm_like = charts.Chart(
+        "Vector lengths: far above the band, the embedding overpowers prompts (overbaking)",
+        "length",
+        many,
+        (0.2, 0.5, "ordinary words"),
+        [charts.Marker(3000, "vector 0 leaves the band", (214, 39, 40)), charts.Marker(0, "suggested 0")],
+    )
+    loss_like = charts.Chart(
+        "Training loss: new images, noise and timesteps every step, so it is noisy",
+        "loss",
+        [charts.Series("each step", steps, [0.1 + (s % 7) / 100 for s in steps])],
+        markers=[charts.Marker(2990, "suggested 2990")],
+    )
+    return [
+        (chart, size) for chart in (norm_like, loss_like) for size in [(760, 320), (480, 260), (360, 240)]
+    ]
+
+
+def test_chart_texts_lie_inside_the_image(trained):
+    """Titles, legends, tick labels, "step" and marker labels are measured and placed inside the image."""
+    from ti_trainer.analysis import charts, results
+
+    for chart, size in edge_cases():
+        image, texts = charts.render_with_layout(chart, size)
+        for text in texts:
+            left, top, right, bottom = text.box
+            assert left >= 0 and top >= 0 and right <= size[0] and bottom <= size[1], (
+                chart.title,
+                size,
+                text,
+            )
+        shown = " ".join(text.text for text in texts)
+        assert "step" in shown and ("overpowers" in shown or "noisy" in shown)
+        assert not edge_ink(image), (chart.title, size)
+    analysis = results.analyse(RunInfo.open(trained))
+    for image in (results.loss_chart(analysis), results.norm_chart(analysis)):
+        assert not edge_ink(image)
+
+
+def test_the_per_image_report_computes_in_the_precision_the_run_trained_in(
+    trained, backend, tmp_path, monkeypatch
+):
+    """A model held in fp16 (the WebUI's) trains in fp16 on "auto" precision; the report measured later must
+    compute in it too, not in the device's own "auto" choice (bf16 on a bf16 GPU; fp32 on this CPU)."""
+    copy = shutil.copytree(trained, tmp_path / trained.name)  # the report rewrites the run's CSV
+    monkeypatch.setattr(backend, "preferred_precision", "fp16")
+    dtypes = []
+    real_predict = backend.predict
+
+    def predict(*args, **kwargs):
+        out = real_predict(*args, **kwargs)
+        dtypes.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(backend, "predict", predict)
+    report_for_step(RunInfo.open(copy), backend, 4)
+    assert dtypes and set(dtypes) == {torch.float16}

@@ -94,8 +94,8 @@ def test_evaluation_is_deterministic_and_does_not_touch_the_vectors(runs):
     batch_b = fixed_batch.validation_batch(images, prompts, "testemb", 7, 1000)
     vectors = load_embedding(runs.watched.embedding_path).vectors
     before = vectors.clone()
-    losses_a = fixed_batch.sample_losses(backend, batch_a, vectors, 2)
-    losses_b = fixed_batch.sample_losses(backend, batch_b, vectors, 4)
+    losses_a = fixed_batch.sample_losses(backend, batch_a, vectors, 2, "fp32")
+    losses_b = fixed_batch.sample_losses(backend, batch_b, vectors, 4, "fp32")
     assert torch.allclose(losses_a, losses_b, rtol=1e-5, atol=1e-7)
     assert torch.equal(vectors, before)
     # The prompts are the template's, with the caption whole: no tag shuffle or dropout.

@@ -37,6 +37,8 @@ def test_tiny_benchmark_report_structure(tmp_path):
         assert row["status"] == "ok" and row["arch"] == "tiny" and row["cap_gib"] is None
         assert row["images_per_s"] > 0 and row["tflop_per_image"] > 0 and row["utilisation"] > 0
         assert row["peak_allocated_gib"] is None  # no CUDA memory statistics on the CPU
+        # the no-GPU estimate sits beside it, for the configurations it models
+        assert (row["estimated_allocated_gib"] is None) == (row["config"] == "diffusers-example")
     plans = {r["config"]: (r["checkpointing"], r["precision"]) for r in rows}
     assert plans == {"ours": ("off", "fp32"), "a1111": ("all", "fp32"), "diffusers-example": ("off", "fp32")}
 

@@ -70,6 +70,9 @@ def test_errors_are_messages_not_tracebacks(tmp_path):
 def test_demo_leaves_a_complete_log_folder(tmp_path):
     result = cli("demo", "--out", "demo", "--steps", "25", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert "Step 1:" not in result.stderr, (
+        "a first step that merely reaches the ordinary words is no overbake"
+    )
     runs = list((tmp_path / "demo" / "textual_inversion").glob("*/demo-style"))
     assert len(runs) == 1, "expected <log>/<date>/<name>"
     log = runs[0]
@@ -82,3 +85,17 @@ def test_demo_leaves_a_complete_log_folder(tmp_path):
     assert (log / "images" / "demo-style-25.png").is_file()
     carried = extract_embedding_data(log / "image_embeddings" / "demo-style-25.png")
     assert carried is not None and carried["step"] == 25
+
+
+def test_the_cli_counts_epochs_as_the_loss_csv_does(make_config, backend, capsys):
+    """From 0, as A1111's CSV: 4 images at batch 2 are two steps per epoch, so step 3 is in epoch 1."""
+    import csv
+
+    from ti_trainer.cli.terminal import train_in_terminal
+
+    result = train_in_terminal(make_config(max_steps=3, save_every=0), lambda: backend)
+    shown = capsys.readouterr().err
+    with (result.log_folder / "textual_inversion_loss.csv").open(encoding="utf-8") as handle:
+        epochs = [row["epoch"] for row in csv.DictReader(handle)]
+    assert epochs == ["0", "0", "1"]
+    assert "epoch=1" in shown and "epoch=2" not in shown

@@ -20,7 +20,7 @@ from ti_trainer.text.conditioning import (
     PromptEncoder,
     TextRules,
     TokenIds,
-    injected_token_embedding,
+    injector_installed,
 )
 from ti_trainer.text.prompt_parser import parse_prompt_attention
 
@@ -417,12 +417,13 @@ def test_injection_past_the_end_of_the_row_is_cut_off():
     assert torch.equal(out[0, 4:].detach(), torch.full((2, 3), 7.0))
 
 
-def test_injected_token_embedding_puts_the_original_back():
+def test_the_injector_is_installed_only_for_the_block_and_the_original_put_back():
     owner = torch.nn.Module()
     owner.token_embedding = torch.nn.Embedding(10, 3)
     original = owner.token_embedding
-    with pytest.raises(RuntimeError), injected_token_embedding(owner, "token_embedding") as wrapper:
-        assert owner.token_embedding is wrapper and wrapper.weight is original.weight
+    injector = InjectingTokenEmbedding(original)
+    with pytest.raises(RuntimeError), injector_installed(injector, owner, "token_embedding") as wrapper:
+        assert owner.token_embedding is wrapper is injector and wrapper.weight is original.weight
         raise RuntimeError("a failing step")
     assert owner.token_embedding is original
 

@@ -194,6 +194,6 @@ def test_when_batch_one_does_not_fit_a_smaller_size_is_named(backend, make_confi
 
 
 def test_smaller_sizes_keep_the_aspect_ratio():
-    sizes = fit.smaller_sizes((96, 64))  # 512x768 px, portrait
+    sizes = fit.smaller_sizes((96, 64), 8)  # 512x768 px, portrait
     assert sizes[0] == (88, 56) and sizes[-1] == (32, 24)
     assert all(h > w and h % 8 == 0 and w % 8 == 0 for h, w in sizes)

@@ -20,6 +20,7 @@ API_FIELDS = {
     "status",
     "step",
     "end_step",
+    "epoch",
     "loss",
     "learn_rate",
     "error",
@@ -60,6 +61,8 @@ def test_a_run_fills_the_record_and_tells_every_listener(make_config, backend):
     assert run.last_saved == str(result.embedding_path) == run.embedding_path
     assert run.log_folder == str(result.log_folder)
     assert heard and set(heard) <= set(run.messages) and run.messages[-1] == result.summary
+    # The run's own settings, so a page opened later shows the form it was started with.
+    assert run.settings == config.to_dict()
 
 
 def test_a_stop_request_is_recorded_and_the_run_saves(make_config, backend):

@@ -7,14 +7,15 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ti_trainer"
-# Bottom up (DESIGN.md): plain values, then the core's parts, backends, the loop, analysis, the launcher that
-# wires a run, and the faces (hosts with their API and jobs, the CLI, the panels).
+# Bottom up (DESIGN.md): plain values, then the core's parts, backends, the VRAM estimate, the loop, analysis,
+# the launcher that wires a run, and the faces (hosts with their API and jobs, the CLI, the panels).
 LAYERS = [
     ("errors", "fsutil", "config", "diffusion", "images", "progress"),
     ("text", "embeddings", "memory"),
     ("backends",),
-    ("training",),
-    ("analysis", "prepare"),
+    ("vram",),  # the VRAM estimate: a backend's step on the meta device (training/fit.py asks it lazily)
+    ("training", "prepare"),  # prepare stands beside training (docs/architecture.md): each uses the other
+    ("analysis",),
     ("launch",),
     ("host", "cli", "ui", "__main__"),
 ]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ti_trainer.memory.plan import MemoryPlan, attention, choose_memory_plan, on_device, weights_in
 
 from ti_trainer.config import TrainConfig
 from ti_trainer.errors import UserError
 from ti_trainer.memory import plan as memory_plan
+from ti_trainer.memory.plan import MemoryPlan, attention, choose_memory_plan, on_device, weights_in
 
 
 def test_cpu_plan_is_plain_fp32_with_sdpa():

@@ -7,12 +7,12 @@ import contextlib
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-from ti_trainer.memory.plan import MemoryPlan
 
 from ti_trainer.backends.contract import PreviewRequest
 from ti_trainer.backends.diffusers_memory import TrainingAttnProcessor, attention_layers
 from ti_trainer.backends.tiny import tiny_backend
 from ti_trainer.memory import plan as memory_plan
+from ti_trainer.memory.plan import MemoryPlan
 from ti_trainer.training.fit import training_step_probe
 from ti_trainer.training.loop import TrainingHooks, train
 

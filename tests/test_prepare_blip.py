@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -130,7 +133,40 @@ def test_host_captioners_are_offered_and_joined():
         build_captioner(["clip"], host)
 
 
-def test_first_use_downloads_into_the_models_folder_with_a_message(monkeypatch, tmp_path):
+class Answers:
+    """A stand-in for urllib.request.urlopen: the Hub answers (or does not), no packet leaves the machine."""
+
+    def __init__(self, error: Exception | None = None):
+        self.error = error
+        self.timeouts: list[float] = []
+
+    def __call__(self, request, timeout=None):
+        self.timeouts.append(timeout)
+        if self.error is not None:
+            raise self.error
+        return contextlib.nullcontext()
+
+
+def not_in_the_cache(calls: list):
+    def fake_from_pretrained(name, cache_dir, local_files_only):
+        calls.append((name, cache_dir, local_files_only))
+        if local_files_only:
+            raise OSError("not in the cache")
+        return torch.nn.Linear(1, 1), object()
+
+    return fake_from_pretrained
+
+
+@pytest.fixture
+def online(monkeypatch):
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    answers = Answers()
+    monkeypatch.setattr(urllib.request, "urlopen", answers)
+    return answers
+
+
+def test_first_use_downloads_into_the_models_folder_with_a_message(monkeypatch, tmp_path, online):
     calls = []
 
     def fake_from_pretrained(name, cache_dir, local_files_only):
@@ -180,3 +216,71 @@ def test_offline_without_the_model_is_a_clear_error_before_any_image(tmp_path):
     assert "nobody-here/no-such-blip" in done.stderr and "offline mode is on" in done.stderr
     assert "Traceback" not in done.stderr
     assert not dest.exists()  # the model is loaded before any image is touched
+
+
+def test_offline_mode_fails_at_once_without_announcing_a_download(monkeypatch, tmp_path):
+    calls, messages = [], []
+    monkeypatch.setattr(blip, "_from_pretrained", not_in_the_cache(calls))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError) as caught:
+        load_blip_captioner("someone/blip", tmp_path / "models", device="cpu", on_message=messages.append)
+    assert calls == [("someone/blip", tmp_path / "models", True)]  # the cache only: no download tried
+    assert messages == []  # no "Downloading (about 1 GB)" that never comes
+    text = str(caught.value)
+    assert "someone/blip" in text and "offline mode is on" in text
+    assert "caption editor" in text and "folder" in text  # how to go on
+
+
+def test_no_network_is_found_out_in_seconds_before_any_download(monkeypatch, tmp_path, online):
+    online.error = urllib.error.URLError(OSError(101, "Network is unreachable"))
+    calls, messages = [], []
+    monkeypatch.setattr(blip, "_from_pretrained", not_in_the_cache(calls))
+    with pytest.raises(UserError) as caught:
+        load_blip_captioner("someone/blip", tmp_path / "models", device="cpu", on_message=messages.append)
+    assert calls == [("someone/blip", tmp_path / "models", True)]
+    assert messages == []
+    assert online.timeouts and all(0 < timeout <= 5 for timeout in online.timeouts)
+    text = str(caught.value)
+    assert "cannot be reached" in text and "Network is unreachable" in text and "caption editor" in text
+
+
+def test_an_http_error_status_still_means_the_network_is_there(monkeypatch, tmp_path, online):
+    online.error = urllib.error.HTTPError("https://huggingface.co", 405, "Method Not Allowed", {}, None)
+    calls = []
+    monkeypatch.setattr(blip, "_from_pretrained", not_in_the_cache(calls))
+    load_blip_captioner("someone/blip", tmp_path / "models", device="cpu", on_message=lambda text: None)
+    assert [local for _, _, local in calls] == [True, False]
+
+
+def test_a_model_in_the_cache_needs_no_network(monkeypatch, tmp_path):
+    def unreachable(request, timeout=None):
+        raise AssertionError("the network was asked although the model is in the cache")
+
+    monkeypatch.setattr(urllib.request, "urlopen", unreachable)
+    monkeypatch.setattr(
+        blip, "_from_pretrained", lambda name, cache_dir, local_files_only: (torch.nn.Linear(1, 1), object())
+    )
+    load_blip_captioner("someone/blip", tmp_path / "models", device="cpu", on_message=lambda text: None)
+
+
+def test_captioning_that_fails_midway_keeps_the_prepared_images(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    for index in range(4):
+        painting(index, BLUE_GREEN, (96, 96)).save(source / f"{index}.png")
+
+    def gives_up(image):
+        gives_up.calls += 1
+        if gives_up.calls >= 2:
+            raise UserError("The captioning model ran out of GPU memory.")
+        return "a lake"
+
+    gives_up.calls = 0
+    result = prepare_dataset(source, tmp_path / "out", PrepareOptions(size=64), captioner=gives_up)
+    assert len(result.written) == 4 and result.skipped == []  # every image still cropped and written
+    assert gives_up.calls == 2  # not asked again after it gave up
+    assert result.written[0].with_suffix(".txt").read_text(encoding="utf-8") == "a lake"
+    assert not any(path.with_suffix(".txt").exists() for path in result.written[1:])
+    text = "\n".join(result.lines())
+    assert "Captioning stopped at 1.png" in text and "ran out of GPU memory" in text
+    assert "caption editor" in text

@@ -183,3 +183,22 @@ def test_report_panel_shows_the_outlier(tmp_path):
     assert "ti-trainer-error" in panel.check_captions(
         services(tmp_path), str(tmp_path / "none"), "", "", "", 1
     )
+
+
+def test_a_captioner_that_gives_up_midway_leaves_the_prepared_images_in_the_log(tmp_path):
+    from ti_trainer.errors import UserError
+
+    source = source_folder(tmp_path, 3)
+
+    def gives_up(image):
+        raise UserError("The captioning model is gone.")
+
+    host = services(tmp_path, {"flaky": gives_up})
+    dest = tmp_path / "out"
+    log, editor_folder, _ = list(
+        panel.run_prepare(host, Interrupt(), *prepare_args(source, dest, ["flaky"]))
+    )[-1]
+    assert "Done: 4 of 4 source images processed, 3 images written" in log
+    assert "Captioning stopped at 00.png" in log and "caption editor" in log
+    assert editor_folder == {"__type__": "update", "value": str(dest)}  # the editor opens on the result
+    assert len(list(dest.glob("*.png"))) == 3

@@ -281,3 +281,54 @@ def test_leftovers_from_an_earlier_run_are_pointed_out(tmp_path):
     result = prepare_dataset(source, dest, PrepareOptions(size=64))
     assert any("already held 1 other files" in note for note in result.notes)
     assert (dest / "00000-1-a.png").exists()  # never deleted: it may be the artist's
+
+
+# --- crops at the edge of enlarged images; one failing image never aborts the folder ----------------------
+
+
+def test_the_crop_box_never_passes_the_edge_of_an_enlarged_image():
+    from ti_trainer.prepare.geometry import cover_and_crop
+
+    # The reported case: 230x303 prepared to 512 with the focal point at the bottom edge. Rounding the
+    # scaled height (674.5 -> 675) put the box 0.2 px below the source, and Pillow refused it.
+    crop = cover_and_crop(Image.new("RGB", (230, 303)), (512, 512), (0.5, 1.0))
+    assert crop.size == (512, 512)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        size = (int(rng.integers(64, 700)), int(rng.integers(64, 700)))
+        target = tuple(int(side) for side in rng.choice([384, 512, 576, 640, 768], size=2))
+        focus = tuple(float(rng.choice([0.0, 1.0, rng.random()])) for _ in range(2))
+        assert cover_and_crop(Image.new("RGB", size), target, focus).size == target, (size, target, focus)
+
+
+def test_focal_crop_of_small_images_with_the_focal_point_at_the_edge(tmp_path, monkeypatch):
+    from ti_trainer.prepare import preprocess
+    from ti_trainer.prepare.focal import FocalPoint
+
+    sizes = {f"{index:02d}.png": (230 + index, 303 - index) for index in range(6)}
+    source = source_with(tmp_path, sizes)
+    monkeypatch.setattr(preprocess, "find_focal_point", lambda image, weights: FocalPoint(0.5, 1.0))
+    result = prepare_dataset(source, tmp_path / "out", PrepareOptions(size=512, crop="focal"))
+    assert result.skipped == []
+    assert len(result.written) == len(sizes)
+    assert all(Image.open(path).size == (512, 512) for path in result.written)
+
+
+def test_an_image_that_fails_is_named_and_the_rest_is_written(tmp_path, monkeypatch):
+    from ti_trainer.prepare import preprocess
+
+    source = source_with(tmp_path, {"a.png": (96, 96), "b-breaks.png": (97, 96), "c.png": (96, 96)})
+    real = preprocess.cover_and_crop
+
+    def breaks_on_b(image, target, focus=(0.5, 0.5)):
+        if image.width == 97:
+            raise ValueError("box can't exceed original image size")
+        return real(image, target, focus)
+
+    monkeypatch.setattr(preprocess, "cover_and_crop", breaks_on_b)
+    result = prepare_dataset(source, tmp_path / "out", PrepareOptions(size=64))
+    assert [path.name for path in result.written] == ["00000-0-a.png", "00002-0-c.png"]
+    [problem] = result.skipped
+    assert problem.path.name == "b-breaks.png"
+    assert "ValueError" in problem.reason and "exceed original image size" in problem.reason
+    assert "skipped b-breaks.png: could not be prepared" in "\n".join(result.lines())

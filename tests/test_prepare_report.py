@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
 from PIL import Image
 from test_prepare_drawing import BLUE_GREEN, ORANGE, busy_branches, painting
 
 from ti_trainer.prepare.batches import batch_plans, nearby_counts
 from ti_trainer.prepare.colours import colour_name, dominant_colours, thumbnail_pixels
+from ti_trainer.prepare.phash import NEAR_DUPLICATE_BITS, near_duplicate_groups
 from ti_trainer.prepare.report import build_report
 from ti_trainer.prepare.report_format import report_html, report_text
 
@@ -128,3 +131,88 @@ def test_cli_report_json_names_the_outlier(tmp_path):
     assert [outlier["name"] for outlier in data["report"]["outliers"]] == ["05-creamsicle.png"]
     lint = {(finding["image"], finding["kind"]) for finding in data["lint"]["findings"]}
     assert ("05-creamsicle.png", "init-words") in lint
+
+
+# --- the near-duplicate search at scale -------------------------------------------------------------------
+
+
+def reference_groups(hashes: dict[str, int], max_bits: int) -> list[list[str]]:
+    """Every pair compared, groups joined by a plain search: what the indexed search must reproduce."""
+    names = sorted(hashes)
+    linked = {name: {name} for name in names}
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            if (hashes[first] ^ hashes[second]).bit_count() <= max_bits:
+                linked[first].add(second)
+                linked[second].add(first)
+    groups, seen = [], set()
+    for name in names:
+        if name in seen:
+            continue
+        group, frontier = set(), [name]
+        while frontier:
+            current = frontier.pop()
+            if current not in group:
+                group.add(current)
+                frontier += linked[current] - group
+        seen |= group
+        if len(group) > 1:
+            groups.append(sorted(group))
+    return groups
+
+
+def hashes_with_planted_copies(count: int, copies: int, seed: int) -> tuple[dict[str, int], dict[str, str]]:
+    """`count` random 64-bit hashes, plus `copies` near-copies of some of them (0 to 14 bits flipped),
+    some copies of copies: chains that join into one group. Returns the hashes and copy -> original."""
+    rng = np.random.default_rng(seed)
+    hashes = {f"img{index:05d}": int(value) for index, value in enumerate(rng.integers(0, 2**63, count))}
+    originals = {}
+    for index in range(copies):
+        original = str(rng.choice(sorted(hashes)))
+        flipped = rng.choice(64, size=int(rng.integers(0, 15)), replace=False)
+        name = f"copy{index:04d}"
+        hashes[name] = hashes[original] ^ sum(1 << int(bit) for bit in flipped)
+        originals[name] = original
+    return hashes, originals
+
+
+@pytest.mark.parametrize("max_bits", [0, 3, 10, 12, 16, 24])
+def test_indexed_near_duplicate_search_matches_comparing_every_pair(max_bits):
+    hashes, _ = hashes_with_planted_copies(400, 120, seed=max_bits)
+    assert near_duplicate_groups(hashes, max_bits) == reference_groups(hashes, max_bits)
+
+
+def test_ten_thousand_hashes_find_every_planted_near_duplicate():
+    hashes, originals = hashes_with_planted_copies(10_000, 300, seed=7)
+    steps = []
+    groups = near_duplicate_groups(hashes, progress=lambda done, total, what: steps.append((done, total)))
+    group_of = {name: index for index, group in enumerate(groups) for name in group}
+    for copy, original in originals.items():
+        if (hashes[copy] ^ hashes[original]).bit_count() <= NEAR_DUPLICATE_BITS:
+            assert group_of.get(copy) is not None and group_of[copy] == group_of.get(original), copy
+    for group in groups:  # nothing joined without reason: each member is near another one
+        for name in group:
+            assert any(
+                (hashes[name] ^ hashes[other]).bit_count() <= NEAR_DUPLICATE_BITS
+                for other in group
+                if other != name
+            ), (name, group)
+    assert steps and steps[-1][0] == steps[-1][1]  # the search reported its progress up to the end
+    assert [done for done, _ in steps] == sorted(done for done, _ in steps)
+
+
+def test_report_progress_covers_the_duplicate_search(tmp_path):
+    folder = calm_set(tmp_path / "data", count=5)
+    calls = []
+    build_report(folder, progress=lambda done, total, what: calls.append((done, total, what)))
+    assert calls[0] == (0, 5, "00-landscape.png")
+    assert any(what == "comparing image hashes" for _, _, what in calls)
+
+
+def test_cli_report_shows_progress_on_stderr(tmp_path):
+    folder = calm_set(tmp_path / "data", count=5)
+    command = [sys.executable, "-m", "ti_trainer", "report", str(folder), "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    json.loads(done.stdout)  # the bar stays off stdout
+    assert "04-landscape.png" in done.stderr and "comparing image hashes" in done.stderr

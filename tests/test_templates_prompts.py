@@ -137,15 +137,35 @@ def test_template_without_name_is_refused_before_training(tmp_path):
     assert "style_filewords.txt" in message
 
 
-def test_some_lines_without_name_give_a_warning_with_line_numbers(tmp_path):
+def test_lines_without_name_are_left_out_with_a_warning_naming_them(tmp_path):
     path = write(tmp_path / "mixed.txt", "a [name]\n\nno name here\n[name] b\nplain\n")
 
     template = read_template(path)
 
-    assert template.lines == ["a [name]", "no name here", "[name] b", "plain"]
+    assert template.lines == ["a [name]", "[name] b"]
     (warning,) = template.warnings
     assert "Lines 3, 5" in warning  # the file's own line numbers, blank lines counted
-    assert "mixed.txt" in warning
+    assert str(path) in warning and "left out" in warning
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR [name]", bytes(range(256)) + b"\n[name], [filewords]\n"],
+)
+def test_a_binary_file_is_refused_as_not_text(tmp_path, content):
+    path = tmp_path / "image.txt"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match="not a text file") as error:
+        read_template(path)
+    assert str(path) in str(error.value)
+
+
+def test_utf16_and_cp1252_templates_are_text(tmp_path):
+    path = tmp_path / "notepad.txt"
+    path.write_bytes("[name], caf\u00e9 style\r\n".encode("utf-16"))
+    assert read_template(path).lines == ["[name], caf\u00e9 style"]
+    path.write_bytes("[name], caf\u00e9 style\r\n".encode("cp1252"))
+    assert read_template(path).lines == ["[name], caf\u00e9 style"]
 
 
 def test_mistyped_placeholder_is_pointed_out(tmp_path):

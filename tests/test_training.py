@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import draw_dataset
 
 from ti_trainer.embeddings.files import load_embedding, optimizer_state_path
 from ti_trainer.errors import UserError
@@ -98,7 +99,7 @@ def test_resume_without_optimizer_state_differs_and_says_so(backend, make_config
     assert any("without optimizer state" in m for m in messages)
 
 
-def test_gradient_accumulation_averages_micro_batches(backend, make_config):
+def test_accumulated_micro_batches_make_one_step_of_the_epoch(backend, make_config):
     # batch 1 x accumulation 4 sees all 4 images per step: an epoch is one step.
     result = train(
         make_config(batch_size=1, gradient_accumulation=4, max_steps=2),
@@ -108,6 +109,74 @@ def test_gradient_accumulation_averages_micro_batches(backend, make_config):
     with (result.log_folder / "textual_inversion_loss.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["epoch"] for r in rows] == ["0", "1"]
+
+
+def every_sample_drawn_alike(monkeypatch, backend, latent_shape: tuple[int, ...], timestep: int) -> None:
+    """Give every sample of every micro-batch the same noise and timestep, wherever the loop draws them.
+
+    The loop draws noise and timesteps per micro-batch, so a batch of 2 and two batches of 1 would see
+    different draws; with the same draw for every sample, the two only differ in how they are grouped.
+    """
+    noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(11))
+    real_randn, real_randint = torch.randn, torch.randint
+
+    def randn(*size, **kwargs):
+        shape = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else tuple(size)
+        if shape[1:] == latent_shape:
+            return noise.expand(shape).clone()
+        return real_randn(*size, **kwargs)
+
+    def randint(*args, **kwargs):
+        if len(args) == 3 and args[1] == backend.schedule.num_timesteps:
+            return torch.full(tuple(args[2]), timestep, dtype=torch.long)
+        return real_randint(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "randn", randn)
+    monkeypatch.setattr(torch, "randint", randint)
+
+
+def gradients_the_optimizer_sees(monkeypatch) -> list[torch.Tensor]:
+    """Record the vectors' gradient at every optimizer step (after accumulation and any clipping)."""
+    seen: list[torch.Tensor] = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        seen.extend(p.grad.detach().clone() for group in self.param_groups for p in group["params"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    return seen
+
+
+def test_gradient_accumulation_gives_the_gradient_of_the_larger_batch(
+    backend, make_config, tmp_path, monkeypatch
+):
+    # Two images, one prompt per image (a one-line template), the same noise and timestep for every sample:
+    # batch 2 x accumulation 1 and batch 1 x accumulation 2 then compute the same mean loss, so the
+    # gradient the optimizer sees must be the same.
+    images = draw_dataset(tmp_path / "two", count=2)
+    template = tmp_path / "one-line.txt"
+    template.write_text("a picture of [name], [filewords]\n", encoding="utf-8")
+    every_sample_drawn_alike(monkeypatch, backend, (4, 8, 8), timestep=600)
+    seen = gradients_the_optimizer_sees(monkeypatch)
+    common = dict(
+        data_dir=str(images),
+        template=str(template),
+        latent_sampling="deterministic",
+        max_steps=1,
+        save_every=0,
+    )
+    quiet = TrainingHooks(on_message=lambda t: None)
+
+    train(make_config(name="batch", batch_size=2, gradient_accumulation=1, **common), backend, quiet)
+    train(make_config(name="accumulated", batch_size=1, gradient_accumulation=2, **common), backend, quiet)
+    train(make_config(name="single", batch_size=1, gradient_accumulation=1, **common), backend, quiet)
+
+    batch, accumulated, single = seen
+    assert batch.abs().sum() > 0
+    torch.testing.assert_close(accumulated, batch, rtol=1e-4, atol=1e-8)
+    # One image alone has another gradient: the check above would catch a step that kept one micro-batch.
+    assert not torch.allclose(single, batch, rtol=1e-2)
 
 
 def test_non_finite_loss_never_reaches_the_vectors(backend, make_config, monkeypatch):

@@ -42,6 +42,23 @@ def test_template_without_name_is_refused_before_training(backend, make_config, 
         run(make_config(template=str(template)), backend)
 
 
+def test_template_lines_without_name_are_left_out_and_named_before_training(backend, make_config, tmp_path):
+    # With one image per step, a step that drew a line without [name] had no gradient at all and stopped the
+    # run with torch's "element 0 of tensors does not require grad".
+    template = tmp_path / "mostly_plain.txt"
+    template.write_text("a plain photo\n[filewords], [name]\nanother plain photo\nplain again\n", "utf-8")
+    events = []
+    result = train(
+        make_config(template=str(template), batch_size=1, max_steps=8),
+        backend,
+        TrainingHooks(on_message=events.append, on_step=events.append),
+    )
+    assert result.steps_done == 8
+    (warning,) = [event for event in events if "mostly_plain.txt" in str(event)]
+    assert "Lines 1, 3, 4" in warning and "left out" in warning
+    assert events.index(warning) < min(i for i, event in enumerate(events) if not isinstance(event, str))
+
+
 def test_name_that_tokenizes_into_its_neighbours_is_refused(backend, make_config, tmp_path):
     template = tmp_path / "glued.txt"
     template.write_text("art by [name]s\n", encoding="utf-8")

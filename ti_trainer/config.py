@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,13 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ATTENTION_CHOICES = ("auto", "sdpa", "xformers", "math")
 CHECKPOINTING_CHOICES = ("auto", "off", "high-res", "all")
 UPCAST_CHOICES = ("auto", "on", "off")
+# Image sizes in pixels, as preprocessing allows them: 4096 px is far past what SD 1.x/2.x were trained on,
+# and a bigger size only ends in a MemoryError while the images are resized.
+MIN_SIZE_PX = 64
+MAX_SIZE_PX = 4096
+# Text fields that also take a plain number: a schedule of one learning rate written as 0.005, not "0.005".
+NUMBER_AS_TEXT_FIELDS = ("learn_rate", "clip_grad_value")
+SAVE_FORMATS = ("pt", "safetensors")
 
 
 @dataclass(frozen=True)
@@ -46,7 +56,9 @@ class TrainConfig:
         help="folder of training images (captions in <image>.txt)",
         flag="--data",
     )
-    embeddings_dir: str = setting("embeddings", label="Embeddings directory", help="where <name>.pt lives")
+    embeddings_dir: str = setting(
+        "embeddings", label="Embeddings directory", help="where <name>.pt (or .safetensors) lives"
+    )
     log_dir: str = setting(
         "textual_inversion",
         label="Log directory",
@@ -155,6 +167,15 @@ class TrainConfig:
         label="Save optimizer state (.optim) for exact resume",
         help="save the optimizer state beside the embedding, so a resumed run continues exactly",
     )
+    # The file format of <name> and its step copies: "pt" (A1111's own, read everywhere) or "safetensors"
+    # (tensors only; read by A1111, Forge, diffusers and ComfyUI). PNG copies are written beside either.
+    save_format: str = setting(
+        "pt",
+        label="Embedding file format (pt: A1111's own; safetensors: tensors only, loads in A1111, "
+        "Forge, diffusers, ComfyUI)",
+        help="file format of the embedding and its step copies: pt (A1111's, default) or safetensors",
+        choices=SAVE_FORMATS,
+    )
     # Previews: an empty prompt means "the first caption of the current batch", as in A1111
     preview_prompt: str = setting("", label="Preview prompt", help="empty: the first caption of the batch")
     preview_negative_prompt: str = setting(
@@ -247,15 +268,24 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be 0 (off) or a positive number of steps.")
         for name in ("width", "height"):
+            problem = size_problem(f"Training {name}", getattr(self, name))
+            if problem:
+                problems.append(problem)
+        for name in ("preview_width", "preview_height"):
             value = getattr(self, name)
-            if value < 64 or value % 8:
-                problems.append(f"Training {name} must be a multiple of 8 and at least 64 (got {value}).")
+            problem = size_problem(f"Preview {name.split('_')[1]}", value, zero_means="the training size")
+            if problem:
+                problems.append(problem)
         if self.latent_sampling not in LATENT_SAMPLING:
             problems.append(f"Latent sampling must be one of {', '.join(LATENT_SAMPLING)}.")
         if self.clip_grad_mode not in CLIP_MODES:
             problems.append(f"Gradient clipping must be one of {', '.join(CLIP_MODES)}.")
         if not 0.0 <= self.tag_dropout <= 1.0:
             problems.append(f"Tag dropout is a probability between 0 and 1 (got {self.tag_dropout}).")
+        if self.save_format not in SAVE_FORMATS:
+            problems.append(
+                f"Save format must be one of {', '.join(SAVE_FORMATS)} (got {self.save_format!r})."
+            )
         if self.precision not in PRECISIONS:
             problems.append(f"Precision must be one of {', '.join(PRECISIONS)}.")
         for name, choices in (
@@ -286,18 +316,38 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in data.items() if key in known})
+    def from_dict(cls, data: dict[str, Any], source: str = "the training settings") -> TrainConfig:
+        """A config from JSON-like values (a settings file, an API request, the form); unknown keys are
+        ignored. Every value is checked against its field's type first: UserError names each field that is
+        wrong, what it holds and what it should hold (`source` says where the values came from)."""
+        if not isinstance(data, dict):
+            raise UserError(
+                f"{source} must be a JSON object of setting names and values, e.g. "
+                f'{{"embedding_name": "my-style", "learn_rate": "0.005"}}; it is a {_json_kind(data)}.'
+            )
+        hints = typing.get_type_hints(cls)
+        values, problems = {}, []
+        for spec in dataclasses.fields(cls):
+            if spec.name not in data:
+                continue
+            try:
+                values[spec.name] = _checked_value(spec.name, hints[spec.name], data[spec.name])
+            except ValueError as problem:
+                problems.append(str(problem))
+        if problems:
+            raise UserError(f"Wrong setting type(s) in {source}:\n" + "\n".join(problems))
+        return cls(**values)
 
     @classmethod
     def from_settings_file(cls, path: Path) -> TrainConfig:
         """Read a run's settings JSON (ours, written beside its log) back into a config."""
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise UserError(f"Could not read the settings file {path}: {error}") from error
-        return cls.from_dict(data.get("ti_trainer_config", data))
+        if isinstance(data, dict):
+            data = data.get("ti_trainer_config", data)
+        return cls.from_dict(data, f"the settings file {path}")
 
 
 def field_info(name: str) -> FieldInfo:
@@ -308,3 +358,93 @@ def field_info(name: str) -> FieldInfo:
 def cli_flag(name: str) -> str:
     """The CLI's flag for field `name`: its own, or `--` and the name in kebab case."""
     return field_info(name).flag or "--" + name.replace("_", "-")
+
+
+def size_problem(label: str, value: int, zero_means: str = "") -> str | None:
+    """What is wrong with an image size in pixels (None if nothing): a multiple of 8 within the bounds, or 0
+    where `zero_means` says what 0 stands for."""
+    if zero_means and value == 0:
+        return None
+    if MIN_SIZE_PX <= value <= MAX_SIZE_PX and value % 8 == 0:
+        return None
+    zero = f", or 0 for {zero_means}" if zero_means else ""
+    return f"{label} must be a multiple of 8 between {MIN_SIZE_PX} and {MAX_SIZE_PX} px{zero} (got {value})."
+
+
+def _json_kind(value: Any) -> str:
+    """A value's type as JSON calls it, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _expected(kind: Any) -> str:
+    """A field's annotation in words: "a whole number", "true or false", "a list of text" ..."""
+    if kind is bool:
+        return "true or false"
+    if kind is int:
+        return "a whole number"
+    if kind is float:
+        return "a number"
+    if kind is str:
+        return "text"
+    if typing.get_origin(kind) is list:
+        return "a list of text"
+    arguments = typing.get_args(kind)
+    if type(None) in arguments:
+        inner = [argument for argument in arguments if argument is not type(None)]
+        return " or ".join([*(_expected(argument) for argument in inner), "null"])
+    return str(kind)
+
+
+def _checked_value(name: str, kind: Any, value: Any) -> Any:
+    """`value` as field `name` (annotated `kind`) holds it, or ValueError naming the field and the type.
+
+    JSON has one number type, so a whole number written as 2.0 is accepted for an int; true/false are
+    accepted only for bool fields (Python would take True as 1).
+    """
+    problem = ValueError(f"- {name}: expected {_expected(kind)}, got {_json_kind(value)} {value!r}")
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        if value is None and type(None) in typing.get_args(kind):
+            return None
+        inner = [argument for argument in typing.get_args(kind) if argument is not type(None)]
+        for argument in inner:
+            try:
+                return _checked_value(name, argument, value)
+            except ValueError:
+                continue
+        raise problem
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise problem
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        if is_number and float(value).is_integer():
+            return int(value)
+        raise problem
+    if kind is float:
+        if is_number and math.isfinite(value):
+            return float(value)
+        raise problem
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        if name in NUMBER_AS_TEXT_FIELDS and is_number and math.isfinite(value):
+            return repr(value) if isinstance(value, float) else str(value)
+        raise problem
+    if typing.get_origin(kind) is list:
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return list(value)
+        raise problem
+    return value

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ti_trainer.errors import UserError
-from ti_trainer.fsutil import read_text_file, require_folder
+from ti_trainer.fsutil import FolderScan, read_text_file, scan_folder
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
@@ -220,9 +220,8 @@ def load_folder(
     folder = Path(folder)
     if filename_regex:
         _compile_filename_regex(filename_regex)  # a bad regex is reported before any image is decoded
-    image_paths = _image_files_in(folder)
+    image_paths, skipped = _image_files_in(folder)
     loaded: list[LoadedImage] = []
-    skipped: list[ImageProblem] = []
     for path in image_paths:
         try:
             image = load_image(path, keep_alpha=keep_alpha)
@@ -243,18 +242,24 @@ def load_folder(
     return LoadedFolder(images=loaded, skipped=skipped)
 
 
-def _image_files_in(folder: Path) -> list[Path]:
-    require_folder(folder, "dataset folder")
-    entries = sorted(folder.iterdir(), key=lambda p: p.name)
-    images = [p for p in entries if is_image_file(p) and p.is_file()]
+def _image_files_in(folder: Path) -> tuple[list[Path], list[ImageProblem]]:
+    """The image files to load, and the special entries (pipes, broken links...) that were passed over."""
+    scan = scan_folder(folder, "dataset folder")
+    special = [ImageProblem(entry.path, entry.reason) for entry in scan.skipped]
+    images = [path for path in scan.files if is_image_file(path)]
     if images:
-        return images
-    subfolders = [p.name for p in entries if p.is_dir()]
-    hint = (
-        f" It has sub-folders ({', '.join(subfolders[:5])}); images inside sub-folders are not used, "
-        "so give the folder that holds the images themselves."
-        if subfolders
-        else ""
-    )
+        return images, special
+    raise UserError(_no_images_message(folder, scan))
+
+
+def _no_images_message(folder: Path, scan: FolderScan) -> str:
     suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
-    raise UserError(f"The dataset folder {folder} holds no image files ({suffixes}).{hint}")
+    message = f"The dataset folder {folder} holds no image files ({suffixes})."
+    if scan.folders:
+        names = ", ".join(path.name for path in scan.folders[:5])
+        message += (
+            f" It has sub-folders ({names}); images inside sub-folders are not used, "
+            "so give the folder that holds the images themselves."
+        )
+    message += "".join(f"\n  skipped {entry.path.name}: {entry.reason}" for entry in scan.skipped)
+    return message

@@ -35,7 +35,7 @@ def launch(
     `refresh_embeddings` makes what it saved usable (the WebUI reloads its embeddings) before `live` says it
     ended. An error is recorded in `live` (status "failed", its message) and raised again for the caller.
     """
-    live.begin(config.embedding_name, config.max_steps)
+    live.begin(config.embedding_name, config.max_steps, config.to_dict())
 
     def message(text: str) -> None:
         live.message(text)

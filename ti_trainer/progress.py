@@ -44,6 +44,8 @@ class RunProgress:
     stopped_early: bool = False  # the validation loss levelled off and early stopping ended the run
     embedding_path: str | None = None
     log_folder: str | None = None
+    # The run's TrainConfig as a dict, so a page opened later shows the form this run was started with.
+    settings: dict | None = None
     version: int = 0  # goes up with every change, so a poll can skip what it has already seen
 
     @property
@@ -80,6 +82,7 @@ class LiveRun:
                 validation=list(run.validation),
                 previews=list(run.previews),
                 messages=list(run.messages),
+                settings=None if run.settings is None else dict(run.settings),
             )
 
     def _change(self, **values) -> None:
@@ -91,7 +94,7 @@ class LiveRun:
     def queue(self) -> None:
         self._change(status="queued")
 
-    def begin(self, embedding_name: str, end_step: int) -> None:
+    def begin(self, embedding_name: str, end_step: int, settings: dict | None = None) -> None:
         """A new run starts: everything of the previous one is cleared, except the job's id."""
         with self._lock:
             previous = self._run
@@ -100,6 +103,7 @@ class LiveRun:
                 status="running",
                 embedding_name=embedding_name,
                 end_step=end_step,
+                settings=settings,
                 version=previous.version + 1,
             )
             self._timing = None

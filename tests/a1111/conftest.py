@@ -1,4 +1,5 @@
-"""The A1111 tests' world: a stand-in of the WebUI's modules holding a tiny real ldm SD 2.x model.
+"""The A1111 tests' world: a stand-in of the WebUI's modules holding a tiny real ldm SD 2.x model, or a tiny
+SDXL (sgm stand-in around real networks, see tiny_sgm.py).
 
 They run only in .venv-a1111 (the WebUI's pins plus the `ldm` package A1111 runs).
 """
@@ -57,13 +58,55 @@ class WebUI:
         return sd_hijack.model_hijack.embedding_db
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_folder(tmp_path_factory):
+    """What building a tiny SDXL needs on disk (CLIP-L's transformers folder); bigG's architecture registered."""
+    import tiny_sgm
+
+    return tiny_sgm.prepare(tmp_path_factory.mktemp("tiny_sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tiny_sdxl_folder):
+    """A tiny SDXL DiffusionEngine, built once per test process (tests that change it for good build their own)."""
+    import tiny_sgm
+
+    return tiny_sgm.build_tiny_sdxl(tiny_sdxl_folder)
+
+
 @pytest.fixture
 def webui(tmp_path, tiny_sd2, monkeypatch):
     """A fresh stand-in WebUI with the tiny model loaded the WebUI's way (hijacked, embeddings loaded)."""
-    from modules import call_queue, processing, script_callbacks, sd_hijack, sd_models, shared
+    yield from webui_session(tmp_path, monkeypatch, tiny_sd2, "tiny-sd2-768-v.safetensors")
+
+
+@pytest.fixture
+def webui_sdxl(tmp_path, tiny_sdxl, monkeypatch):
+    """A fresh stand-in WebUI with the tiny SDXL loaded as A1111 loads SDXL (set_model_type, extend_sdxl,
+    placement, hijack of both text encoders, embeddings loaded, empty prompt encoded)."""
+    yield from webui_session(tmp_path, monkeypatch, tiny_sdxl, "tiny-sdxl.safetensors")
+
+
+@pytest.fixture
+def fresh_sdxl_webui(tmp_path, tiny_sdxl_folder, monkeypatch, request):
+    """A WebUI around an SDXL of its own, for start-up choices that change a model for good (hooks, FP8
+    weights). Parametrize it indirectly with {"flags": command-line flags, "settings": settings}."""
+    import tiny_sgm
+    from modules import lowvram
+
+    monkeypatch.setattr(lowvram, "module_in_gpu", None)
+    choices = getattr(request, "param", {})
+    model = tiny_sgm.build_tiny_sdxl(tiny_sdxl_folder)
+    yield from webui_session(tmp_path, monkeypatch, model, "tiny-sdxl.safetensors", **choices)
+
+
+def webui_session(tmp_path, monkeypatch, model, checkpoint_name, flags=None, settings=None):
+    """Set the stand-in WebUI up around `model` (command-line `flags` and `settings` as given at start-up),
+    yield its WebUI handle, and unload the model afterwards."""
+    from modules import call_queue, devices, processing, script_callbacks, sd_hijack, sd_models, shared
 
     monkeypatch.chdir(tmp_path)
-    webui = WebUI(tmp_path, tiny_sd2)
+    webui = WebUI(tmp_path, model)
     fresh = shared.default_options()
     shared.opts.data_labels, shared.opts.data = fresh.data_labels, fresh.data
     vars(shared.cmd_opts).update(
@@ -71,9 +114,11 @@ def webui(tmp_path, tiny_sd2, monkeypatch):
             shared.default_cmd_opts(
                 embeddings_dir=str(webui.embeddings_dir),
                 textual_inversion_templates_dir=str(webui.templates_dir),
+                **(flags or {}),
             )
         )
     )
+    shared.opts.data.update(settings or {})
     shared.models_path = str(tmp_path / "models")
     vars(shared.state).clear()
     script_callbacks.clear_callbacks()
@@ -81,12 +126,13 @@ def webui(tmp_path, tiny_sd2, monkeypatch):
     db = sd_hijack.model_hijack.embedding_db
     db.clear_embedding_dirs()
     db.add_embedding_dir(str(webui.embeddings_dir))
-    checkpoint = sd_models.CheckpointInfo(str(tmp_path / "models" / "tiny-sd2-768-v.safetensors"), SHA256)
-    sd_models.load_model(tiny_sd2, checkpoint)
+    checkpoint = sd_models.CheckpointInfo(str(tmp_path / "models" / checkpoint_name), SHA256)
+    sd_models.load_model(model, checkpoint)
     yield webui
     with call_queue.queue_lock:  # a training job still running holds it: let it finish first
-        sd_models.unload_model(tiny_sd2)
+        sd_models.unload_model(model)
     db.clear_embedding_dirs()
+    devices.fp8 = False
 
 
 @pytest.fixture

@@ -80,8 +80,9 @@ def test_the_settings_section_holds_our_defaults_in_the_training_category(webui)
 
 
 def test_the_routes_are_added_when_the_app_starts(webui):
-    from modules import script_callbacks
+    from modules import script_callbacks, shared
 
+    shared.cmd_opts.api = True  # only where the WebUI serves its API (tests/a1111/test_api.py)
     load_entry()
     app = FastAPI()
     script_callbacks.app_started_callback(None, app)

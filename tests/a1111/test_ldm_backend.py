@@ -2,10 +2,13 @@
 conditioning (DESIGN invariant 1), the model's own latents, UNet, schedule and parameterization, and the model
 given back exactly as found (invariant 2)."""
 
+import numpy as np
 import pytest
 import torch
 from model_state import assert_same_fingerprint, model_fingerprint
 
+from ti_trainer.analysis.norms import ordinary_token_norms, token_norm_range
+from ti_trainer.backends.contract import CLIP_H, CLIP_L, Backend, PreviewRequest, sd_family
 from ti_trainer.embeddings.embedding import Embedding
 from ti_trainer.embeddings.files import save_embedding
 from ti_trainer.errors import UserError
@@ -265,3 +268,59 @@ def test_sd1_conditioning_equals_the_webuis_with_its_clip_skip(sd1_webui, clip_s
     if clip_skip == 2:  # the option changes the result, so the equality above is not vacuous
         shared.opts.CLIP_stop_at_last_layers = 1
         assert not torch.allclose(webui_conditioning([PROMPTS[0]]), ours[PROMPTS[0]])
+
+
+# --- the backend contract (backends/contract.py) -------------------------------------------------------------
+
+
+def plain_token_embedding(layer: torch.nn.Module) -> torch.nn.Embedding:
+    """The nn.Embedding under the WebUI's EmbeddingsWithFixes (if it wrapped this layer)."""
+    while not isinstance(layer, torch.nn.Embedding):
+        layer = layer.wrapped
+    return layer
+
+
+def test_the_backend_fills_the_whole_contract(webui):
+    backend = a1111.get_backend()
+    assert isinstance(backend, Backend)
+    # The tiny model: OpenCLIP of width 32, a 4-channel VAE with four resolutions (8x, as in SD).
+    assert backend.family == sd_family("sd2", 32, latent_channels=4, vae_scale_factor=8)
+    assert backend.family.text_encoders[0].key == CLIP_H
+    request = PreviewRequest("a cat", "", 2, 7.0, 1, 64, 64, "Euler a", {})
+    assert backend.render(request) is None  # previews are the WebUI's txt2img's
+
+
+def test_the_overbake_range_is_read_from_the_open_clip_token_embedding(webui):
+    """The "ordinary words" range is the token-embedding matrix's on this host too (it used to come from a
+    word list here and from the whole matrix standalone), and the same matrix gives the same range on the
+    diffusers backend."""
+    from modules import shared
+
+    from ti_trainer.backends.tiny import tiny_backend
+
+    backend = a1111.get_backend()
+    open_clip = shared.sd_model.cond_stage_model.wrapped  # FrozenOpenCLIPEmbedder
+    matrix = plain_token_embedding(open_clip.model.token_embedding).weight
+    found = ordinary_token_norms(backend)
+    assert found == token_norm_range(matrix)
+    assert found.source == f"all {matrix.shape[0]} tokens"
+    norms = np.linalg.norm(matrix.detach().float().numpy().astype(np.float64), axis=1)
+    assert (found.low, found.median, found.high) == pytest.approx(
+        tuple(np.quantile(norms, [0.01, 0.5, 0.99]))
+    )
+
+    standalone = tiny_backend("v")
+    standalone.text_encoder.set_input_embeddings(torch.nn.Embedding.from_pretrained(matrix.detach().clone()))
+    assert ordinary_token_norms(standalone) == found
+
+
+def test_sd1_is_its_own_family_with_clips_token_embedding(sd1_webui):
+    from modules import shared
+
+    backend = a1111.get_backend()
+    assert isinstance(backend, Backend)
+    assert backend.family.name == "sd1" and backend.family.text_encoders[0].key == CLIP_L
+    clip = shared.sd_model.cond_stage_model.wrapped  # FrozenCLIPEmbedder
+    matrix = plain_token_embedding(clip.transformer.text_model.embeddings.token_embedding).weight
+    assert backend.token_embedding_weight(CLIP_L) is matrix
+    assert ordinary_token_norms(backend) == token_norm_range(matrix)

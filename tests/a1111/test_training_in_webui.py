@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 from model_state import assert_same_fingerprint, model_fingerprint
+from quick_runs import quick_train_config
 
 from ti_trainer.config import TrainConfig
 from ti_trainer.embeddings.create import create_embedding
@@ -28,6 +29,7 @@ def services(webui, dataset):
 
 
 def config_for(services, dataset, **changes) -> TrainConfig:
+    """A quick run in the WebUI's folders: no copies or previews unless the test asks for them."""
     settings = dict(
         embedding_name=NAME,
         data_dir=str(dataset),
@@ -36,18 +38,13 @@ def config_for(services, dataset, **changes) -> TrainConfig:
         log_dir=str(services.log_dir),
         template="subject_filewords.txt",
         learn_rate="0.05",
-        batch_size=2,
         max_steps=4,
-        width=64,
-        height=64,
         save_every=0,
-        preview_every=0,
         preview_steps=2,
         seed=3,
         validate_every=0,
     )
-    settings.update(changes)
-    return TrainConfig(**settings)
+    return quick_train_config(**{**settings, **changes})
 
 
 def database_state(db):

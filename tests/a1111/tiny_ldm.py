@@ -105,12 +105,10 @@ def build_tiny_sd2(parameterization: str = "v", seed: int = 1234):
     return model.eval()
 
 
-def tiny_sd1_text_encoder(folder: Path, seed: int = 1234):
-    """ldm's FrozenCLIPEmbedder as SD 1.x has it: a tiny transformers CLIPTextModel, and a CLIPTokenizer over
-    CLIP's BPE vocabulary, written out from the copy inside open_clip (the same merges; no download)."""
-    from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+def write_clip_vocabulary(folder: Path) -> tuple[dict, Path, Path]:
+    """CLIP's BPE vocabulary and merges as transformers' CLIPTokenizer reads them (vocab.json, merges.txt),
+    written out from the copy inside open_clip (the same BPE; no download). Returns (vocab, the two files)."""
     from open_clip.tokenizer import _tokenizer as bpe
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
     vocab = {names.get(token, token): index for token, index in bpe.encoder.items()}
@@ -118,7 +116,16 @@ def tiny_sd1_text_encoder(folder: Path, seed: int = 1234):
     vocab_file, merges_file = Path(folder) / "vocab.json", Path(folder) / "merges.txt"
     vocab_file.write_text(json.dumps(vocab), encoding="utf-8")
     merges_file.write_text("#version: 0.2\n" + "\n".join(" ".join(pair) for pair in merges), encoding="utf-8")
+    return vocab, vocab_file, merges_file
 
+
+def tiny_sd1_text_encoder(folder: Path, seed: int = 1234):
+    """ldm's FrozenCLIPEmbedder as SD 1.x has it: a tiny transformers CLIPTextModel, and a CLIPTokenizer over
+    CLIP's BPE vocabulary, written out from the copy inside open_clip (the same merges; no download)."""
+    from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab, vocab_file, merges_file = write_clip_vocabulary(folder)
     torch.manual_seed(seed)
     config = CLIPTextConfig(
         vocab_size=len(vocab),

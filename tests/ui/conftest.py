@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from quick_runs import quick_settings
 
 from ti_trainer.host.standalone import standalone_services
 from ti_trainer.ui.train_form import form_fields, form_values, initial_config
@@ -24,16 +25,10 @@ def train_values(services, dataset):
 
     def make(name: str, **overrides) -> tuple[list[str], list]:
         config = initial_config(services)
-        settings = dict(
+        settings = quick_settings(
             embedding_name=name,
             data_dir=str(dataset),
-            template="filewords_name.txt",
-            learn_rate="0.01",
-            batch_size=2,
             max_steps=4,
-            width=64,
-            height=64,
-            save_every=2,
             preview_every=2,
             preview_steps=2,
             validate_every=2,

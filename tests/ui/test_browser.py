@@ -138,6 +138,24 @@ def test_create_then_train_in_the_browser(app_url, page, workspace):
     saved = load_embedding(workspace / "workspace" / "embeddings" / "browser-style.pt")
     assert saved.step == 4 and saved.vectors.shape[0] == 2
 
+    # A fresh page: the finished run beside the form it ran with, and the lists as they are now.
+    (workspace / "workspace" / "embeddings" / "copied-in.pt").write_bytes(
+        (workspace / "workspace" / "embeddings" / "browser-style.pt").read_bytes()
+    )
+    page.goto(app_url)
+    page.locator("#ti_trainer_tabs button", has_text="Train").first.click()
+    page.wait_for_selector('#ti_trainer_progress [data-state="finished"]')
+    assert page.input_value("#ti_trainer_train_embedding_name input") == "browser-style"
+    assert page.locator("#ti_trainer_train_data_dir :is(input, textarea)").first.input_value() == str(dataset)
+    assert page.input_value("#ti_trainer_train_max_steps input") == "4"
+    page.click("#ti_trainer_train_embedding_name input")
+    page.wait_for_selector("#ti_trainer_train_embedding_name li >> text=copied-in")
+    page.keyboard.press("Escape")
+    page.locator("#ti_trainer_tabs button", has_text="Results").first.click()
+    run_choice = page.input_value("#ti_trainer_results_run input")
+    assert run_choice.endswith("/browser-style"), run_choice
+    page.screenshot(path=str(workspace / "fresh-page-results.png"), full_page=True)
+
 
 # Just enough of the WebUI's page helpers (script.js, ui.js, progressbar.js) to see our script use them.
 WEBUI_HELPERS = """
@@ -158,7 +176,12 @@ def test_inside_the_webui_the_script_uses_its_helpers(app_url, page):
     page.wait_for_selector("#ti_trainer_create_vectors")
     page.wait_for_function("document.querySelector('#ti_trainer_create_vectors').title.includes('75')")
     page.locator("#ti_trainer_tabs button", has_text="Train").first.click()
-    page.click("#ti_trainer_train_button")  # no embedding chosen: the job answers with a message
-    page.wait_for_selector("#ti_trainer_train_result .ti-trainer-error")
-    assert "needs a name" in page.inner_text("#ti_trainer_train_result")
+    # A dataset folder that is not there: the run fails with a message, shown once: in the progress box, not
+    # again in the result.
+    fill(page, "ti_trainer_train_data_dir", "/no/such/folder")
+    page.click("#ti_trainer_train_button")
+    page.wait_for_selector('#ti_trainer_progress [data-state="failed"]')
+    message = page.inner_text("#ti_trainer_progress .ti-trainer-headline")
+    assert message.strip()  # which check fails first depends on the form the page opened with
+    assert message not in page.inner_text("#ti_trainer_train_result")
     assert page.evaluate("window.progressRequests") == [["task(webui-like)", "ti_trainer_train_result"]]

@@ -16,6 +16,7 @@ from ti_trainer.progress import LiveRun
 from ti_trainer.ui import create_panel, train_handlers
 from ti_trainer.ui.live_run import format_duration, progress_html
 from ti_trainer.ui.train_form import config_from_form, form_fields, form_values, initial_config
+from ti_trainer.ui.train_panel import build_train_panel
 
 
 def recorded(services):
@@ -142,14 +143,77 @@ def test_interrupt_stops_at_a_step_boundary_and_saves(services, train_values):
     assert not services.interrupt_requested()  # the next job starts with a clear flag
 
 
-def test_bad_input_is_a_message_not_a_crash(services, train_values):
+def test_bad_input_is_a_message_not_a_crash_and_shown_once(services, train_values):
     create_panel.create_embedding_job(services, "nodata", "painting", 1, False)
     names, values = train_values("nodata", data_dir=str(services.embeddings_dir / "missing"))
     live = LiveRun()
-    result, _ = train_handlers.run_training_job(services, live, names, "", *values)
-    assert "ti-trainer-error" in result and "does not exist" in result
+    result, extra = train_handlers.run_training_job(services, live, names, "", *values)
     assert live.snapshot().status == "failed"
-    assert 'data-state="failed"' in progress_html(live.snapshot())
+    progress = progress_html(live.snapshot())
+    assert 'data-state="failed"' in progress and "does not exist" in progress
+    # Once on the page: the progress box (which every page sees) says it; the result does not repeat it.
+    page = progress + result + extra
+    assert page.count("does not exist") == 1
+
+
+def test_a_form_that_cannot_be_read_is_answered_once_and_leaves_the_run_on_show(services, train_values):
+    live = LiveRun()
+    create_panel.create_embedding_job(services, "shown", "painting", 1, False)
+    names, values = train_values("shown", validate_every=0, preview_every=0, max_steps=1)
+    train_handlers.run_training_job(services, live, names, "", *values)
+    before = live.snapshot()
+    values[names.index("batch_size")] = "lots"
+    result, extra = train_handlers.run_training_job(services, live, names, "", *values)
+    assert "ti-trainer-error" in result and "not a number" in result
+    page = progress_html(live.snapshot()) + result + extra
+    assert page.count("not a number") == 1
+    assert live.snapshot().status == before.status == "finished"
+
+
+def test_a_fresh_page_lists_what_is_there_now(services, train_values):
+    """The tab is built when the host starts; embeddings made since are listed as soon as a page opens."""
+    with gr.Blocks():
+        panel = build_train_panel(services)
+    create_panel.create_embedding_job(services, "made-later", "painting", 1, False)
+    (services.templates_dirs[0] / "later.txt").write_text("[name], [filewords]\n", encoding="utf-8")
+    names = list(panel.form)
+    opened = dict(zip([*names, "status"], panel.page_load.fn(None, "style_filewords.txt", 100)))
+    assert "made-later" in opened["embedding_name"]["choices"]
+    assert "later.txt" in opened["template"]["choices"]
+    assert opened["template"]["value"] == "style_filewords.txt"
+    # No run since the host started: the form keeps its values.
+    assert opened["batch_size"] == gr.update()
+
+
+def test_a_fresh_page_shows_the_last_run_with_its_own_form(services, train_values):
+    live = LiveRun()
+    create_panel.create_embedding_job(services, "lastrun", "painting", 1, False)
+    names, values = train_values(
+        "lastrun", batch_size=3, learn_rate="0.02", validate_every=0, preview_every=0
+    )
+    train_handlers.run_training_job(services, live, names, "", *values)
+    with gr.Blocks():
+        panel = build_train_panel(services, live)
+    form_names = list(panel.form)
+    outputs = panel.page_load.fn(None, "style_filewords.txt", 3000)
+    opened = dict(zip([*form_names, "status", "progress"], outputs))
+    assert 'data-state="finished"' in opened["progress"]
+    assert opened["embedding_name"]["value"] == "lastrun" and opened["batch_size"] == 3
+    assert opened["learn_rate"] == "0.02" and opened["max_steps"] == 4
+    assert opened["template"]["value"] == "filewords_name.txt"
+    assert "Already trained 4 steps" in opened["status"]
+    # The outputs line up with the components the tab wires them to.
+    assert len(outputs) == len(panel.page_load.outputs)
+
+
+def test_the_tab_refreshes_both_lists_when_a_page_opens(services):
+    from ti_trainer.ui.tab import build_tab
+
+    tab = build_tab(services)
+    loads = [dep for dep in tab.config["dependencies"] if dep["trigger"] == "load"]
+    ids = {block._id: block.elem_id for block in tab.blocks.values()}
+    refreshed = {ids.get(output) for dep in loads for output in dep["outputs"]}
+    assert {"ti_trainer_train_embedding_name", "ti_trainer_progress", "ti_trainer_results_run"} <= refreshed
 
 
 def test_last_run_settings_fill_the_form(services, train_values):
@@ -224,3 +288,35 @@ def test_training_changes_the_vectors(services, train_values):
     assert isinstance(
         TrainConfig.from_settings_file(next(services.log_dir.glob("*/moves/settings-*.json"))), TrainConfig
     )
+
+
+def test_a_fresh_page_lists_the_runs_finished_since_the_tab_was_built(services, train_values):
+    from ti_trainer.ui.results_panel import RunView, build_results_panel
+
+    with gr.Blocks():
+        page_load = build_results_panel(services)
+    create_panel.create_embedding_job(services, "later", "painting", 1, False)
+    names, values = train_values("later", validate_every=0, preview_every=0, max_steps=2)
+    train_handlers.run_training_job(services, LiveRun(), names, "", *values)
+
+    runs, *view = page_load.fn(str(services.log_dir), None)
+    assert len(runs["choices"]) == 1 and runs["value"].endswith("/later")
+    shown = RunView(*view)
+    assert shown.loss_chart is not None and shown.steps["choices"] == ["2"]
+    assert len(page_load.outputs) == 1 + len(view)
+
+
+def test_the_panel_counts_epochs_as_the_loss_csv_does(services, train_values):
+    """A1111's meaning (epoch = (step - 1) // steps per epoch, from 0): the CSV, the CLI and the panel agree."""
+    import csv
+
+    create_panel.create_embedding_job(services, "epochs", "painting", 1, False)
+    # 4 images, batch 2: two steps per epoch, so step 3 is the first step of epoch 1.
+    names, values = train_values("epochs", validate_every=0, preview_every=0, save_every=0, max_steps=3)
+    live = LiveRun()
+    train_handlers.run_training_job(services, live, names, "", *values)
+    csv_file = next(services.log_dir.glob("*/epochs/textual_inversion_loss.csv"))
+    rows = list(csv.DictReader(csv_file.open(encoding="utf-8")))
+    assert [(row["step"], row["epoch"]) for row in rows] == [("1", "0"), ("2", "0"), ("3", "1")]
+    run = live.snapshot()
+    assert run.step == 3 and f"epoch {rows[-1]['epoch']}" in progress_html(run)

@@ -155,3 +155,24 @@ def test_standalone_jobs_run_one_at_a_time_and_start_uninterrupted(services):
         thread.join()
     assert [kind for kind, _, _ in events] == ["start", "end", "start", "end"]
     assert [flag for kind, _, flag in events if kind == "start"] == [False, False]
+
+
+def test_every_button_has_readable_words_not_only_a_symbol(services):
+    """Where no emoji font is installed a symbol is an empty box; screen readers skip it too."""
+    tab = build_tab(services)
+    buttons = [block for block in tab.blocks.values() if isinstance(block, gr.Button) and block.visible]
+    assert len(buttons) > 10
+    symbol_only = [button.value for button in buttons if not re.search(r"[A-Za-z]{3}", str(button.value))]
+    assert not symbol_only, f"buttons with no words: {symbol_only}"
+
+
+def test_the_results_charts_have_no_label_over_their_titles(services):
+    """Gradio lays an image's label over its top-left corner, where each chart has its own title."""
+    tab = build_tab(services)
+    images = [block for block in tab.blocks.values() if isinstance(block, gr.Image)]
+    charts = [
+        image
+        for image in images
+        if image.label in ("Training and validation loss", "Vector lengths (overbake signal)")
+    ]
+    assert len(charts) == 2 and not any(image.show_label for image in charts)

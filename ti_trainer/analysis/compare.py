@@ -19,7 +19,8 @@ from PIL import Image, ImageDraw, PngImagePlugin
 
 from ti_trainer.analysis.charts import font, text_width
 from ti_trainer.analysis.run_files import COMPARE_DIR, COMPARE_SETTINGS_JSON, RunInfo
-from ti_trainer.backends.contract import PreviewRequest
+from ti_trainer.backends.contract import Backend, PreviewRequest
+from ti_trainer.config import size_problem
 from ti_trainer.embeddings.files import load_embedding
 from ti_trainer.errors import UserError
 from ti_trainer.fsutil import atomic_write, atomic_write_text
@@ -59,8 +60,9 @@ class CompareSettings:
         if not self.seeds:
             problems.append("Give at least one seed, e.g. 1.")
         for label, value in (("Width", self.width), ("Height", self.height)):
-            if value and (value < 64 or value % 8):
-                problems.append(f"{label} must be a multiple of 8 and at least 64 (got {value}).")
+            problem = size_problem(label, value, zero_means="the run's size")
+            if problem:
+                problems.append(problem)
         if self.sampler_steps < 1:
             problems.append(f"Sampling steps must be at least 1 (got {self.sampler_steps}).")
         if problems:
@@ -151,11 +153,13 @@ def render_grid(
     steps: list[int] | None = None,
     on_progress: Callable[[int, int], None] = lambda done, total: None,
     should_stop: Callable[[], bool] = lambda: False,
+    model_width: int | None = None,
 ) -> Grid:
     """Render every (step, prompt, seed) cell with `render` and save the labelled grid in the run's folder.
 
     `render` is the host's txt2img inside the WebUI, or the backend's sampler standalone; it receives the
-    step's vectors under the run's embedding name, which the prompts contain.
+    step's vectors under the run's embedding name, which the prompts contain. Every step's copy is read and
+    checked against `model_width` (the rendering model's text width, when known) before the first image.
     """
     settings.check()
     saved = run.saved_steps()
@@ -190,9 +194,10 @@ def render_grid(
     folder = run.root / COMPARE_DIR
     cells_folder = folder / f"{run.name}-{stamp}"
     cells: dict[tuple[int, int], Image.Image] = {}
+    embeddings = run.step_embeddings(steps, model_width)
     done = 0
     for row, step in enumerate(steps):
-        vectors = load_embedding(saved[step]).vectors
+        vectors = embeddings[step].vectors
         for column, (prompt, seed) in enumerate(columns):
             if should_stop():
                 raise UserError(f"Comparison stopped after {done} of {total} images; nothing was saved.")
@@ -298,7 +303,7 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, typeface, max_width: int, max_li
     return lines
 
 
-def backend_renderer(backend, name: str, num_vectors: int) -> Render:
+def backend_renderer(backend: Backend, name: str, num_vectors: int) -> Render:
     """Render with the standalone backend's sampler, the run's name recognised in prompts."""
     backend.prompt_encoder.chunker.register(name, num_vectors)
     return backend.render

@@ -17,16 +17,19 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ti_trainer.config import TrainConfig
-from ti_trainer.diffusion import noisy_latents_and_target
-from ti_trainer.memory.precision import autocast, resolve_precision
 from ti_trainer.text.prompts import build_prompt
 from ti_trainer.text.templates import NAME_PLACEHOLDER, read_template
 from ti_trainer.training.data import TrainingImage
 from ti_trainer.training.setup import find_template
+from ti_trainer.training.step import step_loss
+
+if TYPE_CHECKING:
+    from ti_trainer.backends.contract import Backend
 
 # The validation batch is about one training step's worth of images: at least DVAR's 4, at most 8. Its cost
 # is then one forward pass per image of a step every N steps, i.e. under 15% at batch 1 with N = 10 and a
@@ -139,75 +142,61 @@ def probe_batch(
     return FixedBatch(name, samples)
 
 
-def _inputs(backend, batch: FixedBatch, members: list[int]):
-    device = backend.device
+def _group_inputs(batch: FixedBatch, members: list[int]):
+    """The samples `members` as one micro-batch: prompts, latents, noise, timesteps and loss weights."""
     chosen = [batch.samples[i] for i in members]
-    latents = torch.cat([s.latent for s in chosen]).to(device)
-    noise = torch.cat([s.noise for s in chosen]).to(device)
-    timesteps = torch.tensor([s.timestep for s in chosen], dtype=torch.long, device=device)
-    noisy, target = noisy_latents_and_target(backend.schedule, latents, noise, timesteps)
-    weights = None
-    if chosen[0].weight is not None:
-        weights = torch.stack([s.weight for s in chosen]).to(device)
-    return chosen, noisy, target, timesteps, weights
-
-
-def _per_sample_loss(prediction, target, weights) -> torch.Tensor:
-    # denoising_loss per sample: its mean over a same-sized batch is exactly the batch's training loss.
-    error = (prediction.float() - target.float()) ** 2
-    if weights is not None:
-        error = error * weights.to(error.device, error.dtype)
-    return error.flatten(1).mean(dim=1)
+    latents = torch.cat([s.latent for s in chosen])
+    noise = torch.cat([s.noise for s in chosen])
+    timesteps = torch.tensor([s.timestep for s in chosen], dtype=torch.long)
+    weights = torch.stack([s.weight for s in chosen]) if chosen[0].weight is not None else None
+    return [s.prompt for s in chosen], latents, noise, timesteps, weights
 
 
 @torch.no_grad()
 def sample_losses(
-    backend, batch: FixedBatch, vectors: torch.Tensor, max_batch: int, precision: str = "auto"
+    backend: Backend, batch: FixedBatch, vectors: torch.Tensor, max_batch: int, precision: str
 ) -> torch.Tensor:
-    """The loss of every sample (float64, CPU), evaluated in batches no larger than the training batch."""
-    precision = resolve_precision(precision, backend.device)
+    """The loss of every sample (float64, CPU), evaluated in batches no larger than the training batch, by
+    the training step itself in the run's `precision` (the memory plan's)."""
     losses = torch.zeros(len(batch.samples), dtype=torch.float64)
     injected = {batch.name: vectors.detach()}
     for members in batch.groups(max_batch):
-        chosen, noisy, target, timesteps, weights = _inputs(backend, batch, members)
-        with autocast(precision, backend.device):
-            cond = backend.prompt_encoder([s.prompt for s in chosen], injected)
-            prediction = backend.predict(noisy, timesteps, cond)
-        losses[members] = _per_sample_loss(prediction, target, weights).double().cpu()
+        prompts, latents, noise, timesteps, weights = _group_inputs(batch, members)
+        per_sample = step_loss(
+            backend, prompts, latents, noise, timesteps, weights, injected, precision, per_sample=True
+        )
+        losses[members] = per_sample.double().cpu()
     return losses
 
 
 def sample_gradients(
-    backend, batch: FixedBatch, vectors: torch.Tensor, max_batch: int, precision: str = "auto"
+    backend: Backend, batch: FixedBatch, vectors: torch.Tensor, max_batch: int, precision: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every sample's loss and the gradient of that loss alone with respect to the vectors.
+    """Every sample's loss and the gradient of that loss alone with respect to the vectors, in the run's
+    `precision` (the memory plan's).
 
     Each sample's prompt is encoded with its own copy of the vectors, so one backward pass through a batch
     leaves each copy holding its own sample's gradient.
     """
-    precision = resolve_precision(precision, backend.device)
     scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0
     count = len(batch.samples)
     losses = torch.zeros(count, dtype=torch.float64)
     gradients = torch.zeros(count, *vectors.shape, dtype=torch.float64)
     base = vectors.detach()
-    for members in batch.groups(max_batch):
-        chosen, noisy, target, timesteps, weights = _inputs(backend, batch, members)
-        copies = [base.clone().requires_grad_(True) for _ in chosen]
-        with autocast(precision, backend.device):
-            conds = [backend.prompt_encoder([s.prompt], {batch.name: c}) for s, c in zip(chosen, copies)]
+    for group in batch.groups(max_batch):
         # A prompt past 75 tokens has a longer conditioning; such samples go through one at a time.
         by_length: dict[int, list[int]] = defaultdict(list)
-        for position, cond in enumerate(conds):
-            by_length[cond.shape[1]].append(position)
-        for positions in by_length.values():
-            with autocast(precision, backend.device):
-                cond = torch.cat([conds[p] for p in positions])
-                prediction = backend.predict(noisy[positions], timesteps[positions], cond)
-            part_weights = weights[positions] if weights is not None else None
-            per_sample = _per_sample_loss(prediction, target[positions], part_weights)
+        for index in group:
+            by_length[backend.prompt_encoder.chunk_count(batch.samples[index].prompt)].append(index)
+        for members in by_length.values():
+            prompts, latents, noise, timesteps, weights = _group_inputs(batch, members)
+            copies = [base.clone().requires_grad_(True) for _ in members]
+            per_copy = [{batch.name: copy} for copy in copies]
+            per_sample = step_loss(
+                backend, prompts, latents, noise, timesteps, weights, per_copy, precision, per_sample=True
+            )
             (per_sample.sum() * scale).backward()
-            for p, loss in zip(positions, per_sample.detach().double().cpu()):
-                losses[members[p]] = loss
-                gradients[members[p]] = copies[p].grad.double().cpu() / scale
+            for index, copy, loss in zip(members, copies, per_sample.detach().double().cpu()):
+                losses[index] = loss
+                gradients[index] = copy.grad.double().cpu() / scale
     return losses, gradients

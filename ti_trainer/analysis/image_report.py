@@ -7,10 +7,10 @@ gradient over the sum of all images' lengths, so shares add up to 100% and an ev
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -29,10 +29,16 @@ from ti_trainer.analysis.run_files import (
     read_rows,
     write_rows,
 )
+from ti_trainer.embeddings.checks import require_width
 from ti_trainer.embeddings.files import load_embedding
 from ti_trainer.errors import UserError
 from ti_trainer.images import load_folder
+from ti_trainer.memory.plan import plan_for
+from ti_trainer.training import batch_plan
 from ti_trainer.training.data import TrainingImage, encode_dataset, prepare_images
+
+if TYPE_CHECKING:
+    from ti_trainer.backends.contract import Backend
 
 # An image pulling 1.5 times as hard as the typical (median) image is worth a look. The median, not the even
 # share 1/N, because a dominant image lowers everyone else's share. It is a hint to look, not a verdict.
@@ -48,13 +54,14 @@ class ImageRow:
 
 
 def image_rows(
-    backend,
+    backend: Backend,
     probe: FixedBatch,
     images: list[TrainingImage],
     vectors: torch.Tensor,
     max_batch: int,
-    precision: str = "auto",
+    precision: str,
 ) -> list[ImageRow]:
+    """Each image's loss and gradient share, computed in the run's `precision` (its memory plan's)."""
     losses, gradients = sample_gradients(backend, probe, vectors, max_batch, precision)
     per_image_loss = torch.zeros(len(images), dtype=torch.float64)
     per_image_gradient = torch.zeros(len(images), *vectors.shape, dtype=torch.float64)
@@ -94,7 +101,7 @@ def write_image_report(path: Path, step: int, rows: list[ImageRow]) -> Path:
     return write_rows(path, list(IMAGE_REPORT_COLUMNS), ordered)
 
 
-def report_for_step(run: RunInfo, backend, step: int) -> list[ImageRow]:
+def report_for_step(run: RunInfo, backend: Backend, step: int) -> list[ImageRow]:
     """Measure the report at any saved step of a finished run, with the model it was trained on.
 
     The images are read and encoded again from the run's dataset folder; the probe is drawn from the run's
@@ -107,15 +114,16 @@ def report_for_step(run: RunInfo, backend, step: int) -> list[ImageRow]:
     if config.seed is None:
         raise UserError(f"The settings of {run.root} do not record the run's seed; the report needs it.")
     # A borrowed model (the WebUI's) is frozen for the backward pass and given back as it was found.
-    session = getattr(backend, "training_session", None)
-    with session() if session else contextlib.nullcontext():
+    with backend.training_session():
         rows = _measure(run, backend, config, saved[step])
     write_image_report(run.root / IMAGE_REPORT_CSV, step, rows)
     return rows
 
 
-def _measure(run: RunInfo, backend, config, embedding_path: Path) -> list[ImageRow]:
-    vectors = load_embedding(embedding_path).vectors.to(backend.device)
+def _measure(run: RunInfo, backend: Backend, config, embedding_path: Path) -> list[ImageRow]:
+    embedding = load_embedding(embedding_path)
+    require_width(embedding_path, embedding.width, backend.text_width)
+    vectors = embedding.vectors.to(backend.device)
     folder = load_folder(
         config.data_dir, config.use_alpha_weight, config.filename_regex, config.filename_join
     )
@@ -126,5 +134,7 @@ def _measure(run: RunInfo, backend, config, embedding_path: Path) -> list[ImageR
     backend.prompt_encoder.chunker.register(run.name, vectors.shape[0])
     prompts = fixed_prompts(config, run.name, [image.caption for image in images], config.seed)
     probe = probe_batch(images, prompts, run.name, config.seed, backend.schedule.num_timesteps)
-    batch = min(config.batch_size, len(images))
-    return image_rows(backend, probe, images, vectors, batch, config.precision)
+    # The run's batch as trained, and the precision its memory plan chose on this model (the WebUI's fp16
+    # weights are computed in fp16, as in training, not in the device's own "auto" choice).
+    batch = batch_plan.plan(len(images), config.batch_size, config.gradient_accumulation).batch_size
+    return image_rows(backend, probe, images, vectors, batch, plan_for(config, backend).precision)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -37,6 +38,9 @@ from ti_trainer.embeddings.create import existing_embedding_file
 from ti_trainer.embeddings.embedding import Embedding
 from ti_trainer.embeddings.files import load_embedding
 from ti_trainer.training import outputs
+
+if TYPE_CHECKING:
+    from ti_trainer.training.loop import RunContext
 
 Message = Callable[[str], None]
 ValidationPoint = Callable[[int, float], None]
@@ -82,7 +86,7 @@ class ValidationMonitor:
         self.suggested_step: int | None = None
         self._vectors: torch.Tensor | None = None
 
-    def start(self, context) -> None:
+    def start(self, context: RunContext) -> None:
         self.context = context
         images = context.data.images
         prompts = fixed_prompts(
@@ -183,22 +187,32 @@ class ValidationMonitor:
 
 class NormMonitor:
     """Records the length of every vector every `every_steps` steps (and at the first and last step), and
-    warns once per vector when it leaves the range of the model's ordinary token embeddings."""
+    warns once per vector when the overbake rule flags it (norms.py: far longer than the model's ordinary
+    words and than its own start, for several checks in a row). `analyze` applies the same rule to the CSV."""
 
     def __init__(self, every_steps: int, on_message: Message = print):
         self.every_steps = max(1, every_steps)
         self.on_message = on_message
-        self.warned: set[int] = set()
         self.log: CsvLog | None = None
         self._latest: tuple[int, torch.Tensor] | None = None
 
-    def start(self, context) -> None:
+    def start(self, context: RunContext) -> None:
         self.context = context
         self.reference = norms.ordinary_token_norms(context.backend)
+        self.tracker = norms.OverbakeTracker(self.reference)
         update_summary(context.folders.root, norm_range=self.reference.to_dict())
         initial = _initial_vectors(context)
         if initial is not None:
+            self._open_log(len(norms.vector_norms(initial)))
             self._record(context.initial_step, initial)
+
+    def _open_log(self, vectors: int) -> None:
+        columns = ["step", *(f"vector_{i}" for i in range(vectors))]
+        self.log = CsvLog(self.context.folders.root / NORMS_CSV, columns, self.context.initial_step)
+        # A resumed run continues its history: the starting lengths and any streak in progress carry over,
+        # and a vector already flagged is not warned about a second time.
+        for row in read_rows(self.log.path):
+            self.tracker.check(int(row["step"]), [float(row[key]) for key in columns[1:]])
 
     def after_step(self, step: int, vectors: torch.Tensor) -> bool:
         self._latest = (step, vectors)
@@ -213,24 +227,22 @@ class NormMonitor:
     def _record(self, step: int, vectors: torch.Tensor) -> None:
         lengths = norms.vector_norms(vectors)
         if self.log is None:
-            columns = ["step", *(f"vector_{i}" for i in range(len(lengths)))]
-            self.log = CsvLog(self.context.folders.root / NORMS_CSV, columns, self.context.initial_step)
+            self._open_log(len(lengths))
         if step in self.log.steps:
             return
         self.log.write([step, *(number(value) for value in lengths)])
-        fresh = [i for i in norms.outside_range(lengths, self.reference) if i not in self.warned]
-        if fresh and step > 0:
-            self.warned.update(fresh)
-            which = ", ".join(str(i) for i in fresh)
+        fresh = self.tracker.check(step, lengths)
+        if fresh:
+            flagged = {index: self.tracker.flagged[index] for index in fresh}
             self.on_message(
-                f"Step {step}: vector(s) {which} of {self.context.embedding_name!r} left the range of the "
-                f"model's ordinary words ({norms.describe(lengths, self.reference)}). Past this point the "
-                "embedding may overbake: compare this step with earlier copies (python -m ti_trainer compare "
-                f"{self.context.folders.root})."
+                f"Step {step}: {self.context.embedding_name!r} may be overbaking: "
+                f"{norms.describe_overgrowth(flagged, self.reference)} (lengths now "
+                f"{', '.join(f'{value:.2f}' for value in lengths)}). Compare the steps around "
+                f"{min(flagged.values())} with earlier copies (python -m ti_trainer compare {self.context.folders.root})."
             )
 
 
-def _initial_vectors(context) -> torch.Tensor | None:
+def _initial_vectors(context: RunContext) -> torch.Tensor | None:
     """The vectors the run starts from: the embedding file as it is before the first step."""
     path = existing_embedding_file(Path(context.config.embeddings_dir), context.embedding_name)
     if path is None:
@@ -238,9 +250,9 @@ def _initial_vectors(context) -> torch.Tensor | None:
     return load_embedding(path).vectors.to(context.backend.device)
 
 
-def _save_copy(context, step: int, vectors: torch.Tensor) -> Path:
+def _save_copy(context: RunContext, step: int, vectors: torch.Tensor) -> Path:
     """The suggested step as a copy in `embeddings/`, so it is among the steps a comparison shows."""
-    existing = context.folders.embeddings / f"{context.embedding_name}-{step}.pt"
+    existing = context.folders.embeddings / f"{context.embedding_name}-{step}.{context.config.save_format}"
     if existing.is_file():
         return existing
     embedding = Embedding(
@@ -250,4 +262,4 @@ def _save_copy(context, step: int, vectors: torch.Tensor) -> Path:
         context.backend.model_hash,
         context.backend.model_name,
     )
-    return outputs.save_step_copy(context.folders, embedding, None, {})
+    return outputs.save_step_copy(context.folders, embedding, None, {}, context.config.save_format)

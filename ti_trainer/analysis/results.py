@@ -16,7 +16,6 @@ from ti_trainer.analysis.monitors import stopping_rule
 from ti_trainer.analysis.run_files import RunInfo
 
 TRAINING_TREND_WINDOW = 25  # steps averaged to show the trend of the noisy training loss
-IMAGE_TABLE_HEADERS = ["image", "caption", "validation loss", "gradient share %", "note"]
 
 
 @dataclass
@@ -27,7 +26,7 @@ class RunAnalysis:
     nearest_saved_step: int | None  # the saved copy to use for the suggestion
     stopped_early: bool
     norm_range: norms.NormRange | None
-    departures: dict[int, int] = field(default_factory=dict)  # vector -> first step outside the range
+    departures: dict[int, int] = field(default_factory=dict)  # vector -> first step of its overgrowth
     last_ratio: float | None = None
 
 
@@ -84,16 +83,14 @@ def summary_lines(analysis: RunAnalysis) -> list[str]:
         )
     reference = analysis.norm_range
     if reference and analysis.departures:
-        first = min(analysis.departures.values())
-        which = ", ".join(str(v) for v in sorted(analysis.departures))
         lines.append(
-            f"Overbake warning: vector(s) {which} grew outside the length of the model's ordinary words "
-            f"({reference.low:.2f}-{reference.high:.2f}) from step {first}. Steps after that may look harsh or "
-            "swallow the subject."
+            f"Overbake warning: {norms.describe_overgrowth(analysis.departures, reference)}. Steps after that may "
+            "look harsh or swallow the subject."
         )
     elif reference:
         lines.append(
-            f"Vector lengths stayed within the model's ordinary words ({reference.low:.2f}-{reference.high:.2f})."
+            f"No vector grew far past the model's ordinary words ({reference.low:.2f}-{reference.high:.2f}; "
+            f"flagged past {norms.limit(reference):.2f})."
         )
     step, rows = run.image_report()
     heavy = dominant({row["image"]: float(row["gradient_share"]) for row in rows})
@@ -160,7 +157,7 @@ def norm_chart(analysis: RunAnalysis) -> Image.Image:
     if analysis.suggested_step is not None:
         markers.append(charts.Marker(analysis.suggested_step, f"suggested {analysis.suggested_step}"))
     for index, step in sorted(analysis.departures.items(), key=lambda item: item[1])[:1]:
-        markers.append(charts.Marker(step, f"vector {index} leaves the band", (214, 39, 40)))
+        markers.append(charts.Marker(step, f"vector {index} overgrown", (214, 39, 40)))
     chart = charts.Chart(
         "Vector lengths: far above the band, the embedding overpowers prompts (overbaking)",
         "length",

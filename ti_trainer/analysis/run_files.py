@@ -10,16 +10,22 @@ Beside A1111's files, a run folder holds:
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import glob
 import io
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from ti_trainer.config import TrainConfig
+from ti_trainer.embeddings.checks import require_width
+from ti_trainer.embeddings.embedding import Embedding
+from ti_trainer.embeddings.files import load_embedding
 from ti_trainer.errors import UserError
-from ti_trainer.fsutil import atomic_write_text
+from ti_trainer.fsutil import atomic_write_text, explained_write_errors
 from ti_trainer.training.outputs import LOSS_CSV
 
 VALIDATION_CSV = "validation_loss.csv"
@@ -53,7 +59,7 @@ class CsvLog:
 
     def write(self, values: list) -> None:
         new = not self.path.exists() or self.path.stat().st_size == 0
-        with self.path.open("a", newline="", encoding="utf-8") as handle:
+        with explained_write_errors(self.path), self.path.open("a", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             if new:
                 writer.writerow(self.columns)
@@ -132,14 +138,47 @@ class RunInfo:
         return self.root / "embeddings"
 
     def saved_steps(self) -> dict[int, Path]:
-        """Step -> `embeddings/<name>-<step>.pt`, in step order."""
-        pattern = re.compile(rf"^{re.escape(self.name)}-(\d+)\.pt$")
+        """Step -> `embeddings/<name>-<step>.pt` (or `.safetensors`, the run's save format), in step order."""
+        pattern = re.compile(rf"^{re.escape(self.name)}-(\d+)\.(pt|safetensors)$")
         found = {}
-        for path in self.embeddings_folder.glob("*.pt"):
+        for path in sorted(self.embeddings_folder.glob(f"{glob.escape(self.name)}-*")):
             match = pattern.match(path.name)
             if match:
-                found[int(match.group(1))] = path
+                found.setdefault(int(match.group(1)), path)
         return dict(sorted(found.items()))
+
+    def step_embedding(self, step: int, model_width: int | None = None) -> Embedding:
+        """The copy saved at `step`, checked as `step_embeddings` checks it."""
+        return self.step_embeddings([step], model_width)[step]
+
+    def step_embeddings(self, steps: list[int], model_width: int | None = None) -> dict[int, Embedding]:
+        """The copies saved at `steps`, each refused when its vectors are not as wide as the model's
+        (`model_width`, when known) or, without a model, as the other copies of this run: a run of the same
+        name on another model writes into the same dated folder, and its copies must not be mixed with these."""
+        saved = self.saved_steps()
+        embeddings = {step: load_embedding(saved[step]) for step in steps}
+        run_width = self.vector_width() if model_width is None else None
+        for step, embedding in embeddings.items():
+            if model_width is not None:
+                require_width(saved[step], embedding.width, model_width)
+            else:
+                require_width(
+                    saved[step],
+                    embedding.width,
+                    run_width,
+                    "the other copies of this run hold",
+                    "It comes from another run of the same name, on another model: pick another step.",
+                )
+        return embeddings
+
+    def vector_width(self) -> int:
+        """The width most of this run's readable saved copies have (on a tie, the latest copy's)."""
+        widths = []
+        for path in self.saved_steps().values():
+            with contextlib.suppress(UserError):  # a damaged copy is refused when it is chosen, not here
+                widths.append(load_embedding(path).width)
+        counts = Counter(widths)
+        return max(reversed(widths), key=lambda width: counts[width])
 
     def training_loss(self) -> Curve:
         return _curve(self.root / LOSS_CSV, "loss")

@@ -15,7 +15,7 @@ from pathlib import Path
 from ti_trainer.analysis.run_files import RunInfo
 from ti_trainer.embeddings.create import existing_embedding_file
 from ti_trainer.embeddings.embedding import Embedding
-from ti_trainer.embeddings.files import load_embedding, optimizer_state_path, save_embedding
+from ti_trainer.embeddings.files import optimizer_state_path, save_embedding
 from ti_trainer.errors import UserError
 from ti_trainer.fsutil import atomic_write, confined_path, validate_embedding_name
 
@@ -28,7 +28,8 @@ def use_step(
     overwrite: bool = False,
     refresh: Callable[[], None] = lambda: None,
 ) -> Path:
-    """Write `<embeddings_dir>/<new_name>.pt` from the run's copy at `step`; return its path."""
+    """Write `<embeddings_dir>/<new_name>.pt` (or `.safetensors`, as the copy) from the run's copy at `step`;
+    return its path."""
     name = validate_embedding_name(new_name)
     saved = run.saved_steps()
     if step not in saved:
@@ -41,12 +42,13 @@ def use_step(
             f"An embedding named {name!r} already exists ({existing}). Pick another name, or tick 'overwrite' "
             "to replace it."
         )
-    source = load_embedding(saved[step])
-    target = confined_path(embeddings_dir, name, ".pt")
+    source = run.step_embedding(step)  # refused if another model's run left it in this folder
+    target = confined_path(embeddings_dir, name, saved[step].suffix)  # the run's save format
     copy = Embedding(name, source.vectors, source.step, source.sd_checkpoint, source.sd_checkpoint_name)
     save_embedding(copy, target)
     if existing is not None and existing != target:
-        existing.unlink()  # a `<name>.safetensors` would otherwise shadow the new `<name>.pt` in A1111
+        existing.unlink()  # a `<name>` in the other format would otherwise shadow the new file in A1111
+        optimizer_state_path(existing).unlink(missing_ok=True)
     optimizer_file = optimizer_state_path(saved[step])
     target_optimizer = optimizer_state_path(target)
     if optimizer_file.is_file():

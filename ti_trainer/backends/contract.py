@@ -1,15 +1,30 @@
-"""What a backend gives the training core. A small object with a few methods, not a base class with hooks."""
+"""What a backend gives the training core: the whole contract, in one place.
+
+A backend wraps one loaded model (the WebUI's ldm `LatentDiffusion`: backends/ldm_backend.py; diffusers'
+components: backends/diffusers_backend.py). The core reads nothing else of it: every `backend` parameter in
+the package is typed `Backend`, and no code asks a backend whether it has a member. A member some backend
+has no use for is still there, with the neutral behaviour documented below (a `nullcontext`, None).
+
+What a model family changes (how many text encoders and how wide, the latent channels, the VAE's
+downsampling, conditioning beyond the text) is data: `Backend.family`, a `ModelFamily`. A new family (SDXL:
+two text encoders of widths 768 and 1280, size and crop conditioning) is one new backend file that fills in
+this contract, plus its memory levers (backends/*_memory.py).
+"""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
 
 from ti_trainer.diffusion import NoiseSchedule
 from ti_trainer.text.conditioning import PromptEncoder
+
+if TYPE_CHECKING:
+    from ti_trainer.memory.plan import MemoryPlan
 
 
 @dataclass
@@ -39,31 +54,151 @@ class PreviewRequest:
     vectors: dict[str, torch.Tensor]
 
 
+# --- model families ------------------------------------------------------------------------------------------
+
+# The name of the vectors an embedding holds for each text encoder, as multi-encoder embedding files key them
+# (SDXL files: "clip_l", "clip_g"). A one-encoder family's embedding keeps A1111's single tensor
+# (`string_to_param["*"]`, `Embedding.vectors`): its key names the encoder, not a field of the file.
+CLIP_L = "clip_l"  # OpenAI CLIP ViT-L/14: SD 1.x (and SDXL's first encoder)
+CLIP_H = "clip_h"  # OpenCLIP ViT-H/14: SD 2.x
+CLIP_G = "clip_g"  # OpenCLIP ViT-bigG/14: SDXL's second encoder
+
+FAMILY_TITLES = {"sd1": "SD 1.x", "sd2": "SD 2.x"}
+# The text-encoder width of each family's released models: how an embedding file (which records no family)
+# is recognised in messages.
+FAMILY_TEXT_WIDTHS = {"sd1": 768, "sd2": 1024}
+_FAMILY_ENCODERS = {"sd1": CLIP_L, "sd2": CLIP_H}
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    key: str  # CLIP_L | CLIP_H | CLIP_G: which vectors of an embedding this encoder takes
+    width: int  # its token-embedding width: the length of each of those vectors
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What a model family changes for training, as data the core reads instead of assuming SD 1.x/2.x."""
+
+    name: str  # "sd1" | "sd2"
+    text_encoders: tuple[TextEncoderSpec, ...]
+    latent_channels: int = 4
+    vae_scale_factor: int = 8  # image pixels per latent pixel, per side
+    # Conditioning the UNet takes besides the text's hidden states (SDXL: "pooled_text", "original_size",
+    # "crop_top_left", "target_size"); such a family's prompt encoder returns them with the text, and its
+    # `predict` takes them back. SD 1.x and 2.x have none.
+    extra_conditioning: tuple[str, ...] = ()
+
+    @property
+    def title(self) -> str:
+        return FAMILY_TITLES.get(self.name, self.name)
+
+    def encoder(self, key: str) -> TextEncoderSpec:
+        """The text encoder keyed `key`; a key the family does not have is a programming error."""
+        for spec in self.text_encoders:
+            if spec.key == key:
+                return spec
+        keys = [spec.key for spec in self.text_encoders]
+        raise ValueError(f"{self.title}'s text encoders are {keys}, not {key!r}")
+
+    @property
+    def text_width(self) -> int:
+        """The width of an embedding's vectors: this family's one text encoder's."""
+        if len(self.text_encoders) != 1:
+            raise NotImplementedError(
+                f"{self.title} has {len(self.text_encoders)} text encoders; embeddings with vectors for each "
+                "are not supported yet."
+            )
+        return self.text_encoders[0].width
+
+
+def sd_family(name: str, text_width: int, latent_channels: int = 4, vae_scale_factor: int = 8) -> ModelFamily:
+    """SD 1.x ("sd1") or 2.x ("sd2"): one text encoder of `text_width` (768 and 1024 in the released models;
+    the tests' tiny models are narrower)."""
+    encoder = TextEncoderSpec(_FAMILY_ENCODERS[name], int(text_width))
+    return ModelFamily(name, (encoder,), int(latent_channels), int(vae_scale_factor))
+
+
+def family_title_for_width(width: int, otherwise: str) -> str:
+    """The family whose released models have text-encoder width `width`, for messages ("SD 2.x")."""
+    names = [name for name, known in FAMILY_TEXT_WIDTHS.items() if known == width]
+    return FAMILY_TITLES[names[0]] if names else otherwise
+
+
+# --- the backend ---------------------------------------------------------------------------------------------
+
+
+@runtime_checkable  # so a test can check that a backend has every member
 class Backend(Protocol):
+    """Every member a backend has. The core uses these and nothing else.
+
+    Attributes:
+        device: where the model computes (the WebUI's `devices.device`; the standalone choice).
+        schedule: the noise schedule and parameterization the model was trained with (data, not branches).
+        family: the model family: text encoders and their widths, latent channels, VAE downsampling, extra
+            conditioning.
+        text_width: `family.text_width`, the width of an embedding's vectors (kept as the short name the
+            one-encoder families use everywhere).
+        prompt_encoder: prompts -> conditioning with the WebUI's rules and the trainable vectors injected
+            (text/conditioning.py); its `chunker` registers the names prompts may contain.
+        model_name, model_hash: recorded in the embedding and the run's settings, as A1111 records them.
+        upcasts_attention: the model wants fp32 attention scores (SD 2.x; in fp16, 2.1-768 NaNs without).
+        preferred_precision: the half precision its weights already have ("fp16" for the WebUI's model) so a
+            run on "auto" precision computes in it instead of converting them; None lets the plan choose.
+    """
+
     device: torch.device
     schedule: NoiseSchedule
+    family: ModelFamily
     text_width: int
     prompt_encoder: PromptEncoder
     model_name: str
     model_hash: str | None
 
+    @property
+    def upcasts_attention(self) -> bool: ...
+
+    @property
+    def preferred_precision(self) -> str | None: ...
+
     def token_vectors(self, text: str) -> torch.Tensor:
-        """Token embeddings (not contextualised) of `text`'s tokens, no start/end: `[tokens, width]`."""
+        """Token embeddings (not contextualised) of `text`'s tokens, no start/end: `[tokens, width]`, fp32 CPU."""
+        ...
+
+    def token_embedding_weight(self, encoder: str) -> torch.Tensor:
+        """The token-embedding matrix `[vocab, width]` of the text encoder keyed `encoder` (a key of
+        `family.text_encoders`), as stored: no copy, in the model's dtype and on its device. The overbake
+        signal's "ordinary words" range is read from it (analysis/norms.py), the same way on every host."""
+        ...
 
     def encode_images(self, pixels: torch.Tensor) -> LatentDistribution:
-        """`pixels` `[B, 3, H, W]` in [-1, 1] -> scaled latent distribution, no gradients."""
+        """`pixels` `[B, 3, H, W]` in [-1, 1] -> scaled latent distribution (fp32, CPU), no gradients."""
+        ...
 
     def predict(
         self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor
     ) -> torch.Tensor:
-        """The UNet's prediction (noise or v, per the schedule's parameterization)."""
+        """The UNet's prediction (noise or v, per the schedule's parameterization); `cond` is what
+        `prompt_encoder` returned."""
+        ...
 
-    def render(self, request: PreviewRequest) -> Image.Image:
-        """Generate one image for a preview."""
+    def render(self, request: PreviewRequest) -> Image.Image | None:
+        """A preview from the backend's own sampler; None where previews are the host's (the WebUI renders
+        them through its txt2img: host/a1111.py)."""
+        ...
 
-    # Optional, read with getattr by the memory plan and the loop (ti_trainer/memory.py, training/loop.py):
-    #   upcasts_attention: bool            the model wants fp32 attention scores (SD 2.x)
-    #   preferred_precision: str | None    the half precision its weights already have (the WebUI's fp16)
-    #   memory_levers(plan) -> context     apply a MemoryPlan for a run and undo it
-    #   previewing() -> context            take back what was lent out while training (VAE in RAM) for a preview
-    #   training_session() -> context      freeze and restore a host's model around a run
+    def memory_levers(self, plan: MemoryPlan) -> contextlib.AbstractContextManager:
+        """Apply a memory plan (attention, checkpointing, weights' dtype, VAE placement) to the model for
+        the duration of a `with` block, and undo it afterwards (backends/*_memory.py)."""
+        ...
+
+    def previewing(self) -> contextlib.AbstractContextManager:
+        """For one preview during a run: take back what was lent out while training (the WebUI's placement,
+        the VAE waiting in RAM). A backend that lends nothing out returns a `nullcontext`."""
+        ...
+
+    def training_session(self) -> contextlib.AbstractContextManager:
+        """Around a run (or anything that runs a backward pass): freeze every weight, and give a borrowed
+        model back exactly as it was found, however the block ends. Re-entrant. A backend that owns its
+        model (frozen when it was built) returns a `nullcontext`."""
+        ...

@@ -6,27 +6,30 @@ A1111: SD 2.x uses the penultimate layer + final norm and pads with id 0 after t
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ti_trainer.backends.contract import LatentDistribution, PreviewRequest
+from ti_trainer.backends.contract import LatentDistribution, PreviewRequest, sd_family
 from ti_trainer.diffusion import NoiseSchedule
 from ti_trainer.memory.plan import MemoryPlan, on_device
 from ti_trainer.text.conditioning import (
+    InjectingTokenEmbedding,
     PromptChunker,
     PromptEncoder,
     TextRules,
     TokenIds,
-    injected_token_embedding,
+    injector_installed,
 )
-
-SAMPLERS = ("Euler a", "Euler", "DDIM", "DPM++ 2M")
 
 
 class DiffusersBackend:
+    """The contract (backends/contract.py `Backend`) over diffusers' UNet and VAE and a transformers CLIP
+    text encoder. It owns these: they are frozen once, here, so `training_session` has nothing to do."""
+
     def __init__(
         self,
         unet: torch.nn.Module,
@@ -40,7 +43,9 @@ class DiffusersBackend:
         model_hash: str | None = None,
         device: torch.device | str = "cpu",
         rules: TextRules | None = None,
+        family: str = "sd2",
     ):
+        """`family`: "sd1" or "sd2", the text rules the encoder follows (`token_ids.pad`, `penultimate`)."""
         self.device = torch.device(device)
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         for module in (unet, vae, text_encoder):
@@ -53,42 +58,66 @@ class DiffusersBackend:
         self.model_hash = model_hash
         self.tokenize = tokenize
         self.latent_scale = float(getattr(vae.config, "scaling_factor", 0.18215))
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.text_width = int(text_encoder.config.hidden_size)
+        self.family = sd_family(
+            family,
+            text_width=text_encoder.config.hidden_size,
+            latent_channels=unet.config.in_channels,
+            vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
+        )
+        self.text_width = self.family.text_width
+        # The weights a standalone loader gives are fp32: the memory plan chooses the precision.
+        self.preferred_precision: str | None = None
         # transformers 4.x nests the layers under `.text_model`; 5.x puts them on the model itself.
         self._text_model = getattr(text_encoder, "text_model", text_encoder)
-        embeddings = self._text_model.embeddings
-        # We own this model, so the injecting wrapper stays installed; with no fixes it is the plain layer.
-        self._injection = injected_token_embedding(embeddings, "token_embedding")
-        injector = self._injection.__enter__()
+        self._injector = InjectingTokenEmbedding(self._text_model.embeddings.token_embedding)
         self.prompt_encoder = PromptEncoder(
-            PromptChunker(tokenize, token_ids, rules), injector, self._encode_chunk, self.device
+            PromptChunker(tokenize, token_ids, rules), self._injector, self._encode_chunk, self.device
         )
 
-    @property
-    def token_embedding_weight(self) -> torch.Tensor:
-        return self._text_model.embeddings.token_embedding.weight
+    # --- the model ----------------------------------------------------------------------------------------------
 
-    def token_vectors(self, text: str) -> torch.Tensor:
-        ids = self.tokenize([text])[0]
-        return self.token_embedding_weight[torch.tensor(ids, dtype=torch.long)].detach().float().cpu()
+    def training_session(self) -> contextlib.AbstractContextManager:
+        """Nothing to borrow: the model was frozen when this backend was built, and is its own."""
+        return contextlib.nullcontext()
 
-    def _encode_chunk(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.penultimate:
-            out = self.text_encoder(input_ids=tokens, output_hidden_states=True)
-            return self._text_model.final_layer_norm(out.hidden_states[-2])
-        return self.text_encoder(input_ids=tokens).last_hidden_state
+    def previewing(self) -> contextlib.AbstractContextManager:
+        """Nothing lent out to take back: `render` brings the VAE from RAM itself."""
+        return contextlib.nullcontext()
 
     @property
     def upcasts_attention(self) -> bool:
         """The model wants fp32 attention scores (SD 2.1's config says so)."""
         return bool(getattr(self.unet.config, "upcast_attention", False))
 
-    def memory_levers(self, plan: MemoryPlan):
+    def memory_levers(self, plan: MemoryPlan) -> contextlib.AbstractContextManager:
         """Apply a memory plan for the duration of a `with` block (backends/diffusers_memory.py)."""
         from ti_trainer.backends.diffusers_memory import diffusers_memory_levers
 
         return diffusers_memory_levers(self.unet, self.vae, self.text_encoder, plan)
+
+    # --- text -----------------------------------------------------------------------------------------------
+
+    def token_embedding_weight(self, encoder: str) -> torch.Tensor:
+        """The CLIP text model's token-embedding matrix (`text_model.embeddings.token_embedding.weight`)."""
+        self.family.encoder(encoder)
+        return self._plain_token_embedding().weight
+
+    def token_vectors(self, text: str) -> torch.Tensor:
+        ids = self.tokenize([text])[0]
+        weight = self._plain_token_embedding().weight
+        return weight[torch.tensor(ids, dtype=torch.long, device=weight.device)].detach().float().cpu()
+
+    def _plain_token_embedding(self) -> torch.nn.Embedding:
+        return self._text_model.embeddings.token_embedding
+
+    def _encode_chunk(self, tokens: torch.Tensor) -> torch.Tensor:
+        # The injector sits in front of the token embedding only while the prompt encodes: the text encoder
+        # is left a plain transformers model (its state dict, its own forward) the rest of the time.
+        with injector_installed(self._injector, self._text_model.embeddings, "token_embedding"):
+            if self.penultimate:
+                out = self.text_encoder(input_ids=tokens, output_hidden_states=True)
+                return self._text_model.final_layer_norm(out.hidden_states[-2])
+            return self.text_encoder(input_ids=tokens).last_hidden_state
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> LatentDistribution:
@@ -109,8 +138,8 @@ class DiffusersBackend:
         scheduler = self._scheduler(request.sampler)
         scheduler.set_timesteps(request.steps)
         generator = torch.Generator().manual_seed(int(request.seed))
-        factor = self.vae_scale_factor
-        shape = (1, self.unet.config.in_channels, request.height // factor, request.width // factor)
+        factor = self.family.vae_scale_factor
+        shape = (1, self.family.latent_channels, request.height // factor, request.width // factor)
         latents = torch.randn(shape, generator=generator).to(self.device) * scheduler.init_noise_sigma
         cond = self.prompt_encoder([request.prompt], request.vectors)
         uncond = self.prompt_encoder([request.negative_prompt], request.vectors)

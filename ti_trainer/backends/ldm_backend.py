@@ -18,11 +18,9 @@ import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
 
-import numpy as np
 import torch
-from PIL import Image
 
-from ti_trainer.backends.contract import LatentDistribution, PreviewRequest
+from ti_trainer.backends.contract import LatentDistribution, PreviewRequest, sd_family
 from ti_trainer.diffusion import NoiseSchedule
 from ti_trainer.errors import UserError
 from ti_trainer.memory.plan import MemoryPlan, on_device
@@ -32,10 +30,13 @@ from ti_trainer.text.conditioning import (
     PromptEncoder,
     TextRules,
     TokenIds,
+    injector_installed,
 )
 
 
 class LdmBackend:
+    """The contract (backends/contract.py `Backend`) over the WebUI's loaded `LatentDiffusion`."""
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -81,7 +82,14 @@ class LdmBackend:
         self.prompt_encoder = PromptEncoder(
             PromptChunker(self._tokenize, ids, rules), self._injector, self._encode_chunk, self.device
         )
-        self.text_width = int(self._token_embedding_layer().weight.shape[1])
+        first_stage = model.first_stage_model
+        self.family = sd_family(
+            "sd2" if self._open_clip else "sd1",
+            text_width=self._token_embedding_layer().weight.shape[1],
+            latent_channels=first_stage.embed_dim,
+            vae_scale_factor=2 ** (first_stage.encoder.num_resolutions - 1),
+        )
+        self.text_width = self.family.text_width
         self._sessions = 0
         self.low_vram = low_vram
         self.context_hook = context_hook
@@ -122,7 +130,7 @@ class LdmBackend:
             for module, training in modes:
                 module.training = training
 
-    # --- memory (ti_trainer/memory.py chooses the plan) -----------------------------------------------------
+    # --- memory (memory/plan.py chooses the plan) ------------------------------------------------------------
 
     @property
     def upcasts_attention(self) -> bool:
@@ -149,7 +157,7 @@ class LdmBackend:
             levers.enter_context(ldm_memory_levers(self.model, plan, self.context_hook))
             yield
 
-    def previewing(self):
+    def previewing(self) -> contextlib.AbstractContextManager:
         """For one preview through the WebUI's txt2img: its own placement back (under --medvram/--lowvram),
         or else the VAE back on the GPU to decode."""
         if self._placement is not None:
@@ -162,6 +170,13 @@ class LdmBackend:
         ids = self._tokenize([text])[0]
         weight = self._token_embedding_layer().weight
         return weight[torch.tensor(ids, dtype=torch.long, device=weight.device)].detach().float().cpu()
+
+    def token_embedding_weight(self, encoder: str) -> torch.Tensor:
+        """The text encoder's token-embedding matrix: OpenCLIP's `model.token_embedding.weight` (SD 2.x's
+        FrozenOpenCLIPEmbedder) or CLIP's `transformer.text_model.embeddings.token_embedding.weight` (SD 1.x's
+        FrozenCLIPEmbedder), under the WebUI's wrapper."""
+        self.family.encoder(encoder)
+        return self._token_embedding_layer().weight
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> LatentDistribution:
@@ -182,39 +197,9 @@ class LdmBackend:
                 noisy_latents.to(self.device, dtype), timesteps.to(self.device), cond.to(self.device, dtype)
             )
 
-    @torch.no_grad()
-    def render(self, request: PreviewRequest) -> Image.Image:
-        """A preview without the WebUI's processing: deterministic DDIM with classifier-free guidance.
-
-        In the WebUI, previews go through its txt2img (host/a1111.py); this serves callers without one.
-        """
-        with self.training_session():
-            cond = self.prompt_encoder([request.prompt], request.vectors)
-            uncond = self.prompt_encoder([request.negative_prompt], request.vectors)
-            alphas = self.schedule.alphas_cumprod
-            timesteps = torch.linspace(len(alphas) - 1, 0, max(1, request.steps)).round().long().tolist()
-            generator = torch.Generator().manual_seed(int(request.seed))
-            shape = (1, 4, request.height // 8, request.width // 8)
-            x = torch.randn(shape, generator=generator, dtype=torch.float64)
-            for index, t in enumerate(timesteps):
-                a = alphas[t]
-                a_next = (
-                    alphas[timesteps[index + 1]] if index + 1 < len(timesteps) else alphas.new_tensor(1.0)
-                )
-                t_batch = torch.tensor([t])
-                with_text = self.predict(x.float(), t_batch, cond).double().cpu()
-                without_text = self.predict(x.float(), t_batch, uncond).double().cpu()
-                out = without_text + request.cfg_scale * (with_text - without_text)
-                if self.schedule.parameterization == "v":
-                    x0, eps = a.sqrt() * x - (1 - a).sqrt() * out, a.sqrt() * out + (1 - a).sqrt() * x
-                else:
-                    x0, eps = (x - (1 - a).sqrt() * out) / a.sqrt(), out
-                x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
-            vae_dtype = next(self.model.first_stage_model.parameters()).dtype
-            with self.previewing(), self._half_precision_guard(vae_dtype):
-                pixels = self.model.decode_first_stage(x.to(self.device, vae_dtype))
-        array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-        return Image.fromarray(np.ascontiguousarray(array))
+    def render(self, request: PreviewRequest) -> None:
+        """None: in the WebUI, previews go through its own txt2img (host/a1111.py `render_preview`)."""
+        return None
 
     # --- text ------------------------------------------------------------------------------------------------
 
@@ -231,20 +216,15 @@ class LdmBackend:
         The injector wraps whatever is there (the WebUI's EmbeddingsWithFixes, which with no fixes of the
         WebUI's own set is the plain lookup) and is removed again before this returns.
         """
-        original = getattr(self._embedding_owner, self._embedding_attribute)
-        self._injector.wrapped = original
-        setattr(self._embedding_owner, self._embedding_attribute, self._injector)
-        try:
-            with self._half_precision_guard(self._token_embedding_layer().weight.dtype):
-                if self._open_clip:
-                    return self._text.encode_with_transformer(tokens)
-                outputs = self._text.transformer(input_ids=tokens, output_hidden_states=self.clip_skip > 1)
-                if self.clip_skip > 1:
-                    hidden = outputs.hidden_states[-self.clip_skip]
-                    return self._text.transformer.text_model.final_layer_norm(hidden)
-                return outputs.last_hidden_state
-        finally:
-            setattr(self._embedding_owner, self._embedding_attribute, original)
+        injected = injector_installed(self._injector, self._embedding_owner, self._embedding_attribute)
+        with injected, self._half_precision_guard(self._token_embedding_layer().weight.dtype):
+            if self._open_clip:
+                return self._text.encode_with_transformer(tokens)
+            outputs = self._text.transformer(input_ids=tokens, output_hidden_states=self.clip_skip > 1)
+            if self.clip_skip > 1:
+                hidden = outputs.hidden_states[-self.clip_skip]
+                return self._text.transformer.text_model.final_layer_norm(hidden)
+            return outputs.last_hidden_state
 
     def _half_precision_guard(self, weights_dtype: torch.dtype):
         """The WebUI keeps its model in fp16 and computes under autocast; do the same when the caller has

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ti_trainer.errors import UserError
+
+if TYPE_CHECKING:
+    from ti_trainer.backends.diffusers_backend import DiffusersBackend
 
 TINY = "tiny"
 
@@ -18,7 +22,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def load_backend(model: str = TINY, device: str = "auto", parameterization: str | None = None):
+def load_backend(
+    model: str = TINY, device: str = "auto", parameterization: str | None = None
+) -> DiffusersBackend:
     """`model` is "tiny", a diffusers folder, or a single-file .safetensors/.ckpt checkpoint."""
     target = resolve_device(device)
     if model == TINY:
@@ -31,7 +37,9 @@ def load_backend(model: str = TINY, device: str = "auto", parameterization: str 
     return _load_pipeline_backend(path, target, parameterization)
 
 
-def _load_pipeline_backend(path: Path, device: torch.device, parameterization: str | None):
+def _load_pipeline_backend(
+    path: Path, device: torch.device, parameterization: str | None
+) -> DiffusersBackend:
     try:
         import diffusers
     except ImportError as error:
@@ -54,7 +62,9 @@ def _load_pipeline_backend(path: Path, device: torch.device, parameterization: s
     return pipeline_backend(pipe, path, device, parameterization)
 
 
-def pipeline_backend(pipe, source: Path, device: torch.device, parameterization: str | None):
+def pipeline_backend(
+    pipe, source: Path, device: torch.device, parameterization: str | None
+) -> DiffusersBackend:
     from ti_trainer.backends.diffusers_backend import DiffusersBackend
     from ti_trainer.diffusion import NoiseSchedule
     from ti_trainer.text.conditioning import TokenIds
@@ -89,6 +99,8 @@ def pipeline_backend(pipe, source: Path, device: torch.device, parameterization:
         model_name=source.stem.replace("/", "_"),
         model_hash=checkpoint_short_hash(source) if source.is_file() else None,
         device=device,
+        # SD 2.x's OpenCLIP tokenizer pads with "!" (id 0) after the end token; SD 1.x's CLIP with the end.
+        family="sd2" if ids.pad != ids.end else "sd1",
     )
 
 

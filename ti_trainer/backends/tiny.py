@@ -94,7 +94,7 @@ def tiny_backend(
     device: str | torch.device = "cpu",
     rules: TextRules | None = None,
     family: str = "sd2",
-):
+) -> DiffusersBackend:
     """The tiny model as a backend. family "sd2": penultimate layer, pad id 0 after the end token;
     "sd1": last layer, padded with the end token (use parameterization "eps" for SD 1.x)."""
     unet, vae, text_encoder, tokenizer = build_tiny_components(parameterization, family=family)
@@ -116,4 +116,5 @@ def tiny_backend(
         model_hash=None,
         device=device,
         rules=rules,
+        family=family,
     )

@@ -106,7 +106,9 @@ def _compare(run_info, args) -> int:
     def progress(done: int, total: int) -> None:
         print(f"\rRendering {done}/{total}", end="", file=sys.stderr, flush=True)
 
-    grid = compare.render_grid(run_info, settings, render, steps, on_progress=progress)
+    grid = compare.render_grid(
+        run_info, settings, render, steps, on_progress=progress, model_width=backend.text_width
+    )
     print(file=sys.stderr)
     for note in grid.notes:
         print(f"Note: {note}", file=sys.stderr)

@@ -9,6 +9,7 @@ import typing
 from pathlib import Path
 
 from ti_trainer.cli import analysis_verbs
+from ti_trainer.cli.estimate_verb import add_estimate_verb, run_estimate
 from ti_trainer.cli.prepare_verbs import PREPARE_VERBS, add_prepare_verbs, run_prepare_verb
 from ti_trainer.config import TrainConfig, cli_flag, field_info
 from ti_trainer.errors import UserError
@@ -43,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     analysis_verbs.add_verbs(verbs)
     # The standalone app: the WebUI tab's panels in a browser (ti_trainer/host/standalone.py).
     _add_app_verb(verbs)
+    # What fits in GPU memory, estimated without a GPU (ti_trainer/vram).
+    add_estimate_verb(verbs)
     return parser
 
 
@@ -95,6 +98,14 @@ def _value_type(kind) -> type:
     return options[0] if options else kind
 
 
+TINY_MODEL_NOTE = (
+    "Note: this embedding was made for the built-in tiny demo model (--model tiny, the default when no --model "
+    "is given), which only the demo and the tests use; it will not work with Stable Diffusion. Create it for "
+    "your model with --model path/to/model.safetensors (a checkpoint file) or --model path/to/diffusers-folder, "
+    "adding --overwrite to replace this one."
+)
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     config = TrainConfig.from_settings_file(args.config) if args.config else TrainConfig()
     for field in dataclasses.fields(TrainConfig):
@@ -104,6 +115,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return config
 
 
+EXIT_ABORTED = 130  # the shell's code for a command ended by Ctrl+C
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -111,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_prepare_verb(args)
         if args.verb in analysis_verbs.VERBS:
             return analysis_verbs.run(args)
+        if args.verb == "estimate":
+            return run_estimate(args)
         if args.verb == "app":
             from ti_trainer.host.standalone import serve
 
@@ -121,10 +137,10 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(args.out, args.steps)
             return 0
-        from ti_trainer.backends.loading import load_backend
+        from ti_trainer.backends.loading import TINY, load_backend
 
         if args.verb == "create":
-            from ti_trainer.embeddings.create import create_embedding
+            from ti_trainer.embeddings.create import create_embedding, init_text_report
             from ti_trainer.fsutil import validate_embedding_name
 
             validate_embedding_name(args.name)
@@ -133,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
                 backend, args.name, args.init_text, args.vectors, args.embeddings_dir, args.overwrite
             )
             print(f"Created {path}")
+            for line in init_text_report(backend, args.init_text, args.vectors):
+                print(f"  {line}")
+            if args.model == TINY:
+                print(TINY_MODEL_NOTE, file=sys.stderr)
             return 0
         from ti_trainer.cli.terminal import train_in_terminal
 
@@ -147,3 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # The second Ctrl+C (StopOnInterrupt), or one before training started: leave at once, without a
+        # traceback. Files are written atomically, so each holds its last complete save.
+        print("\nAborted: nothing more was saved (each file holds its last complete save).", file=sys.stderr)
+        return EXIT_ABORTED

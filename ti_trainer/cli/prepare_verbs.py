@@ -75,8 +75,6 @@ def run_prepare_verb(args: argparse.Namespace) -> int:
 
 
 def _preprocess(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from ti_trainer.cli.terminal import StopOnInterrupt
     from ti_trainer.prepare.captioners import BLIP_LABEL, build_captioner
     from ti_trainer.prepare.focal import FocalWeights
@@ -97,14 +95,7 @@ def _preprocess(args: argparse.Namespace) -> int:
     captioner = build_captioner(
         [BLIP_LABEL] if args.caption else [], {}, args.blip_model, args.models_dir, message
     )
-    bar = tqdm(unit="image", dynamic_ncols=True, file=sys.stderr)
-
-    def progress(done: int, total: int, name: str) -> None:
-        bar.total = total
-        bar.n = done
-        bar.set_postfix_str(name)
-        bar.refresh()
-
+    bar, progress = _progress_bar()
     with StopOnInterrupt() as stop:
         try:
             result = prepare_dataset(
@@ -124,7 +115,11 @@ def _report(args: argparse.Namespace) -> int:
     from ti_trainer.prepare.report import build_report
     from ti_trainer.prepare.report_format import lint_text, report_json, report_text
 
-    report = build_report(args.folder, args.size, args.max_batch)
+    bar, progress = _progress_bar()
+    try:
+        report = build_report(args.folder, args.size, args.max_batch, progress)
+    finally:
+        bar.close()
     lint = lint_dataset(
         dataset_captions(args.folder), args.init_text, _token_budget(args), check_duplicates=False
     )
@@ -135,6 +130,21 @@ def _report(args: argparse.Namespace) -> int:
         print(report_text(report))
         print(lint_text(lint))
     return 0
+
+
+def _progress_bar():
+    """A bar on stderr (stdout stays the result) and the (done, total, what) callback that moves it."""
+    from tqdm import tqdm
+
+    bar = tqdm(dynamic_ncols=True, file=sys.stderr)
+
+    def progress(done: int, total: int, what: str) -> None:
+        bar.total = total
+        bar.n = done
+        bar.set_postfix_str(what)
+        bar.refresh()
+
+    return bar, progress
 
 
 def _token_budget(args: argparse.Namespace):

@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
+
+import torch
 
 from ti_trainer.embeddings.embedding import Embedding, vectors_from_init
 from ti_trainer.embeddings.files import save_embedding
+from ti_trainer.embeddings.init_text import init_mapping, vector_lines
 from ti_trainer.errors import UserError
 from ti_trainer.fsutil import confined_path, validate_embedding_name
+from ti_trainer.text.conditioning import PromptEncoder
 
 MAX_VECTORS = 75  # one chunk of prompt tokens
+
+
+class TokenSource(Protocol):
+    """What creating an embedding reads of a model. Every `Backend` (backends/contract.py) has these members;
+    they are named here by shape because embeddings/ lies below backends/ and imports nothing from it."""
+
+    text_width: int
+    prompt_encoder: PromptEncoder
+
+    def token_vectors(self, text: str) -> torch.Tensor: ...
 
 
 def existing_embedding_file(embeddings_dir: Path, name: str) -> Path | None:
@@ -29,7 +44,12 @@ def existing_embedding_file(embeddings_dir: Path, name: str) -> Path | None:
 
 
 def create_embedding(
-    backend, name: str, init_text: str, num_vectors: int, embeddings_dir: Path, overwrite: bool = False
+    backend: TokenSource,
+    name: str,
+    init_text: str,
+    num_vectors: int,
+    embeddings_dir: Path,
+    overwrite: bool = False,
 ) -> Path:
     """Write `<embeddings_dir>/<name>.pt` at step 0, initialised from `init_text`'s token embeddings."""
     name = validate_embedding_name(name)
@@ -46,3 +66,13 @@ def create_embedding(
     embedding = Embedding(name, vectors_from_init(init, num_vectors, backend.text_width), step=0)
     path = confined_path(embeddings_dir, name, ".pt")
     return save_embedding(embedding, path)
+
+
+def init_text_report(backend: TokenSource, init_text: str, num_vectors: int) -> list[str]:
+    """Which tokens of `init_text` each vector starts from, as `create` builds them (the panel's sentence, then
+    one line per vector with the token's text where the tokenizer can spell it)."""
+    tokenize = backend.prompt_encoder.chunker.tokenize
+    ids = tokenize([init_text])[0] if (init_text or "").strip() else []
+    decode = getattr(tokenize, "decode", None)
+    texts = [decode([token]) if decode else f"id {token}" for token in ids]
+    return [init_mapping(len(ids), num_vectors), *vector_lines(texts, num_vectors)]

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ti_trainer.embeddings.init_text import vector_sources
+
 
 @dataclass
 class Embedding:
@@ -43,8 +45,8 @@ def vectors_from_init(init_token_vectors: torch.Tensor, num_vectors: int, width:
         raise ValueError("num_vectors must be at least 1")
     vectors = torch.zeros(num_vectors, width, dtype=torch.float32)
     tokens = init_token_vectors.shape[0] if init_token_vectors is not None else 0
-    for i in range(num_vectors if tokens else 0):
-        vectors[i] = init_token_vectors[i * tokens // num_vectors].detach().float().cpu()
+    for i, token in enumerate(vector_sources(tokens, num_vectors)):
+        vectors[i] = init_token_vectors[token].detach().float().cpu()
     return vectors
 
 

@@ -17,12 +17,17 @@ from typing import Any
 
 import torch
 
+from ti_trainer.embeddings.checks import (
+    has_non_finite,
+    require_finite_on_load,
+    require_finite_on_save,
+    tensors_in,
+)
 from ti_trainer.embeddings.embedding import Embedding
 from ti_trainer.errors import UserError
 from ti_trainer.fsutil import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".webp", ".jxl", ".avif")
-TENSOR_SUFFIXES = (".pt", ".bin", ".safetensors")
 
 # Written by A1111 for every embedding: the token id of "*" in SD1's CLIP vocabulary, a legacy of the
 # original textual_inversion code. Kept for files that older tools read.
@@ -53,6 +58,7 @@ def embedding_to_dict(embedding: Embedding) -> dict[str, Any]:
 def save_embedding(embedding: Embedding, path: Path) -> Path:
     """Write `.pt` (A1111's dict) or `.safetensors` (one tensor; metadata as strings) atomically."""
     path = Path(path)
+    require_finite_on_save(embedding.vectors, path)
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import save_file
 
@@ -188,6 +194,7 @@ def embedding_from_data(data: dict, name: str, source: Path | str = "") -> Embed
         vectors = vectors.unsqueeze(0)
     if vectors.dim() != 2:
         raise UserError(f"{source}: vectors have shape {tuple(vectors.shape)}; expected [vectors, width].")
+    require_finite_on_load(vectors, source)
     step = data.get("step")
     return Embedding(
         name=name,
@@ -208,10 +215,12 @@ def save_optimizer_state(
     embedding: Embedding, embedding_path: Path, state: dict, extra: dict | None = None
 ) -> Path:
     """Write `<file>.optim` with A1111's keys (`hash`, `optimizer_state_dict`) plus our resume keys."""
+    path = optimizer_state_path(embedding_path)
+    # The checksum of non-finite vectors cannot be computed, and the state would pair with a refused file.
+    require_finite_on_save(embedding.vectors, path)
     data = {"hash": embedding.checksum(), "optimizer_state_dict": state}
     if extra:
         data["ti_trainer"] = extra
-    path = optimizer_state_path(embedding_path)
     return atomic_write(path, lambda tmp: torch_save_for_a1111(data, tmp))
 
 
@@ -225,5 +234,8 @@ def load_optimizer_state(embedding: Embedding, embedding_path: Path) -> dict | N
     except Exception:  # a damaged optimizer file only costs the optimizer's momentum: start it afresh
         return None
     if not isinstance(data, dict) or data.get("hash") != embedding.checksum():
+        return None
+    # Moments holding NaN/inf would turn the first update's vectors into NaN: start the optimizer afresh.
+    if any(has_non_finite(tensor) for tensor in tensors_in(data.get("optimizer_state_dict"))):
         return None
     return data

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
+from ti_trainer.embeddings.checks import require_finite_on_save, tensors_in
 from ti_trainer.errors import UserError
 from ti_trainer.fsutil import atomic_write
 
@@ -85,6 +86,8 @@ def save_image_with_embedding(
             f"{path.name}: A1111 ignores files named *.preview.png (it takes them for thumbnails). "
             "Choose a name without '.preview'."
         )
+    for tensor in tensors_in(data):
+        require_finite_on_save(tensor, path)
     picture = add_embedding_to_image(image, data, title, footer_left, footer_mid, footer_right)
     info = PngImagePlugin.PngInfo()
     info.add_text(TEXT_CHUNK_KEY, encode_embedding_text(data))

@@ -93,10 +93,22 @@ def add_settings() -> None:
 
 
 def add_api_routes(demo, app) -> None:
-    """Our routes, guarded by the same credentials as the WebUI's API when it runs with --api-auth."""
+    """Our routes, where the WebUI serves its own API, guarded by the same credentials (--api-auth).
+
+    The WebUI adds its API only with --api, or with --nowebui (API only); otherwise `/sdapi/v1/*` answers
+    404, and so must ours: a WebUI behind --gradio-auth alone guards its pages, not routes added here.
+    """
+    if not webui_serves_api():
+        return
     services = host_services()
     jobs = JobRegistry(services, run_exclusive=run_exclusive)
     api.add_routes(app, services, jobs, api.parse_credentials(shared.cmd_opts.api_auth))
+
+
+def webui_serves_api() -> bool:
+    """Whether the WebUI registered its own API routes (webui.py: `--api`, or `--nowebui`)."""
+    flags = shared.cmd_opts
+    return bool(getattr(flags, "api", False) or getattr(flags, "nowebui", False))
 
 
 # --- host services -------------------------------------------------------------------------------------------

@@ -5,12 +5,16 @@
     GET  /ti-trainer/v1/progress/{id}       -> the job's progress
     POST /ti-trainer/v1/interrupt/{id}      -> the job's progress; it stops and saves at the next step
 
-With credentials (the WebUI's --api-auth "user:pass,user2:pass2") every route needs the same HTTP basic auth
-as the WebUI's own API. The embeddings and templates folders are the host's; a request cannot move them.
+The host adds these routes only where it serves its own API (the WebUI: with --api, or --nowebui). With
+credentials (the WebUI's --api-auth "user:pass,user2:pass2") every route needs the same HTTP basic auth as the
+WebUI's own API. The log, embeddings and templates folders are the host's: a request may name a folder inside
+them, and anything outside is refused with 400, so a caller cannot make the host read or write elsewhere.
 """
 
 import dataclasses
+import os
 import secrets
+from pathlib import Path
 
 from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
@@ -21,6 +25,7 @@ from ti_trainer.embeddings.create import create_embedding
 from ti_trainer.errors import UserError
 from ti_trainer.host.base import HostServices
 from ti_trainer.host.jobs import JobRegistry
+from ti_trainer.text.templates import BUILTIN_TEMPLATES_DIR, list_templates
 
 PREFIX = "/ti-trainer/v1"
 
@@ -86,12 +91,8 @@ def add_routes(app: FastAPI, services: HostServices, jobs: JobRegistry, credenti
             raise HTTPException(
                 422, f"Unknown training settings: {', '.join(unknown)}. Known: {', '.join(sorted(known))}."
             )
-        settings = {**services.defaults, "log_dir": str(services.log_dir), **body}
-        settings.update(
-            embeddings_dir=str(services.embeddings_dir),
-            templates_dirs=[str(folder) for folder in services.templates_dirs],
-        )
         try:
+            settings = {**services.defaults, **body, **confined_folders(body, services)}
             job_id = jobs.start(TrainConfig.from_dict(settings))
         except (UserError, TypeError, ValueError) as error:
             raise HTTPException(400, str(error)) from error
@@ -106,6 +107,69 @@ def add_routes(app: FastAPI, services: HostServices, jobs: JobRegistry, credenti
         return dataclasses.asdict(_known(jobs.interrupt, job_id))
 
     app.include_router(router)
+
+
+def confined_folders(body: dict, services: HostServices) -> dict:
+    """The request's log folder, embeddings folder and template, each kept inside the host's folders.
+
+    A relative path is taken inside the host's folder; an absolute one must lie inside it. The templates
+    folders are always the host's. UserError (answered with 400) names the setting and the allowed folder.
+    """
+    template_roots = [*map(Path, services.templates_dirs), BUILTIN_TEMPLATES_DIR]
+    given = body.get("templates_dirs") or []
+    for folder in [given] if isinstance(given, str) else given:
+        if not any(_inside(root, str(folder)) for root in template_roots):
+            raise UserError(_outside_message("templates_dirs", folder, template_roots))
+    folders = {
+        "log_dir": str(_confined("log_dir", body.get("log_dir"), Path(services.log_dir))),
+        "embeddings_dir": str(
+            _confined("embeddings_dir", body.get("embeddings_dir"), services.embeddings_dir)
+        ),
+        "templates_dirs": [str(folder) for folder in services.templates_dirs],
+    }
+    if "template" in body:
+        folders["template"] = _confined_template(str(body["template"]), template_roots)
+    return folders
+
+
+def _confined(setting: str, value, root: Path) -> Path:
+    if value in (None, ""):
+        return Path(root)
+    path = _inside(Path(root), str(value))
+    if path is None:
+        raise UserError(_outside_message(setting, value, [root]))
+    return path
+
+
+def _confined_template(template: str, roots: list[Path]) -> str:
+    """A template name listed in the host's folders (kept as the name), or a path to a file inside them."""
+    if not (os.sep in template or "/" in template or Path(template).is_absolute()):
+        available = list_templates(*roots)
+        if template not in available:
+            raise UserError(
+                f"Prompt template {template!r} not found. Available: {', '.join(available) or 'none'}."
+            )
+        return template
+    for root in roots:
+        path = _inside(root, template)
+        if path is not None and path.is_file():
+            return str(path)
+    raise UserError(_outside_message("template", template, roots, "a .txt file inside"))
+
+
+def _inside(root: Path, value: str) -> Path | None:
+    """`value` (relative: taken inside `root`) resolved, if it lies in `root` or is `root`; else None."""
+    root = Path(root).expanduser().resolve()
+    path = (root / Path(value).expanduser()).resolve()  # an absolute value replaces root here
+    return path if os.path.commonpath([root, path]) == str(root) else None
+
+
+def _outside_message(setting: str, value, roots: list[Path], what: str = "a folder inside") -> str:
+    allowed = " or ".join(str(Path(root).resolve()) for root in roots)
+    return (
+        f"{setting} {str(value)!r} is outside the host's folders. Through the API it must be {what} {allowed} "
+        f"(a relative path is taken inside it); leave {setting} out to use the host's own."
+    )
 
 
 def _known(action, job_id: str):

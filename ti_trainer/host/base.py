@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from ti_trainer.backends.contract import PreviewRequest
+from ti_trainer.backends.contract import Backend, PreviewRequest
 from ti_trainer.config import TrainConfig
 from ti_trainer.progress import LiveRun, RunProgress
 
@@ -28,7 +28,7 @@ class HostServices:
     log_dir: Path
     models_dir: Path  # where downloaded helper models (e.g. BLIP) are kept
     # The backend over the model the host has loaded (built lazily: loading can be slow).
-    get_backend: Callable[[], object]
+    get_backend: Callable[[], Backend]
     # Generate a preview the host's way (A1111: txt2img processing); None: the backend renders.
     render_preview: Callable[[PreviewRequest], Image.Image | None] | None = None
     # Make files just written into embeddings_dir usable at once (A1111: reload the embedding database).

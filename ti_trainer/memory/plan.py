@@ -22,11 +22,12 @@ import functools
 import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from ti_trainer.config import ATTENTION_CHOICES, CHECKPOINTING_CHOICES
+from ti_trainer.config import ATTENTION_CHOICES, CHECKPOINTING_CHOICES, TrainConfig
 from ti_trainer.errors import UserError
 from ti_trainer.memory.precision import resolve_precision
 
@@ -130,13 +131,27 @@ def choose_memory_plan(
     )
 
 
-def plan_for(config, backend) -> MemoryPlan:
-    """The plan a `TrainConfig` asks for on `backend`'s device and model."""
+class PlannedModel(Protocol):
+    """What the plan reads of a model. Every `Backend` (backends/contract.py) has these members; they are
+    named here by shape because memory/ lies below backends/ and imports nothing from it."""
+
+    device: torch.device
+
+    @property
+    def upcasts_attention(self) -> bool: ...
+
+    @property
+    def preferred_precision(self) -> str | None: ...
+
+
+def plan_for(config: TrainConfig, backend: PlannedModel) -> MemoryPlan:
+    """The plan a `TrainConfig` asks for on `backend`'s device and model: worked out once per run (training/
+    setup.py) and passed on, so the loop, the fit probe and the monitors compute in the same precision."""
     precision = config.precision
     if precision == "auto":
         # A host's model in half precision (the WebUI's fp16) is trained in that precision: converting its
         # weights would cost a copy of them, for no gain once attention scores are kept in fp32.
-        precision = getattr(backend, "preferred_precision", None) or "auto"
+        precision = backend.preferred_precision or "auto"
     return choose_memory_plan(
         backend.device,
         precision=precision,
@@ -144,14 +159,8 @@ def plan_for(config, backend) -> MemoryPlan:
         checkpointing=config.gradient_checkpointing,
         vae_offload=config.vae_offload,
         upcast_attention=config.upcast_attention,
-        model_upcasts_attention=bool(getattr(backend, "upcasts_attention", False)),
+        model_upcasts_attention=backend.upcasts_attention,
     )
-
-
-def apply_memory_plan(backend, plan: MemoryPlan):
-    """Apply `plan` to the backend's model for the duration of a `with` block, then undo it."""
-    levers = getattr(backend, "memory_levers", None)
-    return levers(plan) if levers is not None else contextlib.nullcontext()
 
 
 # --- shared by both backends -------------------------------------------------------------------------------

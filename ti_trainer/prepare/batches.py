@@ -1,12 +1,15 @@
 """Which batch size x gradient accumulation combinations use every image of a dataset once per epoch.
 
 The seed tutorial's arithmetic, done for the artist: with 33 images, batch 3 x accumulation 11 trains on all
-of them in one step; with 17 (a prime) only batch 1 fits, unless an image is dropped or added.
+of them in one step; with 17 (a prime) only batch 1 fits, unless an image is dropped or added. The
+combinations and their steps per epoch are the Train panel's (training/batch_plan.py), grouped by batch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from ti_trainer.training.batch_plan import even_combinations
 
 
 @dataclass
@@ -24,13 +27,13 @@ class BatchPlan:
 
 
 def batch_plans(count: int, max_batch: int = 8) -> list[BatchPlan]:
-    plans = []
-    for batch in range(1, min(max_batch, count) + 1):
-        if count % batch:
-            continue
-        accumulations = _divisors(count // batch)
-        plans.append(BatchPlan(batch, accumulations, [count // (batch * acc) for acc in accumulations]))
-    return plans
+    """Every even batch x accumulation for `count` images, smallest batch and accumulation first."""
+    plans: dict[int, BatchPlan] = {}
+    for combination in reversed(even_combinations(count, max_batch, per_batch=None)):
+        plan = plans.setdefault(combination.batch_size, BatchPlan(combination.batch_size, [], []))
+        plan.accumulations.append(combination.gradient_accumulation)
+        plan.steps_per_epoch.append(combination.steps_per_epoch)
+    return list(plans.values())
 
 
 def nearby_counts(count: int, max_batch: int = 8, reach: int = 3) -> list[tuple[int, list[int]]]:
@@ -46,7 +49,3 @@ def nearby_counts(count: int, max_batch: int = 8, reach: int = 3) -> list[tuple[
                 found.append((other, batches))
                 break
     return found
-
-
-def _divisors(number: int) -> list[int]:
-    return [d for d in range(1, number + 1) if number % d == 0]

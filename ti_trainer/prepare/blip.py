@@ -1,13 +1,16 @@
 """BLIP captions through transformers, with the weights downloaded once into the host's models folder.
 
 Loading is explicit and lazy: nothing downloads on import (DESIGN invariant 5). The first use of a model
-prints where its weights go; without a connection the artist gets a UserError saying what to do, not a
-traceback or a long hang.
+prints where its weights go. When the model is neither a folder nor in the cache, whether it can be
+downloaded is found out at once (offline mode, or a connection check of a few seconds) before any image is
+touched: offline, the Hub's client would otherwise retry for minutes after announcing a 1 GB download.
 """
 
 from __future__ import annotations
 
 import os
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +22,13 @@ DEFAULT_BLIP_MODEL = "Salesforce/blip-image-captioning-base"
 # Short captions suit TI: the artist edits them down to what is incidental, so fewer words is less work.
 _MAX_NEW_TOKENS = 30
 _NUM_BEAMS = 3
+# Long enough for a slow connection to answer, short enough that "no network" is a prompt answer.
+_CONNECT_TIMEOUT_S = 3.0
+_HOW_TO_GO_ON = (
+    "To go on without it: prepare the images without captioning (leave BLIP unticked, or drop --caption) "
+    "and write the captions in the caption editor of the Prepare tab; or give the path of a folder that "
+    "holds a downloaded BLIP model as the model name (--blip-model)."
+)
 
 
 class BlipCaptioner:
@@ -77,6 +87,7 @@ def load_blip_captioner(
                 f"Give a folder saved with save_pretrained, or a model name such as {DEFAULT_BLIP_MODEL}."
             ) from exc
         where = cache_dir or "the Hugging Face cache"
+        _require_download_possible(model_name, where)
         on_message(
             f"Downloading the captioning model {model_name} into {where} (about 1 GB, only the first time)..."
         )
@@ -109,6 +120,51 @@ def _resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _require_download_possible(model_name: str, where: object) -> None:
+    """UserError at once when the model cannot be downloaded: offline mode, or the Hub does not answer."""
+    if _hub_offline():
+        why = (
+            "offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set), so nothing may be downloaded"
+        )
+    else:
+        endpoint = _hub_endpoint()
+        problem = hub_unreachable(endpoint)
+        if problem is None:
+            return
+        why = f"{endpoint} cannot be reached ({problem}): no network connection?"
+    raise UserError(f"The captioning model {model_name!r} is not in {where}, and {why}. {_HOW_TO_GO_ON}")
+
+
+def hub_unreachable(endpoint: str, timeout: float = _CONNECT_TIMEOUT_S) -> str | None:
+    """Why `endpoint` cannot be reached within `timeout` seconds, or None when it answers at all.
+
+    Any HTTP answer, an error status included, means the network is there; the system's proxy settings
+    are used, as the download itself would.
+    """
+    request = urllib.request.Request(endpoint, method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except urllib.error.URLError as exc:
+        return str(exc.reason)
+    except (OSError, ValueError) as exc:  # timeouts, resets; ValueError: a malformed HF_ENDPOINT
+        return str(exc) or type(exc).__name__
+
+
+def _hub_endpoint() -> str:
+    endpoint = os.environ.get("HF_ENDPOINT", "").strip()
+    if endpoint:
+        return endpoint
+    try:
+        from huggingface_hub import constants
+
+        return constants.ENDPOINT
+    except ImportError:  # transformers cannot download without it either; its own error will say so
+        return "https://huggingface.co"
+
+
 def _download_failure(model_name: str, where: object, exc: Exception) -> str:
     if _hub_offline():
         why = (
@@ -120,8 +176,7 @@ def _download_failure(model_name: str, where: object, exc: Exception) -> str:
         why = f"the Hugging Face Hub could not be reached ({_root_reason(exc)})"
     return (
         f"Could not load the captioning model {model_name!r}: it is not in {where} and {why}. "
-        f"Connect to the internet once so it can be downloaded there, or give the path of a folder that "
-        f"holds a downloaded BLIP model as the model name."
+        f"Connect to the internet once so it can be downloaded there. {_HOW_TO_GO_ON}"
     )
 
 

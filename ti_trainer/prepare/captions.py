@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ti_trainer.errors import UserError
 from ti_trainer.fsutil import atomic_write_text, read_text_file
-from ti_trainer.images import caption_for
+from ti_trainer.images import ImageProblem, caption_for
 from ti_trainer.prepare.listing import list_folder, require_images
 
 # What to do with a caption file that already exists, as A1111's setting "existing caption action".
@@ -24,6 +24,12 @@ class CaptionEntry:
     image: Path
     caption: str  # what training will use: the .txt, or words from the file name when there is none
     has_file: bool
+
+
+@dataclass
+class CaptionListing:
+    entries: list[CaptionEntry]
+    skipped: list[ImageProblem]  # entries of the folder that are not images (pipes, broken links, folders...)
 
 
 @dataclass
@@ -84,15 +90,21 @@ def _one_caption(text: str) -> str:
 
 def dataset_captions(folder: Path) -> list[CaptionEntry]:
     """Every image in `folder` with the caption training will use for it."""
+    return caption_listing(folder).entries
+
+
+def caption_listing(folder: Path) -> CaptionListing:
+    """Every image in `folder` with its caption, and what else the folder holds that is not used."""
     folder = Path(folder)
-    images = require_images(list_folder(folder, "dataset folder"), folder, "dataset folder")
+    listing = list_folder(folder, "dataset folder")
+    images = require_images(listing, folder, "dataset folder")
     entries = []
     for image in images:
         text = read_caption(image)
         entries.append(
             CaptionEntry(image, text if text is not None else caption_for(image), text is not None)
         )
-    return entries
+    return CaptionListing(entries, listing.unused)
 
 
 def find_and_replace(

@@ -33,17 +33,36 @@ def cover_and_crop(
     image: Image.Image, target: tuple[int, int], focus: tuple[float, float] = (0.5, 0.5)
 ) -> Image.Image:
     """Scale so `image` covers `target` without stretching, then cut `target` out, centred on `focus`."""
+    return image.resize(
+        target, Image.LANCZOS, box=crop_box(image.size, target, focus), reducing_gap=_REDUCING_GAP
+    )
+
+
+def crop_box(
+    image_size: tuple[int, int], target: tuple[int, int], focus: tuple[float, float] = (0.5, 0.5)
+) -> tuple[float, float, float, float]:
+    """The part of the source (left, top, right, bottom, in source pixels) that becomes `target`.
+
+    The crop is placed on the pixel grid of the scaled image, then converted back to source coordinates.
+    Rounding the scaled size can make that grid a fraction of a pixel longer than the source, so the box
+    is clamped inside the source afterwards: Pillow refuses a box that passes the edge by any amount.
+    """
     width, height = target
-    scale = cover_scale(image.size, target)
-    scaled_size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    scale = cover_scale(image_size, target)
+    scaled_size = (max(width, round(image_size[0] * scale)), max(height, round(image_size[1] * scale)))
     left = _clamp(round(focus[0] * scaled_size[0] - width / 2), 0, scaled_size[0] - width)
     top = _clamp(round(focus[1] * scaled_size[1] - height / 2), 0, scaled_size[1] - height)
     # Crop in source coordinates first, so only the kept part is resampled.
-    box = (left / scale, top / scale, (left + width) / scale, (top + height) / scale)
-    return image.resize(target, Image.LANCZOS, box=box, reducing_gap=_REDUCING_GAP)
+    box_width, box_height = min(width / scale, image_size[0]), min(height / scale, image_size[1])
+    left_source = _clamp(left / scale, 0.0, image_size[0] - box_width)
+    top_source = _clamp(top / scale, 0.0, image_size[1] - box_height)
+    # min() again: (edge - width) + width can land one float step past the edge.
+    right = min(left_source + box_width, float(image_size[0]))
+    bottom = min(top_source + box_height, float(image_size[1]))
+    return (left_source, top_source, right, bottom)
 
 
-def _clamp(value: int, low: int, high: int) -> int:
+def _clamp(value: float, low: float, high: float) -> float:
     return max(low, min(value, high))
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ti_trainer.images import ImageLoadError, load_image
+from ti_trainer.images import ImageLoadError, ImageProblem, load_image
 from ti_trainer.prepare.captions import CaptionEntry
 from ti_trainer.prepare.phash import near_duplicate_groups, perceptual_hash
 from ti_trainer.text.templates import FILEWORDS_PLACEHOLDER, NAME_PLACEHOLDER
@@ -135,6 +135,16 @@ def lint_captions(
 
 
 def _longest_prompt(caption: str, budget: TokenBudget) -> tuple[int, str] | None:
+    """The longest training prompt of `caption` over the budget, as (tokens, prompt); None when all fit."""
+    with_caption = [line for line in budget.template_lines if FILEWORDS_PLACEHOLDER in line]
+    if with_caption and budget.count_tokens(caption) > budget.limit:
+        # Over the budget on its own: count only the line with the most words of its own, as tokenizing a
+        # huge caption (a pasted megabyte) once per template line would take minutes.
+        line = max(
+            with_caption, key=lambda text: budget.count_tokens(text.replace(FILEWORDS_PLACEHOLDER, ""))
+        )
+        prompt = line.replace(FILEWORDS_PLACEHOLDER, caption).replace(NAME_PLACEHOLDER, budget.name)
+        return budget.count_tokens(prompt), prompt
     longest: tuple[int, str] | None = None
     for line in budget.template_lines:
         prompt = line.replace(FILEWORDS_PLACEHOLDER, caption).replace(NAME_PLACEHOLDER, budget.name)
@@ -142,6 +152,19 @@ def _longest_prompt(caption: str, budget: TokenBudget) -> tuple[int, str] | None
         if tokens > budget.limit and (longest is None or tokens > longest[0]):
             longest = (tokens, prompt)
     return longest
+
+
+def over_budget(captions: list[tuple[str, str]], budget: TokenBudget) -> list[tuple[str, int]]:
+    """(source, tokens) for each (source, caption) whose longest training prompt is over the budget; a caption
+    shared by several images is counted once."""
+    counted: dict[str, tuple[int, str] | None] = {}
+    found = []
+    for source, caption in captions:
+        if caption not in counted:
+            counted[caption] = _longest_prompt(caption, budget)
+        if counted[caption] is not None:
+            found.append((source, counted[caption][0]))
+    return found
 
 
 def duplicate_findings(groups: list[list[str]]) -> list[LintFinding]:
@@ -175,9 +198,14 @@ def lint_dataset(
     init_text: str = "",
     budget: TokenBudget | None = None,
     check_duplicates: bool = True,
+    skipped: list[ImageProblem] | None = None,
 ) -> LintReport:
-    """Every finding for a dataset, caption by caption, then its near-duplicate images."""
+    """Every finding for a dataset, caption by caption, then its near-duplicate images.
+
+    `skipped`: the folder's entries that are not images (from `caption_listing`), named in the notes.
+    """
     report = LintReport(lint_captions(entries, init_text, budget))
+    report.notes += [f"skipped {problem.path.name}: {problem.reason}" for problem in skipped or []]
     if check_duplicates:
         report.findings += duplicate_findings(near_duplicate_groups(image_hashes([e.image for e in entries])))
     if not init_text_stems(init_text):

@@ -6,11 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ti_trainer.errors import UserError
-from ti_trainer.fsutil import require_folder
+from ti_trainer.fsutil import scan_folder
 from ti_trainer.images import IMAGE_SUFFIXES, ImageProblem, is_image_file
-
-# Litter that file managers and OS tools leave beside images; naming it as "skipped" would only be noise.
-_SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini"})
 
 
 @dataclass
@@ -24,18 +21,15 @@ def list_folder(folder: Path, role: str = "image folder", ignore: Path | None = 
     """Files directly inside `folder`, sorted by name; `ignore` (e.g. a destination inside it) is left out.
 
     Raises UserError when the folder is missing or is a file; an empty listing is for the caller to judge.
+    Sub-folders, other file types and special entries (pipes, devices, broken or looping links) are `unused`.
     """
-    folder = require_folder(folder, role)
-    ignored = ignore.resolve() if ignore is not None else None
-    listing = FolderListing()
-    for path in sorted(folder.iterdir(), key=lambda p: p.name):
-        if path.name.startswith(".") or path.name.lower() in _SYSTEM_FILES:
-            continue
-        if ignored is not None and path.resolve() == ignored:
-            continue
-        if path.is_dir():
-            listing.unused.append(ImageProblem(path, "a folder: images inside sub-folders are not used"))
-        elif is_image_file(path):
+    scan = scan_folder(folder, role, ignore)
+    listing = FolderListing(unused=[ImageProblem(entry.path, entry.reason) for entry in scan.skipped])
+    listing.unused += [
+        ImageProblem(path, "a folder: images inside sub-folders are not used") for path in scan.folders
+    ]
+    for path in scan.files:
+        if is_image_file(path):
             listing.images.append(path)
         elif path.suffix.lower() == ".txt":
             listing.captions.append(path)
@@ -44,6 +38,7 @@ def list_folder(folder: Path, role: str = "image folder", ignore: Path | None = 
             listing.unused.append(
                 ImageProblem(path, f"not an image type that can be used ({kinds}); export it as PNG or JPEG")
             )
+    listing.unused.sort(key=lambda problem: problem.path.name)
     return listing
 
 

@@ -121,13 +121,14 @@ def prepare_dataset(
     dest.mkdir(parents=True, exist_ok=True)
     already_there = {p.name for p in dest.iterdir() if p.is_file()}
     result = PrepareResult(skipped=list(listing.unused), sources_total=len(images))
+    captioning = _Captioning(captioner)
     for index, path in enumerate(images):
         if should_stop is not None and should_stop():
             result.interrupted = True
             break
         if progress is not None:
             progress(index, len(images), path.name)
-        _prepare_one(path, index, dest, options, captioner, result)
+        _prepare_one_or_skip(path, index, dest, options, captioning, result)
         result.sources_done += 1
     if progress is not None:
         progress(result.sources_done, len(images), "")
@@ -141,6 +142,11 @@ def prepare_dataset(
 
 
 def _check_folders(source: Path, dest: Path) -> None:
+    if dest.is_symlink() and not dest.exists():  # checked first: resolving a looping link raises
+        raise UserError(
+            f"The destination {dest} is a symbolic link that leads nowhere (broken, or looping back to "
+            "itself). Remove it or give another folder for the prepared images."
+        )
     if dest.exists() and not dest.is_dir():
         raise UserError(f"The destination {dest} is a file; give a folder for the prepared images.")
     if source.exists() and dest.exists() and source.resolve() == dest.resolve():
@@ -150,19 +156,38 @@ def _check_folders(source: Path, dest: Path) -> None:
         )
 
 
+def _prepare_one_or_skip(
+    path: Path,
+    index: int,
+    dest: Path,
+    options: PrepareOptions,
+    captioning: _Captioning,
+    result: PrepareResult,
+) -> None:
+    """Prepare one source; whatever goes wrong with it is reported by name, and the folder goes on.
+
+    A UserError (e.g. OpenCV missing for the focal crop) is about the setup, not this image: it would fail
+    for every image, so it stops the run with its message. Outputs already written stay.
+    """
+    try:
+        _prepare_one(path, index, dest, options, captioning, result)
+    except ImageLoadError as exc:  # a UserError too, but about this one file
+        result.skipped.append(ImageProblem(path, exc.reason))
+    except UserError:
+        raise
+    except Exception as exc:  # a bug or a Pillow limit for this one image must not cost the rest
+        result.skipped.append(ImageProblem(path, f"could not be prepared ({type(exc).__name__}: {exc})"))
+
+
 def _prepare_one(
     path: Path,
     index: int,
     dest: Path,
     options: PrepareOptions,
-    captioner: Callable[[Image.Image], str] | None,
+    captioning: _Captioning,
     result: PrepareResult,
 ) -> None:
-    try:
-        image = load_image(path)
-    except ImageLoadError as exc:
-        result.skipped.append(ImageProblem(path, exc.reason))
-        return
+    image = load_image(path)
     if min(image.size) < MIN_SOURCE_SIDE:
         result.skipped.append(
             ImageProblem(
@@ -185,12 +210,12 @@ def _prepare_one(
     outputs = 0
     for piece in pieces:
         caption = combine_captions(
-            existing, _caption(captioner, piece, path, result), options.existing_caption
+            existing, captioning.caption(piece, path, result), options.existing_caption
         )
         for variant in [piece, *flipped_copies(piece, options.flips)]:
             target = dest / f"{index:05}-{outputs}-{path.stem}.png"
             _write_png(target, variant)
-            if caption or captioner is not None:
+            if caption or captioning.active:
                 atomic_write_text(caption_file(target), caption)
             result.written.append(target)
             outputs += 1
@@ -219,16 +244,34 @@ def _existing_caption(path: Path, result: PrepareResult) -> str | None:
         return None
 
 
-def _caption(captioner, image: Image.Image, path: Path, result: PrepareResult) -> str:
-    if captioner is None:
-        return ""
-    try:
-        return captioner(image)
-    except UserError:
-        raise
-    except Exception as exc:  # one image the captioner chokes on should not stop the whole run
-        result.flagged.append(ImageProblem(path, f"captioning failed ({type(exc).__name__}: {exc})"))
-        return ""
+class _Captioning:
+    """The run's captioner, until it says it cannot caption at all (a UserError: its model is gone, out of
+    memory...). Then captioning stops for the rest of the run, and the images are still cropped and written:
+    hours of cropping are not thrown away for captions that can be written by hand afterwards."""
+
+    def __init__(self, captioner: Callable[[Image.Image], str] | None):
+        self.captioner = captioner
+
+    @property
+    def active(self) -> bool:
+        return self.captioner is not None
+
+    def caption(self, image: Image.Image, path: Path, result: PrepareResult) -> str:
+        if self.captioner is None:
+            return ""
+        try:
+            return self.captioner(image)
+        except UserError as error:
+            self.captioner = None
+            result.notes.append(
+                f"Captioning stopped at {path.name}: {error} The images were still prepared; captions were "
+                "written up to that image. Write the rest by hand in the caption editor (Prepare tab), or "
+                "run the preparation again with a captioning model that works (a local model folder)."
+            )
+            return ""
+        except Exception as exc:  # one image the captioner chokes on should not stop the whole run
+            result.flagged.append(ImageProblem(path, f"captioning failed ({type(exc).__name__}: {exc})"))
+            return ""
 
 
 def _write_png(path: Path, image: Image.Image) -> None:

@@ -63,7 +63,11 @@ def build_report(
     max_batch: int = 8,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> DatasetReport:
-    """Analyse every image directly inside `folder`; files that cannot be read are listed in `skipped`."""
+    """Analyse every image directly inside `folder`; files that cannot be read are listed in `skipped`.
+
+    `progress(done, total, what)` is called for each image (`what` is its name), then while the hashes are
+    compared for near-duplicates.
+    """
     folder = Path(folder)
     listing = list_folder(folder, "dataset folder")
     paths = require_images(listing, folder, "dataset folder")
@@ -112,7 +116,7 @@ def build_report(
         batch_plans=batch_plans(count, max_batch),
         nearby_counts=nearby_counts(count, max_batch),
         outliers=find_outliers({s.name: s.features for s in stats}),
-        near_duplicates=near_duplicate_groups({s.name: int(s.phash, 16) for s in stats}),
+        near_duplicates=near_duplicate_groups({s.name: int(s.phash, 16) for s in stats}, progress=progress),
         smaller_than_size=[s.name for s in stats if size and s.width * s.height < _SMALL_AREA * size * size],
         size=size,
         skipped=skipped,

@@ -21,6 +21,7 @@ import torch
 from ti_trainer.text.prompt_parser import parse_prompt_attention
 
 CHUNK_LENGTH = 75
+VectorsByName = dict[str, torch.Tensor]  # an embedding's name in prompts -> its vectors [n, width]
 
 
 @dataclass
@@ -189,13 +190,16 @@ class InjectingTokenEmbedding(torch.nn.Module):
 
 
 @contextmanager
-def injected_token_embedding(owner: torch.nn.Module, attribute: str) -> Iterator[InjectingTokenEmbedding]:
-    """Swap `owner.<attribute>` for an injecting wrapper for the duration, then put the original back."""
+def injector_installed(
+    injector: InjectingTokenEmbedding, owner: torch.nn.Module, attribute: str
+) -> Iterator[InjectingTokenEmbedding]:
+    """Put `injector` in front of whatever `owner.<attribute>` is (the plain layer, or a host's own wrapper
+    of it) for the duration, then put the original back: the model is changed only while a prompt encodes."""
     original = getattr(owner, attribute)
-    wrapper = original if isinstance(original, InjectingTokenEmbedding) else InjectingTokenEmbedding(original)
-    setattr(owner, attribute, wrapper)
+    injector.wrapped = original
+    setattr(owner, attribute, injector)
     try:
-        yield wrapper
+        yield injector
     finally:
         setattr(owner, attribute, original)
 
@@ -219,7 +223,7 @@ class PromptEncoder:
         self.encode_chunk = encode_chunk
         self.device = torch.device(device)
 
-    def __call__(self, prompts: list[str], vectors: dict[str, torch.Tensor]) -> torch.Tensor:
+    def __call__(self, prompts: list[str], vectors: VectorsByName) -> torch.Tensor:
         per_prompt = [self.chunker.chunks(prompt)[0] for prompt in prompts]
         chunk_count = max(len(chunks) for chunks in per_prompt)
         outputs = []
@@ -230,13 +234,17 @@ class PromptEncoder:
             outputs.append(self._encode(batch, vectors))
         return torch.cat(outputs, dim=1)
 
+    def chunk_count(self, prompt: str) -> int:
+        """How many 75-token chunks `prompt` takes: its conditioning is 77 times as many tokens long."""
+        return len(self.chunker.chunks(prompt)[0])
+
     def count_injections(self, prompt: str, name: str) -> int:
         """How many times `name` is recognised in `prompt` (0 means training on it would learn nothing)."""
         return sum(
             1 for chunk in self.chunker.chunks(prompt)[0] for _, fix_name in chunk.fixes if fix_name == name
         )
 
-    def _encode(self, batch: list[PromptChunk], vectors: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _encode(self, batch: list[PromptChunk], vectors: VectorsByName) -> torch.Tensor:
         ids = self.chunker.ids
         token_rows = [list(chunk.tokens) for chunk in batch]
         if ids.pad != ids.end:

@@ -1,7 +1,9 @@
 """Prompt template files: one prompt pattern per line, with `[name]` and `[filewords]` placeholders.
 
 `[name]` is where the embedding goes; a line without it builds a prompt the embedding is absent from, so that
-step teaches it nothing. A template with no such line at all is refused here, before any GPU time is spent.
+step teaches it nothing (and a step of such prompts alone has no gradient at all). Such lines are left out with
+a warning naming them; a template with no line left, or a file that is not text, is refused here, before any
+GPU time is spent.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ FILEWORDS_PLACEHOLDER = "[filewords]"
 # prompts `[word]` is ordinary de-emphasis syntax.
 _NEAR_MISSES = {"name", "names", "filewords", "fileword", "filename", "filenames", "words"}
 _BRACKETED = re.compile(r"\[([^\[\]]*)\]")
+# Control characters no text editor writes (tab, newlines and form feed excepted): a sign of a binary file.
+_BINARY = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
 
 
 @dataclass
@@ -50,9 +54,10 @@ def list_templates(*folders: Path) -> dict[str, Path]:
 
 
 def read_template(path: Path) -> Template:
-    """The non-blank lines of a template file; UserError when it cannot teach the embedding anything.
+    """The lines of a template file that hold [name]; UserError when it cannot teach the embedding anything.
 
-    Blank lines are dropped: A1111 keeps them as empty prompts, which train nothing.
+    Blank lines are dropped: A1111 keeps them as empty prompts, which train nothing. Lines without [name] are
+    dropped too, with a warning giving their line numbers.
     """
     path = Path(path)
     if not path.is_file():
@@ -60,7 +65,13 @@ def read_template(path: Path) -> Template:
             f"The prompt template {path} does not exist. Pick one of the listed templates, "
             "e.g. style_filewords.txt, or save your own .txt file in the templates folder."
         )
-    lines = [line.strip() for line in read_text_file(path).splitlines()]
+    text = read_text_file(path)
+    if _BINARY.search(text):
+        raise UserError(
+            f"The prompt template {path} is not a text file (it holds binary data). A template is a plain .txt "
+            "file with one prompt per line, each with [name] where the embedding goes, e.g. '[filewords], [name]'."
+        )
+    lines = [line.strip() for line in text.splitlines()]
     numbered = [(number, line) for number, line in enumerate(lines, start=1) if line]
     if not numbered:
         raise UserError(
@@ -80,11 +91,12 @@ def read_template(path: Path) -> Template:
     if without_name:
         listed = ", ".join(str(number) for number in without_name)
         warnings.append(
-            f"Line{'s' if len(without_name) > 1 else ''} {listed} of the prompt template {path.name} "
-            "lack [name]: steps that draw them do not include the embedding and teach it nothing. "
-            "Add [name] to them or delete them."
+            f"Line{'s' if len(without_name) > 1 else ''} {listed} of the prompt template {path} "
+            f"lack{'s' * (len(without_name) == 1)} [name] and {'are' if len(without_name) > 1 else 'is'} left "
+            "out: a prompt without the embedding teaches it nothing. Add [name] to use them, or delete them."
         )
-    return Template(path=path, lines=[line for _, line in numbered], warnings=warnings)
+    kept = [line for number, line in numbered if number not in without_name]
+    return Template(path=path, lines=kept, warnings=warnings)
 
 
 def _near_miss_warnings(path: Path, numbered: list[tuple[int, str]]) -> list[str]:

@@ -5,10 +5,10 @@ optimizer step then learns from every image, and copies saved every N steps land
 says what a choice means for a dataset (images per step, steps per epoch, images that sit out), suggests
 choices that divide the dataset evenly, and save intervals that line up with epochs.
 
-The counting rules are the training data's (dataset.py `TrainingData`, after A1111 §1.7): the batch is capped
-at the number of images, accumulation at images // batch, and an epoch is images // batch micro-batches with
-a trailing partial accumulation group dropped. A test holds the two to the same numbers. No torch here: the
-panels call this on every keystroke.
+`plan` is the one capping rule (after A1111 §1.7): the batch is capped at the number of images, accumulation
+at images // batch, and an epoch is images // batch micro-batches with a trailing partial accumulation group
+dropped. Training (training/data.py `TrainingData`), the per-image report and the dataset report read their
+numbers from it. No torch here: the panels call this on every keystroke.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from ti_trainer.errors import UserError
+from ti_trainer.fsutil import scan_folder
 from ti_trainer.images import is_image_file
 
 # Save intervals: whole epochs, at multiples an artist would pick.
@@ -66,9 +68,11 @@ def count_images(folder: str | Path) -> int | None:
     if not folder:
         return None
     path = Path(folder).expanduser()
-    if not path.is_dir():
+    try:
+        scan = scan_folder(path, "dataset folder")  # the loader's own listing, so the count is what it loads
+    except UserError:
         return None
-    return sum(1 for entry in path.iterdir() if entry.is_file() and is_image_file(entry))
+    return sum(1 for entry in scan.files if is_image_file(entry))
 
 
 def plan(images: int, batch_size: int, gradient_accumulation: int) -> Plan:
@@ -96,26 +100,33 @@ def divisors(number: int) -> list[int]:
     return sorted(set(small + [number // d for d in small]))
 
 
-def even_combinations(images: int, max_batch: int, per_batch: int = 3) -> list[Combination]:
+def even_combinations(images: int, max_batch: int, per_batch: int | None = 3) -> list[Combination]:
     """Batch x accumulation choices that use every image exactly once per epoch, largest batch first.
 
     For each batch size up to `max_batch` that divides the dataset: one step per epoch (the seeds' choice:
     the whole dataset in every step), one image batch per step, and the accumulation in between closest to
-    the geometric middle; at most `per_batch` of them.
+    the geometric middle; at most `per_batch` of them. `per_batch` None: every accumulation that divides.
     """
     found = []
     for batch in range(min(max_batch, images), 0, -1):
         if images % batch:
             continue
         options = divisors(images // batch)
-        picked = {options[-1], options[0]}
-        middle = [a for a in options if a not in picked]
-        if middle:
-            centre = math.sqrt(options[-1])
-            picked.add(min(middle, key=lambda a: abs(math.log(a / centre))))
+        picked = set(options) if per_batch is None else _spread(options)
         for accumulation in sorted(picked, reverse=True)[:per_batch]:
-            found.append(Combination(batch, accumulation, images // (batch * accumulation)))
+            steps = plan(images, batch, accumulation).steps_per_epoch
+            found.append(Combination(batch, accumulation, steps))
     return found
+
+
+def _spread(options: list[int]) -> set[int]:
+    """The smallest, the largest, and the one nearest their geometric middle."""
+    picked = {options[-1], options[0]}
+    middle = [a for a in options if a not in picked]
+    if middle:
+        centre = math.sqrt(options[-1])
+        picked.add(min(middle, key=lambda a: abs(math.log(a / centre))))
+    return picked
 
 
 def nearby_dataset_sizes(images: int, batch_size: int) -> tuple[int | None, int]:
@@ -182,6 +193,22 @@ def explain(the_plan: Plan, max_steps: int, save_every: int, preview_every: int)
                 f"Saving {what} every {every} steps lands mid-epoch; every {aligned} steps "
                 f"({_epoch_count(aligned // p.steps_per_epoch)}) would line up with whole epochs."
             )
+    return lines
+
+
+def start_lines(the_plan: Plan, initial_step: int, end_step: int) -> list[str]:
+    """The plan in plain sentences, as a run announces it when it starts (CLI, panel log, API messages)."""
+    p = the_plan
+    steps = end_step - initial_step
+    span = f"steps {initial_step + 1}-{end_step}" if initial_step else f"{end_step} steps"
+    lines = [
+        f"Plan: {p.images} images; batch {p.batch_size} x accumulation {p.gradient_accumulation} = "
+        f"{p.images_per_step} images per step; {p.steps_per_epoch} step{'s' * (p.steps_per_epoch != 1)} per "
+        f"epoch; {span} = {epochs(steps, p.steps_per_epoch):g} epochs.",
+        *p.notes,
+    ]
+    if not p.divides_evenly:
+        lines.append(f"{p.sitting_out} of {p.images} images sit out each epoch (a different few each time).")
     return lines
 
 

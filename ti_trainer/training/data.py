@@ -2,7 +2,8 @@
 
 Semantics follow A1111 (reference/a1111.md §1.7): batch size is capped at the number of images, gradient
 accumulation at images // batch; an epoch is images // batch micro-batches with a trailing partial
-accumulation group dropped; images of different sizes never share a batch. Latent sampling: "once" samples
+accumulation group dropped (the counting is batch_plan.plan's, the one rule the panels show too); images of
+different sizes never share a batch. Latent sampling: "once" samples
 the VAE distribution once up front, "deterministic" uses its mean, "random" samples anew every use.
 
 Which images a micro-batch holds is a pure function of (seed, micro-batch index), so a resumed run sees the
@@ -14,6 +15,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,7 +23,11 @@ from PIL import Image
 
 from ti_trainer.backends.contract import LatentDistribution
 from ti_trainer.images import LoadedImage
+from ti_trainer.training import batch_plan
 from ti_trainer.training.buckets import aspect_buckets, cover_and_crop, training_size
+
+if TYPE_CHECKING:
+    from ti_trainer.backends.contract import Backend
 
 ENCODE_BATCH = 4
 
@@ -64,12 +70,12 @@ def alpha_weight(alpha: Image.Image, latent_hw: tuple[int, int], channels: int) 
 class TrainingData:
     def __init__(self, images: list[TrainingImage], batch_size: int, gradient_accumulation: int, seed: int):
         self.images = images
-        count = len(images)
-        self.batch_size = min(batch_size, count)
-        self.gradient_accumulation = max(1, min(gradient_accumulation, count // self.batch_size))
-        batches = count // self.batch_size
-        self.micro_batches_per_epoch = batches - batches % self.gradient_accumulation
-        self.steps_per_epoch = self.micro_batches_per_epoch // self.gradient_accumulation
+        planned = batch_plan.plan(len(images), batch_size, gradient_accumulation)
+        self.plan = planned  # what the run was asked for, capped to the dataset: the one counting rule
+        self.batch_size = planned.batch_size
+        self.gradient_accumulation = planned.gradient_accumulation
+        self.steps_per_epoch = planned.steps_per_epoch
+        self.micro_batches_per_epoch = self.steps_per_epoch * self.gradient_accumulation
         self.seed = seed
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
 
@@ -134,7 +140,11 @@ def prepare_images(
 
 
 def encode_dataset(
-    backend, prepared: list[tuple[LoadedImage, Image.Image]], latent_sampling: str, use_alpha: bool, seed: int
+    backend: Backend,
+    prepared: list[tuple[LoadedImage, Image.Image]],
+    latent_sampling: str,
+    use_alpha: bool,
+    seed: int,
 ) -> list[TrainingImage]:
     """VAE-encode every image once (batched by size); the VAE is not needed again while training."""
     generator = torch.Generator().manual_seed(seed)

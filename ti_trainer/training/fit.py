@@ -7,7 +7,7 @@ fits is found by doubling, then bisecting. An out-of-memory error is caught, the
 released (the failed step's frames are cleared, the allocator's cache emptied), and the model is as it was:
 nothing of the probe stays registered, and no weight holds a gradient.
 
-`memory_for_training` is the context a run trains in: the memory plan chosen (on a GPU, "auto" checkpointing
+`memory_for_training` is the context a run trains in: the run's memory plan (on a GPU, "auto" checkpointing
 is raised block by block only if the batch needs it), reported in words, applied, and undone afterwards. An
 out-of-memory during the run becomes a UserError naming the batch, or the size, that would fit.
 """
@@ -20,17 +20,21 @@ import math
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from ti_trainer.diffusion import denoising_loss, noisy_latents_and_target
+from ti_trainer.config import TrainConfig
 from ti_trainer.errors import UserError
-from ti_trainer.memory.plan import CHECKPOINT_LEVELS, MemoryPlan, apply_memory_plan, plan_for
-from ti_trainer.memory.precision import autocast
+from ti_trainer.memory.plan import CHECKPOINT_LEVELS, MemoryPlan, plan_for
+from ti_trainer.training.step import step_loss
+
+if TYPE_CHECKING:
+    from ti_trainer.backends.contract import Backend
+    from ti_trainer.training.data import TrainingData
 
 PROBE_NAME = "tiprobevectors"  # registered with the prompt chunker only while a probe step runs
 PROBE_SEED = 0
-LATENT_CHANNELS = 4  # SD 1.x and 2.x
 SMALLEST_SIDE_PX = 256
 
 Step = Callable[[int], None]  # runs one training step at the given batch size
@@ -85,10 +89,12 @@ def largest_batch(step: Step, limit: int = 64) -> int:
     return fitting
 
 
-def training_step_probe(backend, latent_hw: tuple[int, int], precision: str, num_vectors: int = 1) -> Step:
+def training_step_probe(
+    backend: Backend, latent_hw: tuple[int, int], precision: str, num_vectors: int = 1
+) -> Step:
     """One real training step on `backend` at latent size `latent_hw`, as the loop runs it, on random data."""
     device = backend.device
-    channels = int(getattr(backend, "latent_channels", LATENT_CHANNELS))
+    channels = backend.family.latent_channels
 
     def step(batch: int) -> None:
         generator = torch.Generator().manual_seed(PROBE_SEED)  # the global RNG is left alone
@@ -96,14 +102,13 @@ def training_step_probe(backend, latent_hw: tuple[int, int], precision: str, num
         chunker.register(PROBE_NAME, num_vectors)
         try:
             vectors = torch.zeros(num_vectors, backend.text_width, device=device, requires_grad=True)
-            latents = torch.randn(batch, channels, *latent_hw, generator=generator).to(device)
-            noise = torch.randn(latents.shape, generator=generator).to(device)
+            latents = torch.randn(batch, channels, *latent_hw, generator=generator)
+            noise = torch.randn(latents.shape, generator=generator)
             timesteps = torch.randint(0, backend.schedule.num_timesteps, (batch,), generator=generator)
-            noisy, target = noisy_latents_and_target(backend.schedule, latents, noise, timesteps.to(device))
-            with autocast(precision, device):
-                cond = backend.prompt_encoder([PROBE_NAME] * batch, {PROBE_NAME: vectors})
-                prediction = backend.predict(noisy, timesteps.to(device), cond)
-            denoising_loss(prediction, target).backward()
+            prompts = [PROBE_NAME] * batch
+            step_loss(
+                backend, prompts, latents, noise, timesteps, None, {PROBE_NAME: vectors}, precision
+            ).backward()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         finally:
@@ -112,13 +117,13 @@ def training_step_probe(backend, latent_hw: tuple[int, int], precision: str, num
     return step
 
 
-def smaller_sizes(latent_hw: tuple[int, int]) -> list[tuple[int, int]]:
-    """Latent sizes below `latent_hw`, about the same aspect ratio, the longer side 64 px smaller each time.
-    Both sides stay multiples of 64 px (8 latents), which SD's three downsamplings need in ldm's UNet."""
+def smaller_sizes(latent_hw: tuple[int, int], vae_scale_factor: int) -> list[tuple[int, int]]:
+    """Latent sizes below `latent_hw`, about the same aspect ratio, the longer side 8 latents smaller each
+    time. Both sides stay multiples of 8 latents, which SD's three downsamplings need in ldm's UNet."""
     height, width = latent_hw
     longer = max(height, width)
     sizes = []
-    for side in range(longer - 8, SMALLEST_SIDE_PX // 8 - 1, -8):
+    for side in range(longer - 8, SMALLEST_SIDE_PX // vae_scale_factor - 1, -8):
         scale = side / longer
         size = (max(8, round(height * scale / 8) * 8), max(8, round(width * scale / 8) * 8))
         if size not in sizes:
@@ -126,12 +131,12 @@ def smaller_sizes(latent_hw: tuple[int, int]) -> list[tuple[int, int]]:
     return sizes
 
 
-def px(latent_hw: tuple[int, int]) -> str:
-    return f"{latent_hw[1] * 8}x{latent_hw[0] * 8}"
+def px(latent_hw: tuple[int, int], vae_scale_factor: int) -> str:
+    return f"{latent_hw[1] * vae_scale_factor}x{latent_hw[0] * vae_scale_factor}"
 
 
 def _advice(
-    backend,
+    backend: Backend,
     plan: MemoryPlan,
     batch: int,
     accumulation: int,
@@ -140,16 +145,17 @@ def _advice(
     what: str,
 ) -> str:
     """Find what fits under `plan` (with the levers applied) and say it to the artist."""
+    factor = backend.family.vae_scale_factor
     step = training_step_probe(backend, latent_hw, plan.precision, num_vectors)
-    with apply_memory_plan(backend, plan):
+    with backend.memory_levers(plan):
         fitting = largest_batch(step, max(1, batch - 1)) if batch > 1 else 0
         size = None
         if not fitting:
-            for smaller in smaller_sizes(latent_hw):
+            for smaller in smaller_sizes(latent_hw, factor):
                 if fits(training_step_probe(backend, smaller, plan.precision, num_vectors), 1):
                     size = smaller
                     break
-    text = f"{what} at batch {batch}, {px(latent_hw)} px (memory: {plan.describe()})."
+    text = f"{what} at batch {batch}, {px(latent_hw, factor)} px (memory: {plan.describe()})."
     if fitting:
         images = batch * accumulation
         steps = math.ceil(images / fitting)
@@ -159,8 +165,8 @@ def _advice(
         )
     if size is not None:
         return (
-            f"{text} Even batch 1 does not fit at this size; {px(size)} px fits at batch 1. Train at that size, "
-            "or free GPU memory (close other programs that use the GPU) and try again."
+            f"{text} Even batch 1 does not fit at this size; {px(size, factor)} px fits at batch 1. Train at "
+            "that size, or free GPU memory (close other programs that use the GPU) and try again."
         )
     advice = "Free GPU memory (close other programs that use the GPU)"
     if plan.precision == "fp32":
@@ -171,13 +177,13 @@ def _advice(
     )
 
 
-def largest_latent_size(data) -> tuple[int, int]:
+def largest_latent_size(data: TrainingData) -> tuple[int, int]:
     """The largest latent size (by area) among a run's images: the size the batch must fit at."""
     return max((image.size for image in data.images), key=lambda hw: hw[0] * hw[1])
 
 
 def checkpointing_by_need(
-    backend,
+    backend: Backend,
     plan: MemoryPlan,
     batch: int,
     latent_hw: tuple[int, int],
@@ -189,7 +195,7 @@ def checkpointing_by_need(
     step = training_step_probe(backend, latent_hw, plan.precision, num_vectors)
     for level in levels:
         candidate = plan.with_checkpointing(level)
-        with apply_memory_plan(backend, candidate):
+        with backend.memory_levers(candidate):
             if fits(step, batch):
                 return candidate
     return None
@@ -197,23 +203,25 @@ def checkpointing_by_need(
 
 @contextlib.contextmanager
 def memory_for_training(
-    config,
-    backend,
-    data,
+    plan: MemoryPlan,
+    backend: Backend,
+    data: TrainingData,
     num_vectors: int,
+    *,
+    auto_checkpointing: bool,
     say: Callable[[str], None] = print,
     probe_first: bool | None = None,
 ) -> Iterator[MemoryPlan]:
-    """The memory context a run trains in (see the module's docstring). `probe_first` (default: on a GPU)
-    runs test steps before the run: "auto" checkpointing is raised by need, and a batch that cannot fit is
-    reported before any training time is spent."""
-    plan = plan_for(config, backend)
+    """The memory context a run trains in, under the run's `plan` (see the module's docstring); yields the
+    plan as applied. `probe_first` (default: on a GPU) runs test steps before the run: with
+    `auto_checkpointing` (the config's "auto") checkpointing is raised by need, and a batch that cannot fit
+    is reported before any training time is spent."""
     latent_hw = largest_latent_size(data)
     batch, accumulation = data.batch_size, data.gradient_accumulation
     if probe_first is None:
         probe_first = backend.device.type == "cuda"
     if probe_first:
-        levels = CHECKPOINT_LEVELS if config.gradient_checkpointing == "auto" else (plan.checkpointing,)
+        levels = CHECKPOINT_LEVELS if auto_checkpointing else (plan.checkpointing,)
         needed = checkpointing_by_need(backend, plan, batch, latent_hw, num_vectors, levels)
         if needed is None:
             most_saving = plan.with_checkpointing(levels[-1])
@@ -223,7 +231,7 @@ def memory_for_training(
     say(f"Memory: {plan.describe()}")
     out_of_memory = False
     try:
-        with apply_memory_plan(backend, plan):
+        with backend.memory_levers(plan):
             yield plan
     except Exception as error:
         if not is_out_of_memory(error):
@@ -233,8 +241,12 @@ def memory_for_training(
     if not out_of_memory:
         return
     release_memory()
+    from ti_trainer.vram.for_config import estimate_note
+
+    factor = backend.family.vae_scale_factor
     raise UserError(
         _advice(backend, plan, batch, accumulation, latent_hw, num_vectors, "Training ran out of GPU memory")
+        + estimate_note(plan, backend, latent_hw[1] * factor, latent_hw[0] * factor, batch, num_vectors)
         + " The embedding keeps its last saved step; start again to resume from it."
     ) from None
 
@@ -244,6 +256,7 @@ class FitReport:
     latent_hw: tuple[int, int]
     batches: dict[str, int]  # checkpointing level -> the largest batch that fits (up to the search limit)
     plan: MemoryPlan
+    vae_scale_factor: int
 
     @property
     def best(self) -> tuple[str, int]:
@@ -257,24 +270,25 @@ class FitReport:
             f"batch {b or 'none'} {words.get(level, 'with every block checkpointed')}"
             for level, b in self.batches.items()
         ]
-        return f"At {px(self.latent_hw)} px: " + "; ".join(parts) + "."
+        return f"At {px(self.latent_hw, self.vae_scale_factor)} px: " + "; ".join(parts) + "."
 
 
-def find_largest_batch(config, backend, limit: int = 64, num_vectors: int = 1) -> FitReport:
+def find_largest_batch(
+    config: TrainConfig, backend: Backend, limit: int = 64, num_vectors: int = 1
+) -> FitReport:
     """The largest batch at the config's size for each checkpointing level it allows ("auto": all of them,
     stopping once the limit is reached). Runs real training steps: meant for a GPU, where each takes a
     fraction of a second; the model is left as it was."""
     plan = plan_for(config, backend)
-    factor = int(getattr(backend, "vae_scale_factor", 8))
+    factor = backend.family.vae_scale_factor
     latent_hw = (config.height // factor, config.width // factor)
     levels = CHECKPOINT_LEVELS if config.gradient_checkpointing == "auto" else (plan.checkpointing,)
-    session = getattr(backend, "training_session", None)
     batches: dict[str, int] = {}
-    with session() if session else contextlib.nullcontext():
+    with backend.training_session():
         step = training_step_probe(backend, latent_hw, plan.precision, num_vectors)
         for level in levels:
-            with apply_memory_plan(backend, plan.with_checkpointing(level)):
+            with backend.memory_levers(plan.with_checkpointing(level)):
                 batches[level] = largest_batch(step, limit)
             if batches[level] >= limit:
                 break
-    return FitReport(latent_hw, batches, plan)
+    return FitReport(latent_hw, batches, plan, factor)

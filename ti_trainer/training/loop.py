@@ -8,26 +8,32 @@ stopped.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import math
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from PIL import Image
 
 from ti_trainer.backends.contract import PreviewRequest
 from ti_trainer.config import TrainConfig
-from ti_trainer.diffusion import denoising_loss, noisy_latents_and_target
 from ti_trainer.errors import UserError
-from ti_trainer.memory.precision import autocast, grad_scaler
-from ti_trainer.training import fit, outputs
+from ti_trainer.memory.plan import MemoryPlan
+from ti_trainer.memory.precision import grad_scaler
+from ti_trainer.training import batch_plan, fit, outputs
 from ti_trainer.training.data import TrainingData, encode_dataset, prepare_images
+from ti_trainer.training.run_lock import embedding_lock
+from ti_trainer.training.settings_history import resume_changes_message
 from ti_trainer.training.setup import PreparedRun, prepare_run
+from ti_trainer.training.step import step_loss
+
+if TYPE_CHECKING:
+    from ti_trainer.backends.contract import Backend
 
 MAX_CONSECUTIVE_BAD_STEPS = 10
 
@@ -38,7 +44,7 @@ class StepReport:
     end_step: int
     loss: float
     learn_rate: float
-    epoch: int
+    epoch: int  # from 0, as in the loss CSV (outputs.epoch_of)
     skipped: bool
     seconds: float
 
@@ -48,14 +54,18 @@ class RunContext:
     """What a monitor may read about the run it watches (it must not change any of it)."""
 
     config: TrainConfig
-    backend: object
+    backend: Backend
     data: TrainingData
     folders: outputs.RunFolders
     embedding_name: str
     seed: int
     initial_step: int
     end_step: int
-    precision: str  # what the run computes in (the memory plan's), for monitors that run the model too
+    memory_plan: MemoryPlan  # the run's one plan, as applied: monitors that run the model compute in it
+
+    @property
+    def precision(self) -> str:
+        return self.memory_plan.precision
 
 
 class TrainingMonitor(Protocol):
@@ -107,20 +117,26 @@ def step_generator(seed: int, micro_index: int) -> torch.Generator:
     return torch.Generator().manual_seed(mixed)
 
 
-def train(config: TrainConfig, backend, hooks: TrainingHooks | None = None) -> TrainResult:
+def train(config: TrainConfig, backend: Backend, hooks: TrainingHooks | None = None) -> TrainResult:
     hooks = hooks or TrainingHooks()
     # A backend over a model it does not own (the WebUI's) borrows it for the run and gives it back as it
     # found it, however the run ends.
-    session = getattr(backend, "training_session", None)
-    with session() if session else contextlib.nullcontext():
+    with backend.training_session():
         return _train(config, backend, hooks)
 
 
-def _train(config: TrainConfig, backend, hooks: TrainingHooks) -> TrainResult:
+def _train(config: TrainConfig, backend: Backend, hooks: TrainingHooks) -> TrainResult:
     run = prepare_run(config, backend)  # every check that needs no GPU work
     for message in run.messages:
         hooks.on_message(message)
+    # A second run of the same embedding is refused here, before any GPU work: the two would interleave
+    # their loss logs and overwrite each other's copies.
+    with embedding_lock(run.embedding_path, hooks.on_message):
+        return _locked_train(run, backend, hooks)
 
+
+def _locked_train(run: PreparedRun, backend: Backend, hooks: TrainingHooks) -> TrainResult:
+    config = run.config
     folders = outputs.RunFolders.for_run(config.log_dir, run.embedding.name)
     run.embedding.sd_checkpoint = backend.model_hash
     run.embedding.sd_checkpoint_name = backend.model_name
@@ -130,10 +146,25 @@ def _train(config: TrainConfig, backend, hooks: TrainingHooks) -> TrainResult:
     )
     images = encode_dataset(backend, prepared, config.latent_sampling, config.use_alpha_weight, run.seed)
     data = TrainingData(images, config.batch_size, config.gradient_accumulation, run.seed)
+    for line in batch_plan.start_lines(data.plan, run.initial_step, run.end_step):
+        hooks.on_message(line)
+    # The settings record what the run did (the batch and accumulation capped to the dataset), so --config
+    # reproduces it, and what was asked for beside it.
+    used = dataclasses.replace(
+        config, batch_size=data.batch_size, gradient_accumulation=data.gradient_accumulation
+    )
+    if run.initial_step > 0:  # before this run's own settings file is written, which would be the latest
+        changes = resume_changes_message(config.log_dir, used, run.initial_step)
+        if changes:
+            hooks.on_message(changes)
     outputs.write_settings(
         folders,
-        config,
+        used,
         {
+            "requested": {
+                "batch_size": config.batch_size,
+                "gradient_accumulation": config.gradient_accumulation,
+            },
             "model_name": backend.model_name,
             "model_hash": backend.model_hash,
             "num_of_dataset_images": len(images),
@@ -143,9 +174,17 @@ def _train(config: TrainConfig, backend, hooks: TrainingHooks) -> TrainResult:
         },
     )
     loss_log = outputs.LossLog(folders.loss_csv, data.steps_per_epoch, run.initial_step)
-    # The memory plan (attention, checkpointing, VAE in RAM, precision) holds for the run and is undone after;
-    # running out of GPU memory ends the run with a message naming the batch or size that fits (fit.py).
-    with fit.memory_for_training(config, backend, data, run.embedding.num_vectors, hooks.on_message) as plan:
+    # The run's memory plan (attention, checkpointing, VAE in RAM, precision), worked out once in
+    # prepare_run, holds for the run and is undone after; "auto" checkpointing is raised by need, and running
+    # out of GPU memory ends the run with a message naming the batch or size that fits (fit.py).
+    with fit.memory_for_training(
+        run.memory_plan,
+        backend,
+        data,
+        run.embedding.num_vectors,
+        auto_checkpointing=config.gradient_checkpointing == "auto",
+        say=hooks.on_message,
+    ) as plan:
         context = RunContext(
             config,
             backend,
@@ -155,7 +194,7 @@ def _train(config: TrainConfig, backend, hooks: TrainingHooks) -> TrainResult:
             run.seed,
             run.initial_step,
             run.end_step,
-            plan.precision,
+            plan,
         )
         for monitor in hooks.monitors:
             monitor.start(context)
@@ -163,7 +202,7 @@ def _train(config: TrainConfig, backend, hooks: TrainingHooks) -> TrainResult:
 
 
 def _loop(
-    run: PreparedRun, backend, hooks, folders, data: TrainingData, loss_log, precision: str
+    run: PreparedRun, backend: Backend, hooks, folders, data: TrainingData, loss_log, precision: str
 ) -> TrainResult:
     config, embedding, name = run.config, run.embedding, run.embedding.name
     device = backend.device
@@ -185,6 +224,7 @@ def _loop(
         embedding.vectors = vectors.detach().float().cpu().clone()
         embedding.step = step
 
+    _render_missed_preview(run, backend, hooks, folders, data)
     step, skipped, bad_in_a_row, interrupted, loss_value = run.initial_step, [], 0, False, float("nan")
     stopped_by_monitor = False
     for step_index in range(run.initial_step, run.end_step):
@@ -200,22 +240,17 @@ def _loop(
         loss_value, first_prompt = 0.0, ""
         for micro in range(accumulation):
             micro_index = step_index * accumulation + micro
-            generator = step_generator(run.seed, micro_index)
-            batch = data.micro_batch(micro_index, generator)
-            prompt_rng = random.Random(f"prompt:{run.seed}:{micro_index}")
-            prompts = [run.prompts(caption, prompt_rng) for caption in batch.captions]
+            generator, batch, prompts = _micro_batch(run, data, micro_index)
             first_prompt = first_prompt or prompts[0]
-            latents = batch.latents.to(device)
-            noise = torch.randn(latents.shape, generator=generator).to(device)
+            noise = torch.randn(batch.latents.shape, generator=generator)
             timesteps = torch.randint(
-                0, backend.schedule.num_timesteps, (latents.shape[0],), generator=generator
+                0, backend.schedule.num_timesteps, (batch.latents.shape[0],), generator=generator
             )
-            noisy, target = noisy_latents_and_target(backend.schedule, latents, noise, timesteps.to(device))
-            with autocast(precision, device):
-                cond = backend.prompt_encoder(prompts, {name: vectors})
-                prediction = backend.predict(noisy, timesteps.to(device), cond)
+            loss = step_loss(
+                backend, prompts, batch.latents, noise, timesteps, batch.weights, {name: vectors}, precision
+            )
             # Averaged over the accumulation group, so the step's loss is the mean of its micro-batches.
-            loss = denoising_loss(prediction, target, batch.weights) / accumulation
+            loss = loss / accumulation
             (scaler.scale(loss) if scaler else loss).backward()
             loss_value += loss.item()
 
@@ -252,14 +287,16 @@ def _loop(
             )
             if bad_in_a_row >= MAX_CONSECUTIVE_BAD_STEPS:
                 sync_embedding(step_index + 1 - bad_in_a_row)
-                outputs.save_current(embedding, run.embedding_path, optimizer_state(), resume_state)
+                outputs.save_current(
+                    embedding, run.embedding_path, optimizer_state(), resume_state, run.source_path
+                )
                 raise UserError(
                     f"{bad_in_a_row} steps in a row gave a non-finite loss; training stopped and the last good "
                     f"vectors were saved to {run.embedding_path}. Lower the learning rate, or train in fp32/bf16."
                 )
         step = step_index + 1
         sync_embedding(step)
-        epoch = (step - 1) // max(1, data.steps_per_epoch)
+        epoch, _ = outputs.epoch_of(step, data.steps_per_epoch)
         hooks.on_step(
             StepReport(
                 step, run.end_step, loss_value, learn_rate, epoch, not finite, time.perf_counter() - started
@@ -268,8 +305,14 @@ def _loop(
         if config.write_csv_every and step % config.write_csv_every == 0 and finite:
             loss_log.write(step, loss_value, learn_rate)
         if config.save_every and step % config.save_every == 0:
-            hooks.on_saved(outputs.save_step_copy(folders, embedding, optimizer_state(), resume_state))
-            outputs.save_current(embedding, run.embedding_path, optimizer_state(), resume_state)
+            hooks.on_saved(
+                outputs.save_step_copy(
+                    folders, embedding, optimizer_state(), resume_state, config.save_format
+                )
+            )
+            outputs.save_current(
+                embedding, run.embedding_path, optimizer_state(), resume_state, run.source_path
+            )
         if config.preview_every and step % config.preview_every == 0:
             _preview(run, backend, hooks, folders, first_prompt)
         stop_requests = [monitor.after_step(step, vectors.detach()) for monitor in hooks.monitors]
@@ -280,8 +323,10 @@ def _loop(
     sync_embedding(step)
     if config.save_every and step % config.save_every and step > run.initial_step:
         # The last step gets a copy too, so the choice among copies includes where the run ended.
-        hooks.on_saved(outputs.save_step_copy(folders, embedding, optimizer_state(), resume_state))
-    outputs.save_current(embedding, run.embedding_path, optimizer_state(), resume_state)
+        hooks.on_saved(
+            outputs.save_step_copy(folders, embedding, optimizer_state(), resume_state, config.save_format)
+        )
+    outputs.save_current(embedding, run.embedding_path, optimizer_state(), resume_state, run.source_path)
     hooks.on_saved(run.embedding_path)
     for monitor in hooks.monitors:
         monitor.finish(step)
@@ -290,7 +335,29 @@ def _loop(
     )
 
 
-def _preview(run: PreparedRun, backend, hooks: TrainingHooks, folders, batch_prompt: str) -> None:
+def _micro_batch(run: PreparedRun, data: TrainingData, micro_index: int):
+    """The generator, batch and prompts of one micro-batch: the same every time for the same index."""
+    generator = step_generator(run.seed, micro_index)
+    batch = data.micro_batch(micro_index, generator)
+    prompt_rng = random.Random(f"prompt:{run.seed}:{micro_index}")
+    return generator, batch, [run.prompts(caption, prompt_rng) for caption in batch.captions]
+
+
+def _render_missed_preview(run: PreparedRun, backend: Backend, hooks: TrainingHooks, folders, data) -> None:
+    """Render the preview of the step resumed from when the run that saved it was stopped before its preview
+    (the save comes first), so every preview step of the run has its image. The prompt is the one that step
+    drew, so the image is the one the first run would have made."""
+    step, every = run.initial_step, run.config.preview_every
+    if not every or step == 0 or step % every:
+        return
+    if (folders.images / f"{run.embedding.name}-{step}.png").exists():
+        return
+    hooks.on_message(f"Rendering the preview of step {step}, which the earlier run did not get to.")
+    micro_index = (step - 1) * data.gradient_accumulation
+    _preview(run, backend, hooks, folders, _micro_batch(run, data, micro_index)[2][0])
+
+
+def _preview(run: PreparedRun, backend: Backend, hooks: TrainingHooks, folders, batch_prompt: str) -> None:
     config, embedding = run.config, run.embedding
     request = PreviewRequest(
         prompt=config.preview_prompt or batch_prompt,
@@ -305,7 +372,7 @@ def _preview(run: PreparedRun, backend, hooks: TrainingHooks, folders, batch_pro
     )
     render = hooks.render_preview or backend.render
     # A backend that lends parts of its model out while training (VAE in RAM, WebUI placement) takes them back.
-    with getattr(backend, "previewing", contextlib.nullcontext)():
+    with backend.previewing():
         image = render(request)
     if image is None:
         return

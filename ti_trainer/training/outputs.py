@@ -1,6 +1,7 @@
 """Everything a run writes, in A1111's log layout (reference/a1111.md §1.5, §1.10, §8).
 
-`<log_dir>/<YYYY-MM-DD>/<name>/` holds `embeddings/<name>-<step>.pt`, `images/<name>-<step>.png`,
+`<log_dir>/<YYYY-MM-DD>/<name>/` holds `embeddings/<name>-<step>.pt` (or `.safetensors`, the run's save format),
+`images/<name>-<step>.png`,
 `image_embeddings/<name>-<step>.png`, `textual_inversion_loss.csv` and `settings-<datetime>.json`.
 """
 
@@ -18,8 +19,13 @@ from PIL import Image, PngImagePlugin
 
 from ti_trainer.config import TrainConfig
 from ti_trainer.embeddings.embedding import Embedding
-from ti_trainer.embeddings.files import embedding_to_dict, save_embedding, save_optimizer_state
-from ti_trainer.fsutil import atomic_write, atomic_write_text
+from ti_trainer.embeddings.files import (
+    embedding_to_dict,
+    optimizer_state_path,
+    save_embedding,
+    save_optimizer_state,
+)
+from ti_trainer.fsutil import atomic_write, atomic_write_text, explained_write_errors
 
 LOSS_CSV = "textual_inversion_loss.csv"
 LOSS_COLUMNS = ("step", "epoch", "epoch_step", "loss", "learn_rate")
@@ -49,7 +55,8 @@ class RunFolders:
     def for_run(cls, log_dir: str | Path, name: str, today: datetime.date | None = None) -> RunFolders:
         day = (today or datetime.date.today()).strftime("%Y-%m-%d")
         folders = cls(Path(log_dir) / day / name)
-        folders.root.mkdir(parents=True, exist_ok=True)
+        with explained_write_errors(folders.root):
+            folders.root.mkdir(parents=True, exist_ok=True)
         return folders
 
 
@@ -80,6 +87,15 @@ def write_settings(folders: RunFolders, config: TrainConfig, extra: dict) -> Pat
     return atomic_write_text(path, json.dumps(data, indent=4))
 
 
+def epoch_of(step: int, steps_per_epoch: int) -> tuple[int, int]:
+    """(epoch, step within it) of optimizer step `step` (1-based), both counted from 0.
+
+    A1111's meaning (its loss CSV, and its console's "[Epoch N: ...]"): steps 1..steps_per_epoch are epoch 0.
+    The CSV, the CLI's progress, the panel and the API's progress all use this one.
+    """
+    return divmod(step - 1, max(1, steps_per_epoch))
+
+
 class LossLog:
     """Appends one row per logged step. On resume, rows past the resume step (from a run that crashed after
     its last save) are dropped first, so the file describes one continuous run."""
@@ -100,11 +116,11 @@ class LossLog:
 
     def write(self, step: int, loss: float, learn_rate: float) -> None:
         new = not self.path.exists()
-        with self.path.open("a", newline="", encoding="utf-8") as handle:
+        with explained_write_errors(self.path), self.path.open("a", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             if new:
                 writer.writerow(LOSS_COLUMNS)
-            epoch, epoch_step = divmod(step - 1, self.steps_per_epoch)
+            epoch, epoch_step = epoch_of(step, self.steps_per_epoch)
             writer.writerow([step, epoch, epoch_step, f"{loss:.7f}", learn_rate])
 
 
@@ -114,20 +130,37 @@ def step_copy(embedding: Embedding) -> Embedding:
 
 
 def save_step_copy(
-    folders: RunFolders, embedding: Embedding, optimizer_state: dict | None, resume_state: dict
+    folders: RunFolders,
+    embedding: Embedding,
+    optimizer_state: dict | None,
+    resume_state: dict,
+    save_format: str = "pt",
 ) -> Path:
-    """`embeddings/<name>-<step>.pt`: its stored name is `<name>-<step>` and its stored step is `<step>`."""
+    """`embeddings/<name>-<step>.pt` (or `.safetensors`): its stored name is `<name>-<step>` and its stored
+    step is `<step>`."""
     copy = step_copy(embedding)
-    path = save_embedding(copy, folders.embeddings / f"{copy.name}.pt")
+    path = save_embedding(copy, folders.embeddings / f"{copy.name}.{save_format}")
     if optimizer_state is not None:
         save_optimizer_state(copy, path, optimizer_state, resume_state)
     return path
 
 
-def save_current(embedding: Embedding, path: Path, optimizer_state: dict | None, resume_state: dict) -> Path:
+def save_current(
+    embedding: Embedding,
+    path: Path,
+    optimizer_state: dict | None,
+    resume_state: dict,
+    replaces: Path | None = None,
+) -> Path:
+    """Write the embedding the run trains. `replaces`: the file it started from when that was in the other
+    format; it goes (with its .optim) once the new file is safely written, as the WebUI would otherwise load
+    two embeddings of one name, and the next run would resume from the stale one."""
     save_embedding(embedding, path)
     if optimizer_state is not None:
         save_optimizer_state(embedding, path, optimizer_state, resume_state)
+    if replaces is not None and replaces != path:
+        for stale in (replaces, optimizer_state_path(replaces)):
+            stale.unlink(missing_ok=True)
     return path
 
 

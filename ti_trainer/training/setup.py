@@ -2,28 +2,40 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ti_trainer.config import TrainConfig
+from ti_trainer.embeddings.checks import require_width
 from ti_trainer.embeddings.create import existing_embedding_file
 from ti_trainer.embeddings.embedding import Embedding
 from ti_trainer.embeddings.files import load_embedding, load_optimizer_state
 from ti_trainer.errors import UserError
 from ti_trainer.fsutil import validate_embedding_name
 from ti_trainer.images import LoadedFolder, load_folder
-from ti_trainer.memory.plan import plan_for
+from ti_trainer.memory.plan import MemoryPlan, plan_for
+from ti_trainer.prepare.lint import TokenBudget, over_budget, token_counter
 from ti_trainer.text.prompts import PromptBuilder
 from ti_trainer.text.templates import BUILTIN_TEMPLATES_DIR, Template, list_templates, read_template
 from ti_trainer.training.schedule import Schedule, parse_schedule
+
+# Textual inversion trains at about 5e-4 to 5e-2; a rate above this is a typo, not a choice.
+MAX_SANE_LEARN_RATE = 1.0
+MAX_LISTED = 10  # files named in one warning; the rest are counted
+
+if TYPE_CHECKING:
+    from ti_trainer.backends.contract import Backend
 
 
 @dataclass
 class PreparedRun:
     config: TrainConfig
     embedding: Embedding
-    embedding_path: Path
+    embedding_path: Path  # where training writes <name>, in the save format
+    source_path: Path  # the file the run started from (the same file unless the format changes)
     optimizer_state: dict | None
     learn_rate: Schedule
     clip_value: Schedule | None
@@ -34,6 +46,8 @@ class PreparedRun:
     initial_step: int
     end_step: int
     messages: list[str]
+    # The run's memory plan, worked out once here and passed on (fit.py may raise its checkpointing).
+    memory_plan: MemoryPlan
 
 
 def find_template(config: TrainConfig) -> Path:
@@ -48,9 +62,52 @@ def find_template(config: TrainConfig) -> Path:
     return templates[config.template]
 
 
-def prepare_run(config: TrainConfig, backend) -> PreparedRun:
+def learn_rate_warnings(learn_rate: Schedule) -> list[str]:
+    """A rate above MAX_SANE_LEARN_RATE anywhere in the schedule (a typo such as 1e9 for 1e-9, or 5 for 0.005)
+    makes the vectors grow to huge lengths, useless in any prompt; the run is not refused, it is explained."""
+    too_high = sorted({value for value, _ in learn_rate.pieces if value > MAX_SANE_LEARN_RATE}, reverse=True)
+    if not too_high:
+        return []
+    rates = ", ".join(f"{value:g}" for value in too_high)
+    return [
+        f"Learning rate {rates} (in {learn_rate.text!r}) is far above what textual inversion uses "
+        f"(about 0.0005 to 0.05; A1111's default is 0.005): the vectors will grow to enormous lengths and the "
+        "embedding will swamp every prompt. Check for a typo (1e9 for 1e-9?) and press Interrupt if it is one."
+    ]
+
+
+def long_caption_warnings(
+    folder: LoadedFolder, template: Template, name: str, vectors: int, chunker
+) -> list[str]:
+    """Captions whose training prompts run past one prompt chunk (the caption lint's token budget, with the
+    embedding's vectors counted): every further chunk is another text-encoder pass and longer cross-attention,
+    so a pasted essay makes every step that draws it many times slower."""
+    budget = TokenBudget(template.lines, name, token_counter(chunker, name, vectors))
+    captions = [(_caption_source(image.path), image.caption) for image in folder.images]
+    found = over_budget(captions, budget)
+    if not found:
+        return []
+    listed = "; ".join(
+        f"{source}: {tokens} tokens ({math.ceil(tokens / budget.limit)} chunks)"
+        for source, tokens in found[:MAX_LISTED]
+    )
+    more = f"; and {len(found) - MAX_LISTED} more" if len(found) > MAX_LISTED else ""
+    return [
+        f"{len(found)} caption(s) make training prompts longer than one {budget.limit}-token chunk (the "
+        f"embedding's {vectors} vector(s) counted): {listed}{more}. Each extra chunk is another pass of the text "
+        "encoder, so steps that draw them are slower, and the caption's words spread the embedding's share of "
+        "the prompt thin. Shorten them (python -m ti_trainer report lists them)."
+    ]
+
+
+def _caption_source(image_path: Path) -> str:
+    caption_file = image_path.with_suffix(".txt")
+    return caption_file.name if caption_file.is_file() else f"{image_path.name} (caption from its file name)"
+
+
+def prepare_run(config: TrainConfig, backend: Backend) -> PreparedRun:
     config.validate()
-    plan_for(config, backend)  # an impossible memory choice (xformers not installed) is reported now
+    memory_plan = plan_for(config, backend)  # an impossible choice (xformers not installed) is reported now
     messages: list[str] = []
     name = validate_embedding_name(config.embedding_name)
     config.embedding_name = name
@@ -63,16 +120,16 @@ def prepare_run(config: TrainConfig, backend) -> PreparedRun:
         )
     embedding = load_embedding(embedding_path)
     embedding.name = name
-    if embedding.width != backend.text_width:
-        kind = {768: "SD 1.x", 1024: "SD 2.x"}
-        raise UserError(
-            f"{embedding_path.name} has vectors of width {embedding.width} "
-            f"({kind.get(embedding.width, 'another model')}), but the loaded model's text encoder has width "
-            f"{backend.text_width} ({kind.get(backend.text_width, 'this model')}). Create the embedding with "
-            "the model you train on."
+    require_width(embedding_path, embedding.width, backend.text_width)
+    # Training writes <name> in the chosen format (A1111 always writes .pt); a source in the other format is
+    # replaced at the first save, so one name never stands for two files (outputs.save_current).
+    source_path = embedding_path
+    embedding_path = embedding_path.with_suffix(f".{config.save_format}")
+    if source_path != embedding_path:
+        messages.append(
+            f"Training {name!r} into {embedding_path.name} (save format {config.save_format}); {source_path.name} "
+            "is replaced by it at the first save."
         )
-    # A1111 always trains into <name>.pt, whatever the source format.
-    embedding_path = embedding_path.with_suffix(".pt")
 
     learn_rate = parse_schedule(config.learn_rate, config.max_steps, "learning rate")
     clip_value = None
@@ -113,13 +170,16 @@ def prepare_run(config: TrainConfig, backend) -> PreparedRun:
                 "Put spaces or commas around [name] in the template."
             )
 
+    messages += long_caption_warnings(folder, template, name, embedding.num_vectors, encoder.chunker)
+    messages += learn_rate_warnings(learn_rate)
+
     optimizer_state = None
     if initial_step > 0:
-        optimizer_state = load_optimizer_state(embedding, embedding_path)
+        optimizer_state = load_optimizer_state(embedding, source_path)
         if optimizer_state is None:
             messages.append(
                 f"Resuming {name!r} from step {initial_step} without optimizer state "
-                f"(no matching {embedding_path.name}.optim): the first steps may wander."
+                f"(no matching {source_path.name}.optim): the first steps may wander."
             )
     resumed = (optimizer_state or {}).get("ti_trainer", {})
     seed = config.seed if config.seed is not None else resumed.get("seed")
@@ -131,6 +191,7 @@ def prepare_run(config: TrainConfig, backend) -> PreparedRun:
         config,
         embedding,
         embedding_path,
+        source_path,
         optimizer_state,
         learn_rate,
         clip_value,
@@ -141,4 +202,5 @@ def prepare_run(config: TrainConfig, backend) -> PreparedRun:
         initial_step,
         end_step,
         messages,
+        memory_plan,
     )

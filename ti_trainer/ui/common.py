@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,6 +15,17 @@ if TYPE_CHECKING:
 
 EMBEDDING_SUFFIXES = (".pt", ".safetensors")  # what training can start from (create.existing_embedding_file)
 REFRESH_SYMBOL = "\U0001f504"  # 🔄, the WebUI's refresh button
+# Never the symbol alone: where no emoji font is installed it is an empty box, and screen readers skip it.
+REFRESH_LABEL = f"{REFRESH_SYMBOL} Refresh"
+
+
+@dataclass
+class PageLoad:
+    """What a panel refreshes when a page opens: the tab wires it to its Blocks' `load` event."""
+
+    fn: Callable
+    inputs: list
+    outputs: list
 
 
 def embedding_names(services: HostServices) -> list[str]:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import gradio as gr
 
+from ti_trainer.embeddings.init_text import init_mapping
 from ti_trainer.errors import UserError
 from ti_trainer.fsutil import validate_embedding_name
 from ti_trainer.ui.common import note, notes
@@ -48,7 +49,7 @@ def init_text_status(services: HostServices, init_text: str, vectors: int) -> st
     vectors = int(vectors)
     items = []
     if not (init_text or "").strip():
-        items.append(("info", "No initialization text: the vectors start at zero and learn everything."))
+        items.append(("info", init_mapping(0, vectors)))
     else:
         try:
             tokens, _ = services.get_backend().prompt_encoder.chunker.token_count(init_text)
@@ -56,7 +57,7 @@ def init_text_status(services: HostServices, init_text: str, vectors: int) -> st
             tokens = None
             items.append(("warn", f"Could not count tokens: {error}"))
         if tokens is not None:
-            items.append(("info", _init_mapping(tokens, vectors)))
+            items.append(("info", init_mapping(tokens, vectors)))
     return notes([*items, budget_note(vectors)])
 
 
@@ -66,21 +67,6 @@ def budget_note(vectors: int) -> tuple[str, str]:
         "warn" if left < CHUNK_TOKENS // 3 else "info",
         f"In a prompt the embedding takes {int(vectors)} of the {CHUNK_TOKENS} tokens of a prompt chunk: "
         f"{left} are left for the rest of your prompt before it spills into a second chunk.",
-    )
-
-
-def _init_mapping(tokens: int, vectors: int) -> str:
-    word = "token" if tokens == 1 else "tokens"
-    if tokens == vectors:
-        return f"{tokens} {word}: each vector starts from one of them."
-    if tokens < vectors:
-        return (
-            f"{tokens} {word} for {vectors} vectors: each token starts about {vectors / tokens:.1f} vectors."
-        )
-    used = sorted({i * tokens // vectors for i in range(vectors)})
-    return (
-        f"{tokens} {word} for {vectors} vectors: only {len(used)} of them are used "
-        f"(tokens {', '.join(str(i + 1) for i in used)}). Use more vectors or fewer words to keep them all."
     )
 
 

@@ -40,6 +40,7 @@ def progress_html(run: RunProgress) -> str:
         "stopping": f"Interrupt: {run.embedding_name} stops after this step and saves…",
     }.get(phase, run.summary)
     parts = [f'<div class="ti-trainer-progress" data-state="{phase}" data-version="{run.version}">']
+    # A failed run's message is shown here only (style.css colours it); the Train button's result stays empty.
     parts.append(f'<p class="ti-trainer-headline">{html.escape(headline)}</p>')
     if run.step:
         parts.append(
@@ -48,7 +49,7 @@ def progress_html(run: RunProgress) -> str:
         )
         facts = [
             f"Step {run.step} / {run.end_step}",
-            f"epoch {run.epoch + 1}",
+            f"epoch {run.epoch}",  # counted from 0, as in the loss CSV and A1111's (training/outputs.py)
             "loss —" if run.loss is None else f"loss {run.loss:.4f}",
             f"learning rate {run.learn_rate or 0:g}",
             f"{run.seconds_per_step:.2f} s/step",

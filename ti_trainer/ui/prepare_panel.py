@@ -21,7 +21,7 @@ from ti_trainer.prepare.blip import DEFAULT_BLIP_MODEL
 from ti_trainer.prepare.captioners import build_captioner, captioner_labels
 from ti_trainer.prepare.captions import (
     EXISTING_CAPTION_ACTIONS,
-    dataset_captions,
+    caption_listing,
     find_and_replace,
     read_caption,
     save_caption,
@@ -143,9 +143,10 @@ def run_prepare(
 def load_caption_page(folder: str, page: float) -> list:
     """[names on the page, page number, status, then an image and a caption update per slot]."""
     try:
-        entries = dataset_captions(Path(folder.strip()))
+        listing = caption_listing(Path(folder.strip()))
     except UserError as error:
         return [[], 1, f"Error: {error}", *_empty_slots()]
+    entries = listing.entries
     pages = max(1, -(-len(entries) // PAGE_SIZE))
     page = min(max(1, int(page or 1)), pages)
     shown = entries[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
@@ -156,6 +157,8 @@ def load_caption_page(folder: str, page: float) -> list:
         slots.append(_update(value=entry.caption if entry.has_file else "", label=label, visible=True))
     slots += _empty_slots()[len(slots) :]
     status = f"Page {page} of {pages}: images {(page - 1) * PAGE_SIZE + 1}-{(page - 1) * PAGE_SIZE + len(shown)} of {len(entries)}."
+    if listing.skipped:
+        status += " Skipped: " + "; ".join(f"{p.path.name} ({p.reason})" for p in listing.skipped) + "."
     return [[entry.image.name for entry in shown], page, status, *slots]
 
 
@@ -213,9 +216,9 @@ def check_captions(
 ) -> str:
     """The lint as HTML: init-text words, empty captions, token budget, near-duplicates."""
     try:
-        entries = dataset_captions(Path(folder.strip()))
+        listing = caption_listing(Path(folder.strip()))
         budget, budget_note = _token_budget(services, template, name, int(vectors or 1))
-        report = lint_dataset(entries, init_text or "", budget)
+        report = lint_dataset(listing.entries, init_text or "", budget, skipped=listing.skipped)
     except UserError as error:
         return note("error", str(error))
     if budget_note:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ti_trainer.errors import UserError
 from ti_trainer.host.base import HostServices
-from ti_trainer.ui.common import note, notes
+from ti_trainer.ui.common import REFRESH_LABEL, PageLoad, note, notes
 
 TABLE_HEADERS = ["image", "caption", "validation loss", "gradient share %", "note"]
 NO_RUN = "Pick a run: the runs under the log directory are listed, newest first."
@@ -52,6 +52,13 @@ def run_labels(log_dir: str) -> list[str]:
 def list_runs(log_dir: str, current: str | None = None) -> dict:
     labels = run_labels(log_dir)
     return _update(choices=labels, value=current if current in labels else (labels[0] if labels else None))
+
+
+def open_page(log_dir: str, current: str | None) -> list:
+    """When a page opens: the runs as they are now (the panel was built when the host started), and the
+    chosen one shown afresh. Returns the run list's update, then `show_run`'s outputs."""
+    runs = list_runs(log_dir, current)
+    return [runs, *show_run(log_dir, runs["value"])]
 
 
 def open_run(log_dir: str, label: str | None):
@@ -237,6 +244,7 @@ def render_comparison(
             chosen,
             on_progress=progress,
             should_stop=services.interrupt_requested,
+            model_width=services.get_backend().text_width,
         )
     except Exception as error:
         return [None, _error(error)]
@@ -270,10 +278,11 @@ def use_selected_step(
 # --- the panel ---------------------------------------------------------------------------------------------
 
 
-def build_results_panel(services: HostServices) -> None:
+def build_results_panel(services: HostServices) -> PageLoad:
     """Create the panel's components inside the caller's current gr.Blocks / gr.Tab context.
 
-    The newest run is shown from the start (read at build time: a few small files); Refresh re-reads.
+    The newest run is shown from the start (read at build time: a few small files); Refresh re-reads, and so
+    does every page when it opens (the returned PageLoad, wired by the tab to its `load` event).
     """
     import gradio as gr
 
@@ -282,16 +291,29 @@ def build_results_panel(services: HostServices) -> None:
     with gr.Row():
         log_dir = gr.Textbox(value=str(services.log_dir), label="Log directory", scale=3)
         run = gr.Dropdown(
-            choices=labels, value=labels[0] if labels else None, label="Run (date/name)", scale=3
+            choices=labels,
+            value=labels[0] if labels else None,
+            label="Run (date/name)",
+            scale=3,
+            elem_id="ti_trainer_results_run",
         )
-        refresh = gr.Button("\U0001f504 Refresh", scale=1)
+        refresh = gr.Button(REFRESH_LABEL, scale=1, elem_id="ti_trainer_results_refresh")
     summary = gr.HTML(first.summary)
     with gr.Row():
+        # No Gradio label: it would sit over the chart's own title (the label stays for screen readers).
         loss_chart = gr.Image(
-            value=first.loss_chart, label="Training and validation loss", type="pil", interactive=False
+            value=first.loss_chart,
+            label="Training and validation loss",
+            show_label=False,
+            type="pil",
+            interactive=False,
         )
         norm_chart = gr.Image(
-            value=first.norm_chart, label="Vector lengths (overbake signal)", type="pil", interactive=False
+            value=first.norm_chart,
+            label="Vector lengths (overbake signal)",
+            show_label=False,
+            type="pil",
+            interactive=False,
         )
 
     with gr.Accordion("Which image dominates", open=True):
@@ -362,6 +384,7 @@ def build_results_panel(services: HostServices) -> None:
     use.click(
         partial(use_selected_step, services), [log_dir, run, use_step, new_name, overwrite], [use_message]
     )
+    return PageLoad(open_page, [log_dir, run], [run, *view])
 
 
 def _choices(update: dict) -> dict:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ti_trainer.config import TrainConfig, field_info
@@ -77,16 +76,3 @@ def _coerce(name: str, kind, value):
     except (TypeError, ValueError) as error:
         raise UserError(f"{field_info(name).label}: {value!r} is not a number.") from error
     return value
-
-
-def latest_settings(log_dir: str | Path, embedding_name: str) -> Path | None:
-    """The newest settings-*.json a run of `embedding_name` left under `log_dir/<date>/<name>/`."""
-    root = Path(log_dir).expanduser()
-    if not embedding_name or not root.is_dir():
-        return None
-    found = list(root.glob(f"*/{glob_escape(embedding_name)}/settings-*.json"))
-    return max(found, key=lambda path: path.name, default=None)
-
-
-def glob_escape(text: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in text)

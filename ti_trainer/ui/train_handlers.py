@@ -20,9 +20,10 @@ from ti_trainer.errors import UserError
 from ti_trainer.progress import LiveRun, RunProgress
 from ti_trainer.training import batch_plan
 from ti_trainer.training.schedule import parse_schedule
+from ti_trainer.training.settings_history import latest_settings
 from ti_trainer.ui.common import embedding_names, note, notes, template_names
 from ti_trainer.ui.live_run import loss_rows, progress_html
-from ti_trainer.ui.train_form import config_from_form, form_values, latest_settings
+from ti_trainer.ui.train_form import config_from_form, form_values
 
 if TYPE_CHECKING:
     from ti_trainer.host.base import HostServices
@@ -100,7 +101,7 @@ def embedding_status(services: HostServices, name: str, max_steps) -> str:
         items.append(
             ("warn", f"Already trained {embedding.step} steps: raise Max steps above that to train further.")
         )
-    elif optimizer_state_path(path.with_suffix(".pt")).is_file():
+    elif optimizer_state_path(path).is_file():
         items.append(
             ("ok", f"Trained {embedding.step} steps: training resumes from there, with its optimizer state.")
         )
@@ -158,20 +159,22 @@ def run_training_job(services: HostServices, live: LiveRun, names: list[str], id
     """The Train button. `id_task` is the WebUI's job id (its progress bar follows it); unused here.
 
     Returns (result HTML, extra HTML) like the WebUI's own Train tab, so `wrap_gradio_gpu_call(fn,
-    extra_outputs=[gr.update()])` can wrap it unchanged. It never raises: the artist gets the message.
+    extra_outputs=[gr.update()])` can wrap it unchanged. It never raises: the artist gets the message, once.
+    A form that cannot be read is this page's business: its message is the result, and the run on show (which
+    every page sees) is left alone. Once a run has begun, the progress box shows its failure, and the result
+    stays empty rather than repeat it.
     """
     try:
         config = config_from_form(services, names, list(values))
     except UserError as error:
-        live.fail(str(error))
         return note("error", str(error)), ""
     try:
-        result = services.train(config, live)  # records its own failure in `live`
-    except UserError as error:
-        return note("error", str(error)), ""
-    except Exception as error:
+        result = services.train(config, live)  # records its own failure in `live`: the progress box shows it
+    except UserError:
+        return "", ""
+    except Exception:
         traceback.print_exc()
-        return note("error", f"Training stopped by an error: {error} (details in the console)"), ""
+        return "", ""
     return note("ok", f"{result.summary}. Copies, previews and logs: {result.log_folder}"), ""
 
 
@@ -194,6 +197,27 @@ def poll(live: LiveRun, seen_version):
         gr.update(value=saved, visible=saved is not None),
         run.version,
     )
+
+
+def open_page(
+    services: HostServices, live: LiveRun, names: list[str], embedding: str, template: str, max_steps
+) -> list:
+    """What a page shows when it opens (the Blocks' load event): fresh lists, and the run on show with the form
+    it was started with, so a finished or running panel never sits beside a form of other settings.
+
+    Returns updates for: every form field (`names` order), the embedding status, then `poll`'s outputs.
+    With no run since the host started, the form keeps its values and only the lists are refreshed.
+    """
+    run = live.snapshot()
+    if run.settings is not None:
+        values = form_values(TrainConfig.from_dict(run.settings), names)
+        form = dict(zip(names, values))
+        embedding, template, max_steps = form["embedding_name"], form["template"], form["max_steps"]
+    else:
+        form = {name: gr.update() for name in names}
+    form["embedding_name"], form["template"] = refresh_lists(services, embedding, template)
+    status = embedding_status(services, form["embedding_name"]["value"], max_steps)
+    return [*(form[name] for name in names), status, *poll(live, None)]
 
 
 def loss_frame(run: RunProgress) -> pd.DataFrame:

@@ -13,7 +13,7 @@ import gradio as gr
 
 from ti_trainer.config import field_info
 from ti_trainer.progress import LiveRun
-from ti_trainer.ui.common import REFRESH_SYMBOL, embedding_names, note, template_names
+from ti_trainer.ui.common import REFRESH_LABEL, PageLoad, embedding_names, note, template_names
 from ti_trainer.ui.live_run import progress_html
 from ti_trainer.ui.train_form import form_fields, form_values, initial_config
 from ti_trainer.ui.train_handlers import (
@@ -23,6 +23,7 @@ from ti_trainer.ui.train_handlers import (
     embedding_status,
     fill_from_last_run,
     learn_rate_status,
+    open_page,
     plan_view,
     poll,
     refresh_lists,
@@ -42,6 +43,7 @@ class TrainPanel:
     train_button: gr.Button
     result: gr.HTML
     live: LiveRun
+    page_load: PageLoad
 
 
 def build_train_panel(services: HostServices, live: LiveRun | None = None) -> TrainPanel:
@@ -66,7 +68,9 @@ def build_train_panel(services: HostServices, live: LiveRun | None = None) -> Tr
         with gr.Column(scale=3, elem_id="ti_trainer_train_settings"):
             with gr.Row():
                 field("embedding_name", gr.Dropdown, embedding_names(services))
-                refresh = gr.Button(REFRESH_SYMBOL, elem_id="ti_trainer_train_refresh", elem_classes="tool")
+                refresh = gr.Button(
+                    REFRESH_LABEL, size="sm", scale=0, min_width=110, elem_id="ti_trainer_train_refresh"
+                )
             embedding_info = gr.HTML(
                 embedding_status(services, v["embedding_name"], v["max_steps"]),
                 elem_id="ti_trainer_train_embedding_status",
@@ -131,7 +135,11 @@ def build_train_panel(services: HostServices, live: LiveRun | None = None) -> Tr
             with gr.Row():
                 field("template", gr.Dropdown, template_names(services))
                 refresh_templates = gr.Button(
-                    REFRESH_SYMBOL, elem_id="ti_trainer_train_refresh_templates", elem_classes="tool"
+                    REFRESH_LABEL,
+                    size="sm",
+                    scale=0,
+                    min_width=110,
+                    elem_id="ti_trainer_train_refresh_templates",
                 )
             with gr.Row():
                 field("width", gr.Slider, 64, 2048, step=8)
@@ -145,6 +153,7 @@ def build_train_panel(services: HostServices, live: LiveRun | None = None) -> Tr
                 field("save_every", gr.Number, precision=0, minimum=0)
             field("use_alpha_weight", gr.Checkbox)
             field("save_image_with_embedding", gr.Checkbox)
+            field("save_format", gr.Radio)
             field("shuffle_tags", gr.Checkbox)
             field("tag_dropout", gr.Slider, 0, 1, step=0.1)
             field("latent_sampling", gr.Radio)
@@ -300,4 +309,9 @@ def build_train_panel(services: HostServices, live: LiveRun | None = None) -> Tr
     poll_button.click(
         lambda version: poll(live, version), [seen], poll_outputs, queue=False, show_progress="hidden"
     )
-    return TrainPanel(form, form["embedding_name"], train_button, result, live)
+    page_load = PageLoad(
+        lambda *values: open_page(services, live, names, *values),
+        [form["embedding_name"], form["template"], form["max_steps"]],
+        [*form.values(), embedding_info, *poll_outputs],
+    )
+    return TrainPanel(form, form["embedding_name"], train_button, result, live, page_load)

@@ -1,5 +1,7 @@
 """modules.devices: where the WebUI runs its model. The tests run on the CPU in float32 (like --use-cpu all)."""
 
+import contextlib
+
 import torch
 
 cpu = torch.device("cpu")
@@ -7,7 +9,9 @@ device = torch.device("cpu")
 dtype = torch.float32
 dtype_vae = torch.float32
 dtype_unet = torch.float32
+dtype_inference = torch.float32
 unet_needs_upcast = False
+fp8 = False  # set at model load when the "FP8 weight" setting applies (sd_models.check_fp8)
 
 
 def cond_cast_unet(tensor):
@@ -17,3 +21,13 @@ def cond_cast_unet(tensor):
 
 def torch_gc():
     pass
+
+
+def autocast(disable=False):
+    """What generation runs under. Stand-in: float32 on the CPU, so nothing, except for FP8-stored weights,
+    which A1111 computes under bfloat16 CPU autocast (its manual-cast and CUDA branches need a GPU)."""
+    if disable:
+        return contextlib.nullcontext()
+    if fp8 and device == cpu:
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=True)
+    return contextlib.nullcontext()

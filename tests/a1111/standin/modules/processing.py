@@ -2,7 +2,9 @@
 
 `process_images(p)` reloads the embedding database first unless `p.do_not_reload_embeddings` (the reload would
 replace an embedding registered in memory with the file on disk), computes the conditioning through the
-model's hijacked text encoder, samples and decodes. A plain deterministic DDIM sampler with classifier-free
+model's `get_learned_conditioning` on SdConditioning lists that carry the image size (which SDXL's size
+embeddings use; the negative one is marked, so SDXL zeroes an empty negative prompt), samples and decodes, all
+under `devices.autocast()`. A plain deterministic DDIM sampler with classifier-free
 guidance stands in for the WebUI's k-diffusion samplers: previews only need to depend on the conditioning.
 """
 
@@ -12,10 +14,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from modules import devices, sd_hijack, shared
+from modules import devices, prompt_parser, sd_hijack, shared
 
-# Test probe (not in A1111): the conditioning of every prompt processed, as (prompt, tensor).
+# Test probe (not in A1111): the conditioning of every prompt processed, as (prompt, tensor), for SDXL
+# (prompt, {"crossattn": tensor, "vector": tensor}).
 conditioning_log = []
+
+
+def _detached_copy(cond):
+    if isinstance(cond, dict):
+        return {key: value.detach().cpu().clone() for key, value in cond.items()}
+    return cond.detach().cpu().clone()
 
 
 @dataclass
@@ -79,10 +88,14 @@ def process_images(p):
         shared.state.job_count = p.n_iter
     seed = p.seed if p.seed != -1 else int(torch.randint(0, 2**31 - 1, (1,)))
     shared.state.sampling_steps = p.steps
-    with torch.no_grad():
-        cond = model.get_learned_conditioning([p.prompt])
-        uncond = model.get_learned_conditioning([p.negative_prompt])
-        conditioning_log.append((p.prompt, cond.detach().cpu().clone()))
+    prompts = prompt_parser.SdConditioning([p.prompt], width=p.width, height=p.height)
+    negative_prompts = prompt_parser.SdConditioning(
+        [p.negative_prompt], width=p.width, height=p.height, is_negative_prompt=True
+    )
+    with torch.no_grad(), devices.autocast():
+        cond = model.get_learned_conditioning(prompts)
+        uncond = model.get_learned_conditioning(negative_prompts)
+        conditioning_log.append((p.prompt, _detached_copy(cond)))
         latents = _ddim(model, cond, uncond, p, torch.Generator().manual_seed(seed))
         if latents is None:
             return Processed(p, [], [])

@@ -55,3 +55,16 @@ def parse_prompt_attention(text):
         else:
             joined.append(fragment)
     return joined
+
+
+class SdConditioning(list):
+    """A list of prompts that also carries what SDXL's conditioning needs: the image's width and height, and
+    whether these are negative prompts. Unset fields are taken from `copy_from` (default: the prompts)."""
+
+    def __init__(self, prompts, is_negative_prompt=False, width=None, height=None, copy_from=None):
+        super().__init__()
+        self.extend(prompts)
+        source = prompts if copy_from is None else copy_from
+        self.is_negative_prompt = is_negative_prompt or getattr(source, "is_negative_prompt", False)
+        self.width = width or getattr(source, "width", None)
+        self.height = height or getattr(source, "height", None)

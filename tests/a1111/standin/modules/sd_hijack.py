@@ -3,6 +3,11 @@
 The text encoder is wrapped (sd_hijack_clip / sd_hijack_open_clip), its token embedding becomes
 EmbeddingsWithFixes (which puts registered embeddings' vectors at the positions the wrapper found), and the
 attention optimization replaces ldm's CrossAttention.forward (A1111's default on torch 2: scaled-dot-product).
+
+SDXL (sdxl.md §2): each text embedder inside sgm's conditioner is wrapped in place, found by its class name;
+bigG's EmbeddingsWithFixes takes the `clip_g` part of an SDXL embedding, CLIP-L's the default `clip_l`. With two
+text models, `cond_stage_model` is the conditioner itself. The stand-in's sgm UNet uses ldm's attention classes,
+so the one optimization covers it.
 """
 
 import ldm.modules.attention
@@ -75,7 +80,53 @@ class StableDiffusionModelHijack:
         self.embedding_db = EmbeddingDatabase()
         self.embedding_db.add_embedding_dir(cmd_opts.embeddings_dir)
 
+    def hijack_conditioner(self, m, conditioner):
+        text_models = []
+        for index, embedder in enumerate(conditioner.embedders):
+            kind = type(embedder).__name__
+            if kind == "FrozenOpenCLIPEmbedder":
+                embedder.model.token_embedding = EmbeddingsWithFixes(embedder.model.token_embedding, self)
+                conditioner.embedders[index] = sd_hijack_open_clip.FrozenOpenCLIPEmbedderWithCustomWords(
+                    embedder, self
+                )
+            elif kind == "FrozenCLIPEmbedder":
+                embeddings = embedder.transformer.text_model.embeddings
+                embeddings.token_embedding = EmbeddingsWithFixes(embeddings.token_embedding, self)
+                conditioner.embedders[index] = sd_hijack_clip.FrozenCLIPEmbedderForSDXLWithCustomWords(
+                    embedder, self
+                )
+            elif kind == "FrozenOpenCLIPEmbedder2":
+                embedder.model.token_embedding = EmbeddingsWithFixes(
+                    embedder.model.token_embedding, self, textual_inversion_key="clip_g"
+                )
+                conditioner.embedders[index] = sd_hijack_open_clip.FrozenOpenCLIPEmbedder2WithCustomWords(
+                    embedder, self
+                )
+            else:
+                continue
+            text_models.append(conditioner.embedders[index])
+        m.cond_stage_model = text_models[0] if len(text_models) == 1 else conditioner
+
+    def undo_hijack_conditioner(self, m, conditioner):
+        open_clip_wrappers = (
+            sd_hijack_open_clip.FrozenOpenCLIPEmbedderWithCustomWords,
+            sd_hijack_open_clip.FrozenOpenCLIPEmbedder2WithCustomWords,
+        )
+        for index, embedder in enumerate(conditioner.embedders):
+            if isinstance(embedder, open_clip_wrappers):
+                embedder.wrapped.model.token_embedding = embedder.wrapped.model.token_embedding.wrapped
+                conditioner.embedders[index] = embedder.wrapped
+            elif isinstance(embedder, sd_hijack_clip.FrozenCLIPEmbedderForSDXLWithCustomWords):
+                embeddings = embedder.wrapped.transformer.text_model.embeddings
+                embeddings.token_embedding = embeddings.token_embedding.wrapped
+                conditioner.embedders[index] = embedder.wrapped
+        if hasattr(m, "cond_stage_model"):
+            delattr(m, "cond_stage_model")
+
     def hijack(self, m):
+        conditioner = getattr(m, "conditioner", None)
+        if conditioner:
+            self.hijack_conditioner(m, conditioner)
         encoder = m.cond_stage_model
         if isinstance(encoder, ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder):
             encoder.model.token_embedding = EmbeddingsWithFixes(encoder.model.token_embedding, self)
@@ -88,8 +139,11 @@ class StableDiffusionModelHijack:
         self.clip = m.cond_stage_model
 
     def undo_hijack(self, m):
-        wrapper = m.cond_stage_model
-        if isinstance(wrapper, sd_hijack_open_clip.FrozenOpenCLIPEmbedderWithCustomWords):
+        conditioner = getattr(m, "conditioner", None)
+        wrapper = getattr(m, "cond_stage_model", None)
+        if conditioner:
+            self.undo_hijack_conditioner(m, conditioner)
+        elif isinstance(wrapper, sd_hijack_open_clip.FrozenOpenCLIPEmbedderWithCustomWords):
             wrapper.wrapped.model.token_embedding = wrapper.wrapped.model.token_embedding.wrapped
             m.cond_stage_model = wrapper.wrapped
         elif isinstance(wrapper, sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords):

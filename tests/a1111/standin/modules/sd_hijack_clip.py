@@ -5,6 +5,11 @@ A prompt is emphasis-parsed, tokenized, cut into chunks of 75 tokens (BREAK star
 starts a new one), each chunk is wrapped as [start] + 75 + [end] padded with the end id, SD 2.x replaces what
 follows the first end id with its pad id, embeddings are injected by EmbeddingsWithFixes, and the emphasis
 multipliers are applied to the encoder's output. Chunks are concatenated along the token axis.
+
+SDXL (sdxl.md §2): the wrappers stand in the conditioner's embedder list, so they carry what sgm's
+GeneralConditioner reads (`is_trainable`, `input_key`, `return_pooled`, `legacy_ucg_val`); an encoder that
+returns a pooled vector hangs it on its output as `.pooled`, emphasis leaves it alone, and only the first chunk's
+is returned.
 """
 
 import math
@@ -42,6 +47,10 @@ class TextConditionalModel(torch.nn.Module):
         self.wrapped = wrapped
         self.hijack = hijack
         self.chunk_length = 75
+        self.is_trainable = getattr(wrapped, "is_trainable", False)
+        self.input_key = getattr(wrapped, "input_key", "txt")
+        self.return_pooled = getattr(wrapped, "return_pooled", False)
+        self.legacy_ucg_val = None  # sgm's conditioner asks
 
     def empty_chunk(self):
         chunk = PromptChunk()
@@ -135,10 +144,20 @@ class TextConditionalModel(torch.nn.Module):
                 for _offset, embedding in fixes:
                     used[embedding.name] = embedding
             outputs.append(self.process_tokens([c.tokens for c in batch], [c.multipliers for c in batch]))
-        if opts.textual_inversion_add_hashes_to_infotext:
-            hashes = [f"{name}: {emb.shorthash}" for name, emb in used.items() if emb.shorthash]
+        if opts.textual_inversion_add_hashes_to_infotext and used:
+            hashes = [
+                f"{name.replace(':', '').replace(',', '')}: {emb.shorthash}"
+                for name, emb in used.items()
+                if emb.shorthash
+            ]
             if hashes:
-                self.hijack.extra_generation_params["TI hashes"] = ", ".join(hashes)
+                # Appended to what an earlier encoder wrote: with SDXL's two, each name appears twice.
+                earlier = self.hijack.extra_generation_params.get("TI hashes")
+                self.hijack.extra_generation_params["TI hashes"] = ", ".join(
+                    hashes + ([earlier] if earlier else [])
+                )
+        if self.return_pooled:
+            return torch.hstack(outputs), outputs[0].pooled
         return torch.hstack(outputs)
 
     def process_tokens(self, batch_tokens, batch_multipliers):
@@ -147,7 +166,11 @@ class TextConditionalModel(torch.nn.Module):
             for row, row_tokens in enumerate(batch_tokens):
                 tokens[row, row_tokens.index(self.id_end) + 1 :] = self.id_pad
         z = self.encode_with_transformers(tokens)
-        return apply_emphasis(z, torch.asarray(batch_multipliers).to(devices.device))
+        pooled = getattr(z, "pooled", None)
+        z = apply_emphasis(z, torch.asarray(batch_multipliers).to(devices.device))
+        if pooled is not None:
+            z.pooled = pooled
+        return z
 
 
 class FrozenCLIPEmbedderWithCustomWords(TextConditionalModel):
@@ -175,3 +198,18 @@ class FrozenCLIPEmbedderWithCustomWords(TextConditionalModel):
         layer = self.wrapped.transformer.text_model.embeddings.token_embedding.wrapped
         ids = self.tokenizer(init_text, max_length=nvpt, return_tensors="pt", add_special_tokens=False)
         return layer(ids["input_ids"].to(layer.weight.device)).squeeze(0)
+
+
+class FrozenCLIPEmbedderForSDXLWithCustomWords(FrozenCLIPEmbedderWithCustomWords):
+    """SDXL's CLIP-L: the hidden state its embedder is configured for (layer_idx, no final LayerNorm), or with
+    the "Clip skip SDXL" setting the one `CLIP_stop_at_last_layers` picks, also without the LayerNorm."""
+
+    def encode_with_transformers(self, tokens):
+        outputs = self.wrapped.transformer(
+            input_ids=tokens, output_hidden_states=self.wrapped.layer == "hidden"
+        )
+        if opts.sdxl_clip_l_skip is True:
+            return outputs.hidden_states[-opts.CLIP_stop_at_last_layers]
+        if self.wrapped.layer == "last":
+            return outputs.last_hidden_state
+        return outputs.hidden_states[self.wrapped.layer_idx]

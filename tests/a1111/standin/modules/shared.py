@@ -16,9 +16,13 @@ def default_cmd_opts(**overrides):
     flags = dict(
         embeddings_dir="embeddings",
         textual_inversion_templates_dir="textual_inversion_templates",
-        api_auth=None,
+        api=False,  # --api: serve the WebUI's HTTP API beside the UI
+        nowebui=False,  # --nowebui: serve the API only
+        api_auth=None,  # --api-auth "user:pass,user2:pass2": basic auth on the API
+        gradio_auth=None,  # --gradio-auth "user:pass": a login for the UI's pages only
         lowvram=False,
         medvram=False,
+        medvram_sdxl=False,
         skip_install=False,
     )
     flags.update(overrides)
@@ -39,6 +43,13 @@ def default_options():
             "textual_inversion_add_hashes_to_infotext": OptionInfo(True, "Add Textual Inversion hashes"),
             "unload_models_when_training": OptionInfo(False, "Move VAE and CLIP to RAM when training"),
             "samples_format": OptionInfo("png", "File format for images"),
+            "sdxl_clip_l_skip": OptionInfo(False, "Clip skip SDXL"),
+            "sdxl_crop_top": OptionInfo(0, "crop top coordinate"),
+            "sdxl_crop_left": OptionInfo(0, "crop left coordinate"),
+            "sdxl_refiner_low_aesthetic_score": OptionInfo(2.5, "SDXL low aesthetic score"),
+            "sdxl_refiner_high_aesthetic_score": OptionInfo(6.0, "SDXL high aesthetic score"),
+            "fp8_storage": OptionInfo("Disable", "FP8 weight"),
+            "cache_fp16_weight": OptionInfo(False, "Cache FP16 weight for LoRA"),
         }
     )
 

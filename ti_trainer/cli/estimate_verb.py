@@ -1,0 +1,146 @@
+"""`python -m ti_trainer estimate`: the memory a training step needs, by batch and checkpointing, no GPU used.
+
+    python -m ti_trainer estimate --model sd21-768 --batch 1 2 4 8 12
+    python -m ti_trainer estimate --model sdxl --text-encoder-on-cpu --budget 7.5
+    python -m ti_trainer estimate --model sd21-768 --a1111        # what A1111's own trainer would need
+
+Nothing heavy is imported until the verb runs, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+CHECKPOINTING = ("auto", "off", "high-res", "all")
+
+
+def add_estimate_verb(verbs) -> None:
+    verb = verbs.add_parser(
+        "estimate",
+        help="estimate the GPU memory of a training step (no GPU needed) and the largest batch that fits",
+    )
+    verb.add_argument(
+        "--model",
+        default="sd21-768",
+        help="a named architecture (sd15, sd21-base, sd21-768, sdxl), a model path, or 'tiny' (default sd21-768)",
+    )
+    verb.add_argument("--width", type=int, help="training width in px (default: the model's native size)")
+    verb.add_argument("--height", type=int, help="training height in px (default: the width)")
+    verb.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4, 8], help="batch sizes for the table")
+    verb.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
+    verb.add_argument("--attention", choices=("sdpa", "xformers", "math"), default="sdpa")
+    verb.add_argument(
+        "--checkpointing", choices=CHECKPOINTING, default="auto", help="auto: a column for each level"
+    )
+    verb.add_argument(
+        "--upcast-attention",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="fp32 attention (auto: under fp16, when the model asks for it, as SD 2.1-768 does)",
+    )
+    verb.add_argument(
+        "--budget", type=float, default=7.5, help="GiB PyTorch may use (default 7.5: an 8 GB card)"
+    )
+    verb.add_argument("--vae-on-gpu", action="store_true", help="the VAE's weights stay on the GPU")
+    verb.add_argument("--text-encoder-on-cpu", action="store_true", help="the text encoder(s) run on the CPU")
+    verb.add_argument("--fp8", action="store_true", help="linear and conv weights stored in fp8")
+    verb.add_argument("--vectors", type=int, default=1, help="vectors per token of the embedding")
+    verb.add_argument(
+        "--a1111",
+        action="store_true",
+        help="A1111's own trainer: fp16, plain attention, every block checkpointed, UNet trainable, VAE on GPU",
+    )
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from ti_trainer.vram.architectures import ALIASES, ARCHITECTURES, architecture_of_backend
+    from ti_trainer.vram.estimate import GIB, Settings, a1111_settings, largest_batch
+    from ti_trainer.vram.for_config import CHECKPOINTING_WORDS, cached_estimate
+
+    key = ALIASES.get(args.model.lower(), args.model.lower())
+    if key in ARCHITECTURES:
+        architecture = ARCHITECTURES[key]
+    else:
+        from ti_trainer.backends.loading import load_backend
+
+        architecture = architecture_of_backend(load_backend(args.model, "cpu"))
+    width = args.width or architecture.native_px
+    height = args.height or width
+    if args.a1111:
+        settings = a1111_settings(width, height)
+    else:
+        upcast = args.upcast_attention == "on" or (
+            args.upcast_attention == "auto"
+            and args.precision == "fp16"
+            and bool(architecture.unet.get("upcast_attention", False))
+        )
+        settings = Settings(
+            width=width,
+            height=height,
+            precision=args.precision,
+            attention=args.attention,
+            upcast_attention=upcast,
+            half_weights=args.precision != "fp32",
+            fp8_weights=args.fp8,
+            vae_on_gpu=args.vae_on_gpu,
+            text_encoder_on_gpu=not args.text_encoder_on_cpu,
+            num_vectors=args.vectors,
+        )
+    if args.a1111 or args.checkpointing != "auto":
+        levels = (settings.checkpointing if args.a1111 else args.checkpointing,)
+    else:
+        levels = ("off", "high-res", "all")
+    budget = int(args.budget * GIB)
+    print(f"{architecture.title} at {width}x{height} px: {describe(settings)}")
+    print(f"GiB needed per step (allocator-rounded peak plus allowances; budget {args.budget:g} GiB):")
+    print("| batch | " + " | ".join(f"checkpointing {level}" for level in levels) + " |")
+    print("|---" * (len(levels) + 1) + "|")
+    known: dict[str, dict[int, object]] = {level: {} for level in levels}
+    weights = None
+    for batch in sorted(set(args.batch)):
+        cells = []
+        for level in levels:
+            estimate = cached_estimate(
+                architecture, dataclasses.replace(settings, batch=batch, checkpointing=level)
+            )
+            known[level][batch] = estimate
+            weights = estimate.weights_bytes
+            cells.append(f"{estimate.needed_gib:.2f}" + ("" if estimate.fits(budget) else " (over)"))
+        print(f"| {batch} | " + " | ".join(cells) + " |", flush=True)
+    print(f"Weights on the GPU: {weights / GIB:.2f} GiB.")
+    best = None
+    for level in levels:
+        batch, estimate = largest_batch(
+            architecture, dataclasses.replace(settings, checkpointing=level), budget, known=known[level]
+        )
+        if batch and (best is None or batch > best[0]):
+            best = batch, estimate
+    if best is None:
+        print(f"Largest batch under {args.budget:g} GiB: none; even batch 1 needs more.")
+        return 0
+    batch, estimate = best
+    words = CHECKPOINTING_WORDS[estimate.settings.checkpointing]
+    print(
+        f"Largest batch under {args.budget:g} GiB: {batch} {words} "
+        f"(about {estimate.needed_gib:.2f} GiB; peak allocated {estimate.allocated_bytes / GIB:.2f} GiB)."
+    )
+    return 0
+
+
+def describe(settings) -> str:
+    parts = [
+        {"bf16": "bf16 autocast", "fp16": "fp16 autocast", "fp32": "fp32"}[settings.precision],
+        "weights in fp8"
+        if settings.fp8_weights
+        else f"weights in {str(settings.weights_dtype).split('.')[-1]}",
+        {"sdpa": "SDPA", "xformers": "xformers", "math": "plain (math)"}[settings.attention]
+        + " attention"
+        + (" in fp32" if settings.upcast_attention else ""),
+        "VAE on the GPU" if settings.vae_on_gpu else "VAE in RAM",
+        "text encoder on the GPU" if settings.text_encoder_on_gpu else "text encoder on the CPU",
+    ]
+    if settings.trainable_unet:
+        parts.append("UNet trainable (weight gradients kept)")
+    return ", ".join(parts)

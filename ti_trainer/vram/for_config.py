@@ -1,0 +1,127 @@
+"""The estimate for a TrainConfig on a backend, and in one sentence for the planner, the Train panel and the
+out-of-memory message. Estimates are cached: the panels may ask again on every change of a field."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ti_trainer.memory.plan import MemoryPlan, choose_memory_plan, plan_for
+from ti_trainer.vram.architectures import Architecture, architecture_of_backend
+from ti_trainer.vram.estimate import (
+    CHECKPOINT_LEVELS,
+    DEFAULT_BUDGET_GIB,
+    GIB,
+    Estimate,
+    Settings,
+    estimate_step_bytes,
+)
+
+CHECKPOINTING_WORDS = {
+    "off": "without checkpointing",
+    "high-res": "with the high-resolution blocks checkpointed",
+    "all": "with checkpointing",
+}
+
+
+def gpu_plan(config, backend) -> MemoryPlan:
+    """The plan the run would get on a GPU: the backend's own when it is on one; otherwise (planning before
+    any GPU is used) the GPU defaults: bf16 (fp16 costs the same memory), weights in that dtype."""
+    if backend.device.type == "cuda":
+        return plan_for(config, backend)
+    precision = config.precision
+    if precision == "auto":
+        precision = backend.preferred_precision or "bf16"
+    plan = choose_memory_plan(
+        "cpu",
+        precision=precision,
+        attention="sdpa" if config.attention in ("auto", "xformers") else config.attention,
+        checkpointing=config.gradient_checkpointing,
+        upcast_attention=config.upcast_attention,
+        model_upcasts_attention=backend.upcasts_attention,
+    )
+    return dataclasses.replace(plan, vae_offload=config.vae_offload, half_weights=plan.precision != "fp32")
+
+
+def settings_for(config, plan: MemoryPlan, num_vectors: int = 1) -> Settings:
+    return settings_for_plan(plan, config.width, config.height, config.batch_size, num_vectors)
+
+
+def settings_for_plan(
+    plan: MemoryPlan, width: int, height: int, batch: int, num_vectors: int = 1
+) -> Settings:
+    return Settings(
+        width=width,
+        height=height,
+        batch=batch,
+        precision=plan.precision,
+        attention=plan.attention,
+        checkpointing=plan.checkpointing,
+        upcast_attention=plan.upcast_attention,
+        half_weights=plan.half_weights,
+        vae_on_gpu=not plan.vae_offload,
+        num_vectors=num_vectors,
+    )
+
+
+def estimate_for_config(
+    config, backend, budget_gib: float = DEFAULT_BUDGET_GIB, num_vectors: int = 1
+) -> Estimate:
+    """The estimate for the run `config` describes on `backend`'s model. With "auto" checkpointing: at the
+    least checkpointing whose estimate fits `budget_gib` (or every block checkpointed, if none does), which
+    is where the run's own search (fit.checkpointing_by_need) can start."""
+    architecture = architecture_of_backend(backend)
+    settings = settings_for(config, gpu_plan(config, backend), num_vectors)
+    if config.gradient_checkpointing != "auto":
+        return cached_estimate(architecture, settings)
+    for level in CHECKPOINT_LEVELS:
+        estimate = cached_estimate(architecture, dataclasses.replace(settings, checkpointing=level))
+        if estimate.fits(int(budget_gib * GIB)):
+            return estimate
+    return estimate
+
+
+_CACHE: dict[tuple[str, Settings], Estimate] = {}
+CACHE_SIZE = 64
+
+
+def cached_estimate(architecture: Architecture, settings: Settings) -> Estimate:
+    key = (repr(architecture), settings)  # (an Architecture holds dicts: its repr is the key)
+    if key not in _CACHE:
+        if len(_CACHE) >= CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))  # the oldest
+        _CACHE[key] = estimate_step_bytes(architecture, settings)
+    return _CACHE[key]
+
+
+def card_words(budget_gib: float) -> str:
+    if budget_gib == DEFAULT_BUDGET_GIB:
+        return "8 GB"
+    return f"{budget_gib:g} GiB"
+
+
+def summary(estimate: Estimate, budget_gib: float = DEFAULT_BUDGET_GIB) -> str:
+    """One line: "batch 8 fits in 8 GB at 768 px with checkpointing: about 6.7 GiB"."""
+    s = estimate.settings
+    size = f"{s.width} px" if s.width == s.height else f"{s.width}x{s.height} px"
+    verb = "fits" if estimate.fits(int(budget_gib * GIB)) else "does not fit"
+    return (
+        f"batch {s.batch} {verb} in {card_words(budget_gib)} at {size} {CHECKPOINTING_WORDS[s.checkpointing]}: "
+        f"about {estimate.needed_gib:.1f} GiB (estimate)"
+    )
+
+
+def estimate_note(
+    plan: MemoryPlan, backend, width: int, height: int, batch: int, num_vectors: int = 1
+) -> str:
+    """A sentence for an out-of-memory message: what the estimate said this step (the run's `plan`, at
+    `width` x `height` px and `batch`) needs. Empty when the estimate cannot be made (the message about the
+    failure matters more than the note)."""
+    try:
+        architecture = architecture_of_backend(backend)
+        estimate = cached_estimate(architecture, settings_for_plan(plan, width, height, batch, num_vectors))
+    except Exception:  # an estimate is advice: any failure in it must not hide the error being reported
+        return ""
+    return (
+        f" The estimate for this step was about {estimate.needed_gib:.1f} GiB "
+        f"(see `python -m ti_trainer estimate` for what fits)."
+    )

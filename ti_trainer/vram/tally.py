@@ -1,0 +1,302 @@
+"""Counting the bytes a training step holds, on a model that has no memory at all (the meta device).
+
+Three pieces, used together by estimate.py around one forward and backward pass:
+
+- `LiveBytes`, a TorchDispatchMode: every tensor an aten op returns is looked at once; a storage it has not
+  seen is added to the live total, and taken off when the storage is freed (a weakref callback). The peak of
+  that total is the peak the GPU allocator would report for the same program, since meta tensors are created
+  and freed at exactly the points real ones are (Python refcounts, autograd's saved tensors, checkpoint
+  recomputation in the backward pass). Storages created before the mode (the weights) are not seen: they are
+  counted once by the caller. Each storage is also rounded up to 512 bytes, as PyTorch's CUDA caching
+  allocator rounds every block (that rounded figure is what `torch.cuda.max_memory_allocated` sums).
+- `CudaAutocast`, a TorchFunctionMode: CUDA autocast's casts, reproduced above autograd so that the cast
+  copies are what autograd saves (as they are under real autocast). Meta tensors have no autocast dispatch
+  key, so the real one cannot run here. The lists below are the subset of aten/src/ATen/autocast_mode.cpp
+  (CUDA) that SD's UNets and CLIP text encoders call. Like real autocast, casts of leaf tensors that require
+  a gradient (trainable weights) are cached for the autocast region; frozen weights are cast at each use.
+- `MemoryEfficientAttention`: SDPA / xformers accounted analytically. On meta, SDPA would take its math path
+  and hold the tokens x tokens score matrix; the fused kernels never do. Forward: the output and a logsumexp
+  (fp32, one per query row, padded to 32 rows) are saved with q, k and v. Backward: dq, dk, dv, plus an fp32
+  dq accumulator and the per-row softmax delta (flash attention 2's workspace), freed when it returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+ALLOCATOR_BLOCK = 512  # bytes: every CUDA caching-allocator block is a multiple of this
+
+
+def allocator_rounded(nbytes: int) -> int:
+    return -(-nbytes // ALLOCATOR_BLOCK) * ALLOCATOR_BLOCK
+
+
+class LiveBytes(TorchDispatchMode):
+    """Tallies the bytes of storages created under it while they live; keeps the peak.
+
+    `counting` can be switched off (the text encoder's work on the CPU when it is placed there): storages
+    created then are never added. `peak_tag` is the label of the op at which the peak was reached.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0  # bytes as asked for
+        self.live_rounded = self.peak_rounded = 0  # bytes as the allocator rounds them
+        self.counting = True
+        self.peak_op = ""
+        self._sizes: dict[int, tuple[int, int]] = {}
+        self._refs: dict[int, object] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.counting:
+            declared_returns = func._schema.returns
+            results = (out,) if len(declared_returns) == 1 else out
+            for declared, result in zip(declared_returns, results):
+                # A view or an in-place result shares an input's storage: nothing new (and a view of a
+                # weight must not count the weight again).
+                if declared.alias_info is not None:
+                    continue
+                for tensor in tree_flatten(result)[0]:
+                    if isinstance(tensor, torch.Tensor):
+                        self._track(tensor, func)
+        return out
+
+    def _track(self, tensor: torch.Tensor, func) -> None:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self._sizes:
+            return
+        nbytes = storage.nbytes()
+        if nbytes == 0:
+            return
+        rounded = allocator_rounded(nbytes)
+        self._sizes[key] = (nbytes, rounded)
+        self._refs[key] = weakref.ref(storage, lambda _, key=key: self._release(key))
+        self.live += nbytes
+        self.live_rounded += rounded
+        if self.live_rounded > self.peak_rounded:
+            self.peak_rounded, self.peak_op = self.live_rounded, str(func)
+        self.peak = max(self.peak, self.live)
+
+    def _release(self, key: int) -> None:
+        sizes = self._sizes.pop(key, None)
+        self._refs.pop(key, None)
+        if sizes is not None:
+            self.live -= sizes[0]
+            self.live_rounded -= sizes[1]
+
+
+# --- CUDA autocast, reproduced --------------------------------------------------------------------------------
+
+# Run in the autocast dtype (autocast_mode.cpp "lower_precision_fp").
+_LOWER = {
+    F.linear,
+    F.conv1d,
+    F.conv2d,
+    F.conv3d,
+    F.conv_transpose1d,
+    F.conv_transpose2d,
+    F.conv_transpose3d,
+    torch.matmul,
+    torch.mm,
+    torch.bmm,
+    torch.baddbmm,
+    torch.addmm,
+    torch.addbmm,
+    torch.einsum,
+    torch.Tensor.matmul,
+    torch.Tensor.__matmul__,
+    torch.Tensor.mm,
+    torch.Tensor.bmm,
+    torch.Tensor.baddbmm,
+    torch.Tensor.addmm,
+    F.scaled_dot_product_attention,
+}
+# Run in fp32 (autocast "fp32" and "fp32_set_opt_dtype": their outputs are fp32 too).
+_FP32 = {
+    F.layer_norm,
+    F.group_norm,
+    torch.layer_norm,
+    torch.group_norm,
+    F.mse_loss,
+    F.softmax,
+    F.log_softmax,
+    torch.softmax,
+    torch.log_softmax,
+    torch.Tensor.softmax,
+    torch.Tensor.log_softmax,
+    torch.exp,
+    torch.Tensor.exp,
+    torch.pow,
+    torch.Tensor.pow,
+    torch.Tensor.__pow__,
+    torch.rsqrt,
+    torch.Tensor.rsqrt,
+    torch.logsumexp,
+    torch.Tensor.logsumexp,
+}
+# Weights stored in fp8 are cast to the compute dtype by the layers that use them (as Forge's and A1111's
+# "fp8 weight" storage does); the copy lives as long as the op, or as long as autograd saves it.
+_WEIGHT_USERS = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose2d}
+FP8 = getattr(torch, "float8_e4m3fn", None)
+
+
+class CudaAutocast(TorchFunctionMode):
+    """CUDA autocast's casts at `dtype`, above autograd. `enabled` follows `torch.autocast(..., enabled=)`
+    blocks on the meta device (see `meta_autocast_blocks`); None as dtype is fp32 training (no casts)."""
+
+    def __init__(self, dtype: torch.dtype | None):
+        super().__init__()
+        self.dtype = dtype
+        self.enabled = [dtype is not None]
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _WEIGHT_USERS:
+            args, kwargs = self._cast_fp8(args, kwargs)
+        if self.enabled[-1]:
+            if func in _LOWER:
+                args, kwargs = tree_map(self._to_lower, (args, kwargs))
+            elif func in _FP32:
+                args, kwargs = tree_map(self._to_fp32, (args, kwargs))
+        if func is F.scaled_dot_product_attention:
+            return memory_efficient_attention(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    def _cast_fp8(self, args, kwargs):
+        if FP8 is None:
+            return args, kwargs
+        compute = self.dtype if self.enabled[-1] else None
+        inputs = [a for a in args if isinstance(a, torch.Tensor) and a.dtype != FP8]
+        compute = compute or (inputs[0].dtype if inputs else torch.float32)
+        cast = lambda a: a.to(compute) if isinstance(a, torch.Tensor) and a.dtype == FP8 else a  # noqa: E731
+        return tree_map(cast, (args, kwargs))
+
+    def _to_lower(self, value):
+        return self._cast(value, self.dtype)
+
+    def _to_fp32(self, value):
+        return self._cast(value, torch.float32)
+
+    def _cast(self, value, dtype: torch.dtype):
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            return value
+        if value.dtype in (dtype, torch.float64):
+            return value
+        if value.is_leaf and value.requires_grad:  # autocast's cast cache: trainable weights, once a region
+            cached = self._cache.get(id(value))
+            if cached is None or cached.dtype != dtype:
+                cached = self._cache[id(value)] = value.to(dtype)
+            return cached
+        return value.to(dtype)
+
+
+_ACTIVE: list[CudaAutocast] = []
+_REAL_AUTOCAST = torch.autocast
+
+
+class _MetaAwareAutocast(_REAL_AUTOCAST):
+    """`torch.autocast("meta", enabled=False)` (our fp32-scores attention turns autocast off that way) as a
+    switch of the emulated autocast; every other device goes to the real one."""
+
+    def __init__(self, device_type, dtype=None, enabled=True, cache_enabled=None):
+        self._meta = device_type == "meta"
+        self._meta_enabled = enabled
+        if not self._meta:
+            super().__init__(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
+
+    def __enter__(self):
+        if not self._meta:
+            return super().__enter__()
+        if _ACTIVE:
+            mode = _ACTIVE[-1]
+            mode.enabled.append(bool(self._meta_enabled) and mode.dtype is not None)
+        return self
+
+    def __exit__(self, *exc):
+        if not self._meta:
+            return super().__exit__(*exc)
+        if _ACTIVE:
+            _ACTIVE[-1].enabled.pop()
+        return False
+
+
+@contextlib.contextmanager
+def emulated_autocast(dtype: torch.dtype | None) -> Iterator[CudaAutocast]:
+    """CUDA autocast at `dtype` for meta tensors, for a `with` block. `torch.autocast` is swapped for a
+    subclass that hands "meta" blocks to the emulation (and everything else to the real class) meanwhile."""
+    mode = CudaAutocast(dtype)
+    with _activated(mode):
+        yield mode
+
+
+@contextlib.contextmanager
+def _activated(mode: CudaAutocast, enabled: bool | None = None) -> Iterator[None]:
+    _ACTIVE.append(mode)
+    if enabled is not None:
+        mode.enabled.append(enabled)
+    torch.autocast = _MetaAwareAutocast
+    try:
+        with mode:
+            yield
+    finally:
+        if enabled is not None:
+            mode.enabled.pop()
+        _ACTIVE.remove(mode)
+        if not _ACTIVE:
+            torch.autocast = _REAL_AUTOCAST
+
+
+def checkpoint_under_emulation(module, *args):
+    """Non-reentrant checkpointing whose recomputation (in the backward pass, outside the autocast block)
+    runs under the emulated autocast as it was in the forward pass, as torch's checkpoint does for the real
+    autocast. Installed as the UNet blocks' `_gradient_checkpointing_func` while estimating."""
+    mode = _ACTIVE[-1] if _ACTIVE else None
+    enabled = mode.enabled[-1] if mode is not None else None
+
+    def run(*inputs):
+        if mode is None or mode in _ACTIVE:  # the forward pass
+            return module(*inputs)
+        with _activated(mode, enabled):  # the recomputation
+            return module(*inputs)
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+
+# --- memory-efficient attention, analytically -----------------------------------------------------------------
+
+LSE_ROW_PADDING = 32  # the fused kernels pad the logsumexp's query rows to a multiple of 32
+
+
+class MemoryEfficientAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+        rows = -(-q.shape[-2] // LSE_ROW_PADDING) * LSE_ROW_PADDING
+        logsumexp = q.new_empty((*q.shape[:-2], rows), dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, logsumexp)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, logsumexp = ctx.saved_tensors
+        workspace = (q.new_empty(q.shape, dtype=torch.float32), logsumexp.new_empty(logsumexp.shape))
+        grads = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        del workspace
+        return grads
+
+
+def memory_efficient_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+    """SDPA's memory, as its fused kernels hold it (the mask, when given, is read, not stored)."""
+    return MemoryEfficientAttention.apply(q, k, v)
