@@ -328,7 +328,8 @@ SETUPS = {"ours": ours, "a1111": a1111, "diffusers-example": diffusers_example}
 def estimated_allocated_gib(parts: Parts, config: str, plan: MemoryPlan, size_px: int, batch: int):
     """The estimate of the step just measured, from the same configs, on the meta device (None for the
     diffusers example, whose whole-matrix AdamW the estimate does not model)."""
-    from ti_trainer.vram import Architecture, Settings, a1111_settings, estimate_step_bytes
+    from ti_trainer.vram.architectures import Architecture
+    from ti_trainer.vram.estimate import Settings, a1111_settings, estimate_step_bytes
 
     if config == "diffusers-example":
         return None

@@ -197,3 +197,52 @@ def test_smaller_sizes_keep_the_aspect_ratio():
     sizes = fit.smaller_sizes((96, 64), 8)  # 512x768 px, portrait
     assert sizes[0] == (88, 56) and sizes[-1] == (32, 24)
     assert all(h > w and h % 8 == 0 and w % 8 == 0 for h, w in sizes)
+
+
+@pytest.mark.parametrize(
+    ("max_batch", "start", "tried", "found"),
+    [
+        (9, 8, [8, 16, 12, 10, 9], 9),  # a guess just under: probed once, then doubled and bisected
+        (5, 8, [8, 4, 6, 5], 5),  # a guess too high: bisected below it
+        (5, 5, [5, 10, 7, 6], 5),  # the estimate's own answer: confirmed, and one more size proves it
+    ],
+)
+def test_largest_batch_starts_from_the_estimates_guess(max_batch, start, tried, found):
+    calls = []
+
+    def step(batch):
+        calls.append(batch)
+        if batch > max_batch:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+
+    assert fit.largest_batch(step, 64, start=start) == found
+    assert calls == tried
+    assert len(calls) < len([1, 2, 4, 8, 16]) + 3  # fewer probes than doubling from 1
+
+
+def test_auto_checkpointing_probes_start_where_the_estimate_says_the_batch_fits(backend, monkeypatch):
+    """On a GPU, "auto" checkpointing probes only the levels the estimate leaves open: with a budget the
+    estimate says batch 2 needs every block checkpointed for, "off" and "high-res" are not even tried."""
+    from ti_trainer.memory.plan import plan_for
+    from ti_trainer.vram import for_config
+
+    plan = plan_for(TrainConfig(), backend)
+    latent_hw = (8, 8)
+    sizes = dict(width=64, height=64, batch=2, num_vectors=1)
+    estimates = {
+        level: for_config.cached_estimate(
+            for_config.architecture_of_backend(backend),
+            for_config.settings_for_plan(plan.with_checkpointing(level), **sizes),
+        ).needed_bytes
+        for level in ("off", "high-res", "all")
+    }
+    assert estimates["all"] < estimates["off"]
+    monkeypatch.setattr(fit, "gpu_budget_bytes", lambda device: estimates["all"])
+    levels = fit._levels_from_estimate(("off", "high-res", "all"), plan, backend, latent_hw, 2, 1)
+    assert levels == ("all",)
+    monkeypatch.setattr(fit, "gpu_budget_bytes", lambda device: estimates["off"] * 2)
+    assert fit._levels_from_estimate(("off", "high-res", "all"), plan, backend, latent_hw, 2, 1) == (
+        "off",
+        "high-res",
+        "all",
+    )

@@ -15,15 +15,8 @@ import pytest
 from ti_trainer.cli.main import main
 from ti_trainer.config import TrainConfig
 from ti_trainer.errors import UserError
-from ti_trainer.vram import (
-    GIB,
-    Architecture,
-    Settings,
-    a1111_settings,
-    estimate_step_bytes,
-    largest_batch,
-)
-from ti_trainer.vram.architectures import SD_VAE
+from ti_trainer.vram.architectures import SD_VAE, Architecture
+from ti_trainer.vram.estimate import GIB, Settings, a1111_settings, estimate_step_bytes, largest_batch
 from ti_trainer.vram.for_config import estimate_for_config, summary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -237,3 +230,12 @@ def test_the_webuis_model_is_matched_to_its_named_architecture():
     assert architecture_of_backend(ldm(1024, "v")).unet["sample_size"] == 96  # SD 2.1-768-v
     assert architecture_of_backend(ldm(1024, "eps")).unet["sample_size"] == 64  # SD 2.1-base
     assert architecture_of_backend(ldm(768, "eps")).text_encoders[0]["hidden_size"] == 768  # SD 1.x
+
+
+def test_estimate_probe_wants_a_gpu_and_says_so(capsys):
+    """--probe runs the fit finder with real steps; off a GPU it says why it cannot, after the estimate."""
+    argv = ["estimate", "--model", "tiny", "--width", "64", "--batch", "1", "--probe", "--device", "cpu"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "Largest batch under 7.5 GiB" in captured.out
+    assert "--probe measures GPU memory with real steps, and the model is on cpu" in captured.err

@@ -3,6 +3,7 @@
     python -m ti_trainer estimate --model sd21-768 --batch 1 2 4 8 12
     python -m ti_trainer estimate --model sdxl --text-encoder-on-cpu --budget 7.5
     python -m ti_trainer estimate --model sd21-768 --a1111        # what A1111's own trainer would need
+    python -m ti_trainer estimate --model v2-1_768.safetensors --probe   # on a GPU: measured with real steps
 
 Nothing heavy is imported until the verb runs, so `--help` stays fast.
 """
@@ -10,6 +11,7 @@ Nothing heavy is imported until the verb runs, so `--help` stays fast.
 from __future__ import annotations
 
 import argparse
+import sys
 
 CHECKPOINTING = ("auto", "off", "high-res", "all")
 
@@ -45,6 +47,13 @@ def add_estimate_verb(verbs) -> None:
     verb.add_argument("--text-encoder-on-cpu", action="store_true", help="the text encoder(s) run on the CPU")
     verb.add_argument("--fp8", action="store_true", help="linear and conv weights stored in fp8")
     verb.add_argument("--vectors", type=int, default=1, help="vectors per token of the embedding")
+    verb.add_argument(
+        "--probe",
+        action="store_true",
+        help="on a GPU, also find the largest batch with real training steps on the model (the fit finder, "
+        "starting from the estimate); --model must then be a model file or folder, or 'tiny'",
+    )
+    verb.add_argument("--device", default="auto", help="for --probe: auto, cuda, cuda:1 ...")
     verb.add_argument(
         "--a1111",
         action="store_true",
@@ -126,7 +135,40 @@ def run_estimate(args: argparse.Namespace) -> int:
         f"Largest batch under {args.budget:g} GiB: {batch} {words} "
         f"(about {estimate.needed_gib:.2f} GiB; peak allocated {estimate.allocated_bytes / GIB:.2f} GiB)."
     )
+    return probe(args, width, height) if args.probe else 0
+
+
+def probe(args: argparse.Namespace, width: int, height: int) -> int:
+    """The fit finder on the real model: the largest batch found with real training steps on this GPU."""
+    from ti_trainer.backends.loading import load_backend
+    from ti_trainer.config import TrainConfig
+    from ti_trainer.training.fit import find_largest_batch
+
+    backend = load_backend(args.model, args.device)
+    if backend.device.type != "cuda":
+        print(
+            f"error: --probe measures GPU memory with real steps, and the model is on {backend.device}. "
+            "Run it on a machine with a CUDA GPU (or leave --probe out: the estimate above needs none).",
+            file=sys.stderr,
+        )
+        return 2
+    config = TrainConfig(
+        width=width,
+        height=height,
+        precision=args.precision,
+        attention=args.attention,
+        gradient_checkpointing=args.checkpointing,
+        upcast_attention=args.upcast_attention,
+    )
+    print("Measured on this GPU (" + torch_device_name(backend.device) + "):", flush=True)
+    print(find_largest_batch(config, backend, num_vectors=args.vectors).describe())
     return 0
+
+
+def torch_device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device)
 
 
 def describe(settings) -> str:

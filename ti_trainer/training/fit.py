@@ -69,10 +69,11 @@ def fits(step: Step, batch: int) -> bool:
     return not out_of_memory
 
 
-def largest_batch(step: Step, limit: int = 64) -> int:
-    """The largest batch <= `limit` that fits: doubling from 1, then bisecting. 0 if not even batch 1."""
-    fitting, failing, batch = 0, limit + 1, 1
-    while batch <= limit:
+def largest_batch(step: Step, limit: int = 64, start: int | None = None) -> int:
+    """The largest batch <= `limit` that fits: doubling from `start` (an estimate's guess; 1 without one),
+    then bisecting. 0 if not even batch 1. A good guess costs two probes instead of a dozen."""
+    fitting, failing, batch = 0, limit + 1, max(1, min(start or 1, limit))
+    while batch <= limit:  # a guess too high fails at once, and the bisection below it finds the batch
         if not fits(step, batch):
             failing = batch
             break
@@ -87,6 +88,15 @@ def largest_batch(step: Step, limit: int = 64) -> int:
         else:
             failing = middle
     return fitting
+
+
+def gpu_budget_bytes(device: torch.device) -> int | None:
+    """What PyTorch can use on `device` now: the free memory plus what its own cache already holds (None off
+    a GPU, where nothing is probed against a budget)."""
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device)
 
 
 def training_step_probe(
@@ -201,6 +211,33 @@ def checkpointing_by_need(
     return None
 
 
+def _levels_from_estimate(
+    levels: tuple[str, ...],
+    plan: MemoryPlan,
+    backend: Backend,
+    latent_hw: tuple[int, int],
+    batch: int,
+    num_vectors: int,
+) -> tuple[str, ...]:
+    """The checkpointing levels left to probe once the estimate has ruled out those that cannot fit."""
+    from ti_trainer.vram.for_config import least_fitting_level
+
+    budget = gpu_budget_bytes(backend.device)
+    if budget is None:
+        return levels
+    factor = backend.family.vae_scale_factor
+    start = least_fitting_level(
+        plan,
+        backend,
+        latent_hw[1] * factor,
+        latent_hw[0] * factor,
+        batch,
+        num_vectors,
+        budget,
+    )
+    return levels[levels.index(start) :] if start in levels else levels
+
+
 @contextlib.contextmanager
 def memory_for_training(
     plan: MemoryPlan,
@@ -222,6 +259,8 @@ def memory_for_training(
         probe_first = backend.device.type == "cuda"
     if probe_first:
         levels = CHECKPOINT_LEVELS if auto_checkpointing else (plan.checkpointing,)
+        if auto_checkpointing:
+            levels = _levels_from_estimate(levels, plan, backend, latent_hw, batch, num_vectors)
         needed = checkpointing_by_need(backend, plan, batch, latent_hw, num_vectors, levels)
         if needed is None:
             most_saving = plan.with_checkpointing(levels[-1])
@@ -284,11 +323,20 @@ def find_largest_batch(
     latent_hw = (config.height // factor, config.width // factor)
     levels = CHECKPOINT_LEVELS if config.gradient_checkpointing == "auto" else (plan.checkpointing,)
     batches: dict[str, int] = {}
+    budget = gpu_budget_bytes(backend.device)
     with backend.training_session():
         step = training_step_probe(backend, latent_hw, plan.precision, num_vectors)
         for level in levels:
-            with backend.memory_levers(plan.with_checkpointing(level)):
-                batches[level] = largest_batch(step, limit)
+            candidate = plan.with_checkpointing(level)
+            guess = None
+            if budget is not None:
+                from ti_trainer.vram.for_config import largest_estimated_batch
+
+                guess = largest_estimated_batch(
+                    candidate, backend, config.width, config.height, num_vectors, budget, limit
+                )
+            with backend.memory_levers(candidate):
+                batches[level] = largest_batch(step, limit, start=guess)
             if batches[level] >= limit:
                 break
     return FitReport(latent_hw, batches, plan, factor)

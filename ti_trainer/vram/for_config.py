@@ -125,3 +125,34 @@ def estimate_note(
         f" The estimate for this step was about {estimate.needed_gib:.1f} GiB "
         f"(see `python -m ti_trainer estimate` for what fits)."
     )
+
+
+def least_fitting_level(
+    plan: MemoryPlan, backend, width: int, height: int, batch: int, num_vectors: int, budget_bytes: int
+) -> str | None:
+    """The least checkpointing level whose estimate fits `budget_bytes` ("all" if none does), for the run's
+    `plan` at `width` x `height` px and `batch`; None when no estimate can be made (then nothing is skipped).
+    The GPU probes start here instead of at an out-of-memory error."""
+    try:
+        architecture = architecture_of_backend(backend)
+        for level in CHECKPOINT_LEVELS:
+            settings = settings_for_plan(plan.with_checkpointing(level), width, height, batch, num_vectors)
+            if cached_estimate(architecture, settings).fits(budget_bytes):
+                return level
+    except Exception:  # an estimate is advice: a failure in it must not stop the run the probes would check
+        return None
+    return CHECKPOINT_LEVELS[-1]
+
+
+def largest_estimated_batch(
+    plan: MemoryPlan, backend, width: int, height: int, num_vectors: int, budget_bytes: int, limit: int
+) -> int | None:
+    """The largest batch the estimate says fits (None when no estimate can be made): where the fit finder's
+    search starts."""
+    from ti_trainer.vram.estimate import largest_batch
+
+    try:
+        settings = settings_for_plan(plan, width, height, 1, num_vectors)
+        return largest_batch(architecture_of_backend(backend), settings, budget_bytes, limit)[0]
+    except Exception:  # advice only, as above
+        return None
