@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -20,39 +20,16 @@ from PIL import Image
 
 from ti_trainer.backends.contract import PreviewRequest
 from ti_trainer.backends.ldm_backend import LdmBackend
-from ti_trainer.config import LATENT_SAMPLING, PRECISIONS, TrainConfig
 from ti_trainer.errors import UserError
-from ti_trainer.host import api
+from ti_trainer.host import api, webui_settings
 from ti_trainer.host.base import HostServices
 from ti_trainer.host.jobs import JobRegistry
+from ti_trainer.host.webui_settings import SETTINGS  # noqa: F401  (the page's fields, as before)
 from ti_trainer.text.conditioning import TextRules
 from ti_trainer.text.templates import BUILTIN_TEMPLATES_DIR
 
 TAB_TITLE = "TI Trainer"  # not "Train": that is the WebUI's own tab, which may or may not be there
 TAB_ID = "ti_trainer"
-SETTINGS_SECTION = ("ti_trainer", "TI Trainer")
-OPTION_PREFIX = "ti_trainer_"
-
-# Our defaults on the Settings page (category "Training"): TrainConfig field -> label.
-SETTINGS = {
-    "learn_rate": "Learning rate (a number, or a schedule such as 0.005:100, 1e-3:1000, 1e-5)",
-    "batch_size": "Batch size: images in one step",
-    "gradient_accumulation": "Gradient accumulation: batches averaged into one step",
-    "max_steps": "Max steps",
-    "width": "Training width",
-    "height": "Training height",
-    "template": "Prompt template file",
-    "latent_sampling": "Latent sampling method",
-    "save_every": "Save a copy of the embedding every N steps (0: only at the end)",
-    "preview_every": "Render a preview every N steps (0: never)",
-    "write_csv_every": "Write the loss to the CSV log every N steps (0: never)",
-    "save_optimizer_state": "Save the optimizer state beside the embedding (.optim), so a resumed run continues exactly",
-    "save_image_with_embedding": "Save previews with the embedding inside the PNG",
-    "precision": "Precision (auto: bf16 where the GPU has it, else fp16)",
-    "log_dir": "Log folder for copies, previews and losses (relative to the WebUI folder)",
-}
-CHOICES = {"latent_sampling": LATENT_SAMPLING, "precision": PRECISIONS}
-_DEFAULTS = TrainConfig()
 
 
 def register_callbacks() -> None:
@@ -71,26 +48,7 @@ def ui_tabs() -> list[tuple[object, str, str]]:
 
 
 def add_settings() -> None:
-    import gradio as gr
-
-    for field, label in SETTINGS.items():
-        default = getattr(_DEFAULTS, field)
-        component, component_args = None, None
-        if field in CHOICES:
-            component, component_args = gr.Radio, {"choices": list(CHOICES[field])}
-        elif isinstance(default, bool):
-            component = gr.Checkbox
-        elif isinstance(default, int):
-            component, component_args = gr.Number, {"precision": 0}
-        info = shared.OptionInfo(
-            default,
-            label,
-            component,
-            component_args,
-            section=SETTINGS_SECTION,
-            category_id="training",
-        )
-        shared.opts.add_option(OPTION_PREFIX + field, info)
+    webui_settings.add_settings(shared)
 
 
 def add_api_routes(demo, app) -> None:
@@ -126,7 +84,7 @@ def host_services() -> HostServices:
         render_preview=render_preview,
         refresh_embeddings=refresh_embeddings,
         captioners={"BLIP (WebUI)": caption_with_blip, "deepbooru": caption_with_deepbooru},
-        defaults=SettingsDefaults(),
+        defaults=webui_settings.SettingsDefaults(shared),
         wrap_job=wrap_job,
         job_progress=report_progress,
         interrupt_requested=lambda: bool(shared.state.interrupted),
@@ -136,30 +94,7 @@ def host_services() -> HostServices:
 
 def setting(field: str):
     """Our default for a TrainConfig field from the Settings page, in the field's type."""
-    default = getattr(_DEFAULTS, field)
-    value = getattr(shared.opts, OPTION_PREFIX + field, default)
-    if isinstance(default, bool):
-        return bool(value)
-    if isinstance(default, int):
-        return int(float(value))  # the WebUI stores numbers from its Number fields as floats
-    return type(default)(value)
-
-
-class SettingsDefaults(Mapping):
-    """Our Settings-page defaults, read when asked, so "Apply settings" takes effect without a restart."""
-
-    def __getitem__(self, field: str):
-        if field not in SETTINGS:
-            raise KeyError(field)
-        if field == "log_dir":
-            return str(Path(shared.data_path, setting(field)))
-        return setting(field)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(SETTINGS)
-
-    def __len__(self) -> int:
-        return len(SETTINGS)
+    return webui_settings.setting(shared, field)
 
 
 def get_backend() -> LdmBackend:
