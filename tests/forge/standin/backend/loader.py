@@ -25,7 +25,11 @@ from backend.nn.vae import IntegratedAutoencoderKL
 
 GUESS_SUFFIX = ".guess.json"
 ENGINES = {"sd1": StableDiffusion, "sd2": StableDiffusion2}
-PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model."}
+PREFIXES = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "text_encoder": "cond_stage_model.",
+}
 
 
 class EstimatedConfig(SimpleNamespace):
@@ -47,7 +51,9 @@ def forge_loader(sd, additional_state_dicts=None):
     guess = json.loads(Path(str(sd) + GUESS_SUFFIX).read_text(encoding="utf-8"))
     parts = split_state_dict(safetensors.torch.load_file(str(sd)))
     folder = Path(guess["tokenizer_dir"])
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=guess["pad_token"])
+    tokenizer = CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=guess["pad_token"]
+    )
     text_encoder = IntegratedCLIP(CLIPTextModel, CLIPTextConfig(**guess["text_encoder"]))
     vae = IntegratedAutoencoderKL(**guess["vae"])
     unet = IntegratedUNet2DConditionModel(**guess["unet"])

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
-
 from backend import memory_management
 from backend.text_processing import classic_engine
+from PIL import Image
+
 from modules import sd_models, shared
 
 # Test probe (not in Forge): the conditioning of every prompt processed, as (prompt, tensor).

@@ -10,9 +10,9 @@ manager, fills `dynamic_args` (embeddings folder, emphasis), calls `backend.load
 import math
 
 import torch
-
 from backend import memory_management
 from backend.args import dynamic_args
+
 from modules import script_callbacks, shared
 
 
@@ -67,7 +67,9 @@ def forge_model_reload():
         memory_management.soft_empty_cache()
     checkpoint_info = model_data.forge_loading_parameters.get("checkpoint_info")
     if checkpoint_info is None:
-        raise ValueError("You do not have any model! Please download at least one model in [models/Stable-diffusion].")
+        raise ValueError(
+            "You do not have any model! Please download at least one model in [models/Stable-diffusion]."
+        )
     dynamic_args["embedding_dir"] = shared.cmd_opts.embeddings_dir
     dynamic_args["emphasis_name"] = shared.opts.emphasis
     sd_model = forge_loader(checkpoint_info.filename)

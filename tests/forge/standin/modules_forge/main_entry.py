@@ -9,8 +9,12 @@ from modules import shared
 total_vram = 8192  # MB
 
 
-def refresh_memory_management_settings(async_loading=None, inference_memory=None, pin_shared_memory=None, model_memory=None):
-    inference_memory = inference_memory if inference_memory is not None else shared.opts.forge_inference_memory
+def refresh_memory_management_settings(
+    async_loading=None, inference_memory=None, pin_shared_memory=None, model_memory=None
+):
+    inference_memory = (
+        inference_memory if inference_memory is not None else shared.opts.forge_inference_memory
+    )
     if model_memory is not None:
         inference_memory = total_vram - model_memory
     shared.opts.forge_inference_memory = inference_memory

@@ -7,6 +7,8 @@ computation dtype, runs the UNet and returns the denoised x0. `memory_required(s
 one forward's activations (its SDPA/xformers scaler).
 """
 
+# ruff: noqa: B006  (Forge's signatures take `transformer_options={}`, and its UNet writes into it: kept as is)
+
 import torch
 
 from backend import memory_management
@@ -22,7 +24,9 @@ class KModel(torch.nn.Module):
         self.diffusion_model = model
         self.predictor = k_predictor or k_prediction_from_diffusers_scheduler(diffusers_scheduler)
 
-    def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+    def apply_model(
+        self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs
+    ):
         sigma = t
         xc = self.predictor.calculate_input(sigma, x)
         if c_concat is not None:
@@ -31,8 +35,13 @@ class KModel(torch.nn.Module):
         xc = xc.to(dtype)
         t = self.predictor.timestep(t).float()
         context = c_crossattn.to(dtype)
-        extra = {key: value.to(dtype) if getattr(value, "is_floating_point", lambda: False)() else value for key, value in kwargs.items()}
-        out = self.diffusion_model(xc, t, context=context, control=control, transformer_options=transformer_options, **extra).float()
+        extra = {
+            key: value.to(dtype) if getattr(value, "is_floating_point", lambda: False)() else value
+            for key, value in kwargs.items()
+        }
+        out = self.diffusion_model(
+            xc, t, context=context, control=control, transformer_options=transformer_options, **extra
+        ).float()
         return self.predictor.calculate_denoised(sigma, out, x)
 
     def memory_required(self, input_shape):

@@ -14,7 +14,14 @@ def make_beta_schedule(n_timestep, linear_start, linear_end):
 
 
 class Prediction(torch.nn.Module):
-    def __init__(self, sigma_data=1.0, prediction_type="epsilon", linear_start=0.00085, linear_end=0.012, timesteps=1000):
+    def __init__(
+        self,
+        sigma_data=1.0,
+        prediction_type="epsilon",
+        linear_start=0.00085,
+        linear_end=0.012,
+        timesteps=1000,
+    ):
         super().__init__()
         assert prediction_type in ("epsilon", "v_prediction")
         self.sigma_data = sigma_data
@@ -50,13 +57,18 @@ class Prediction(torch.nn.Module):
         sigma = sigma.view(sigma.shape[:1] + (1,) * (model_output.ndim - 1))
         if self.prediction_type == "v_prediction":
             scale = sigma**2 + self.sigma_data**2
-            return model_input * self.sigma_data**2 / scale - model_output * sigma * self.sigma_data / scale**0.5
+            return (
+                model_input * self.sigma_data**2 / scale - model_output * sigma * self.sigma_data / scale**0.5
+            )
         return model_input - model_output * sigma
 
 
 def k_prediction_from_diffusers_scheduler(scheduler):
     config = scheduler.config
-    if getattr(config, "prediction_type", None) in ("epsilon", "v_prediction") and config.beta_schedule == "scaled_linear":
+    if (
+        getattr(config, "prediction_type", None) in ("epsilon", "v_prediction")
+        and config.beta_schedule == "scaled_linear"
+    ):
         return Prediction(
             prediction_type=config.prediction_type,
             linear_start=config.beta_start,

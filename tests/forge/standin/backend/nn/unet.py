@@ -9,6 +9,8 @@ has saved `x` for the backward), and `checkpoint(...)` that raises when asked fo
 checkpointing). Not here: label embedding (SDXL), ControlNet, block modifiers and attention patches.
 """
 
+# ruff: noqa: B006  (Forge's signatures take `transformer_options={}`, and its UNet writes into it: kept as is)
+
 import math
 
 import torch
@@ -24,7 +26,9 @@ def checkpoint(function, args, parameters, enable=False):
 
 def timestep_embedding(timesteps, dim, max_period=10000):
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    )
     args = timesteps[:, None].float() * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -106,7 +110,11 @@ class SpatialTransformer(nn.Module):
         self.norm = nn.GroupNorm(32, in_channels, eps=1e-6)
         self.proj_in = nn.Linear(in_channels, inner) if use_linear else nn.Conv2d(in_channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(inner, n_heads, d_head, context_dim=context_dim, checkpoint=use_checkpoint)]
+            [
+                BasicTransformerBlock(
+                    inner, n_heads, d_head, context_dim=context_dim, checkpoint=use_checkpoint
+                )
+            ]
         )
         self.proj_out = nn.Linear(inner, in_channels) if use_linear else nn.Conv2d(inner, in_channels, 1)
         self.use_linear = use_linear
@@ -173,12 +181,19 @@ class ResBlock(TimestepBlock):
     def __init__(self, channels, emb_channels, out_channels=None):
         super().__init__()
         out_channels = out_channels or channels
-        self.in_layers = nn.Sequential(nn.GroupNorm(32, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(32, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
-            nn.GroupNorm(32, out_channels), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+            nn.GroupNorm(32, out_channels),
+            nn.SiLU(),
+            nn.Dropout(0.0),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
         )
-        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        self.skip_connection = (
+            nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        )
 
     def forward(self, x, emb, transformer_options={}):
         h = self.in_layers(x)
@@ -187,23 +202,44 @@ class ResBlock(TimestepBlock):
 
 
 class IntegratedUNet2DConditionModel(nn.Module):
-    def __init__(self, in_channels, model_channels, out_channels, num_res_blocks, channel_mult=(1, 2, 4, 4),
-                 num_head_channels=64, context_dim=None, use_linear_in_transformer=True, use_checkpoint=False):
+    def __init__(
+        self,
+        in_channels,
+        model_channels,
+        out_channels,
+        num_res_blocks,
+        channel_mult=(1, 2, 4, 4),
+        num_head_channels=64,
+        context_dim=None,
+        use_linear_in_transformer=True,
+        use_checkpoint=False,
+    ):
         super().__init__()
         self.in_channels, self.model_channels, self.out_channels = in_channels, model_channels, out_channels
         self.num_classes = None
         time_width = model_channels * 4
-        self.time_embed = nn.Sequential(nn.Linear(model_channels, time_width), nn.SiLU(), nn.Linear(time_width, time_width))
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, time_width), nn.SiLU(), nn.Linear(time_width, time_width)
+        )
 
         def transformer(channels):
             heads = channels // num_head_channels
-            return SpatialTransformer(channels, heads, num_head_channels, context_dim, use_linear_in_transformer, use_checkpoint)
+            return SpatialTransformer(
+                channels, heads, num_head_channels, context_dim, use_linear_in_transformer, use_checkpoint
+            )
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))]
+        )
         skip_channels, channels = [model_channels], model_channels
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
-                self.input_blocks.append(TimestepEmbedSequential(ResBlock(channels, time_width, mult * model_channels), transformer(mult * model_channels)))
+                self.input_blocks.append(
+                    TimestepEmbedSequential(
+                        ResBlock(channels, time_width, mult * model_channels),
+                        transformer(mult * model_channels),
+                    )
+                )
                 channels = mult * model_channels
                 skip_channels.append(channels)
             if level != len(channel_mult) - 1:
@@ -221,9 +257,13 @@ class IntegratedUNet2DConditionModel(nn.Module):
                 if level and index == num_res_blocks:
                     layers.append(Upsample(channels))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
-        self.out = nn.Sequential(nn.GroupNorm(32, channels), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1))
+        self.out = nn.Sequential(
+            nn.GroupNorm(32, channels), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1)
+        )
 
-    def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
+    def forward(
+        self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs
+    ):
         transformer_options["original_shape"] = list(x.shape)
         transformer_options["transformer_index"] = 0
         assert (y is not None) == (self.num_classes is not None)

@@ -20,11 +20,11 @@ import math
 from collections import namedtuple
 
 import torch
+from modules.shared import opts
 
 from backend import memory_management
 from backend.text_processing import emphasis, parsing
 from backend.text_processing.textual_inversion import EmbeddingDatabase
-from modules.shared import opts
 
 PromptChunkFix = namedtuple("PromptChunkFix", ["offset", "embedding"])
 last_extra_generation_params = {}
@@ -54,18 +54,36 @@ class CLIPEmbeddingForTextualInversion(torch.nn.Module):
         rows = []
         for fixes, row in zip(batch_fixes, embeds):
             for offset, embedding in fixes:
-                vec = embedding.vec[self.textual_inversion_key] if isinstance(embedding.vec, dict) else embedding.vec
+                vec = (
+                    embedding.vec[self.textual_inversion_key]
+                    if isinstance(embedding.vec, dict)
+                    else embedding.vec
+                )
                 vec = vec.to(embeds)
                 length = min(row.shape[0] - offset - 1, vec.shape[0])
-                row = torch.cat([row[: offset + 1], vec[:length], row[offset + 1 + length :]]).to(dtype=embeds.dtype)
+                row = torch.cat([row[: offset + 1], vec[:length], row[offset + 1 + length :]]).to(
+                    dtype=embeds.dtype
+                )
             rows.append(row)
         return torch.stack(rows)
 
 
 class ClassicTextProcessingEngine:
-    def __init__(self, text_encoder, tokenizer, chunk_length=75, embedding_dir=None, embedding_key="clip_l",
-                 embedding_expected_shape=768, emphasis_name="Original", text_projection=False,
-                 minimal_clip_skip=1, clip_skip=1, return_pooled=False, final_layer_norm=True):
+    def __init__(
+        self,
+        text_encoder,
+        tokenizer,
+        chunk_length=75,
+        embedding_dir=None,
+        embedding_key="clip_l",
+        embedding_expected_shape=768,
+        emphasis_name="Original",
+        text_projection=False,
+        minimal_clip_skip=1,
+        clip_skip=1,
+        return_pooled=False,
+        final_layer_norm=True,
+    ):
         self.embeddings = EmbeddingDatabase(tokenizer, embedding_expected_shape)
         if isinstance(embedding_dir, str):
             self.embeddings.add_embedding_dir(embedding_dir)

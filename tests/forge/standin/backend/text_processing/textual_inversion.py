@@ -106,7 +106,9 @@ def create_embedding_from_data(data, name, filename="unknown embedding file", fi
         vec = next(iter(data.values()))
         vec = (vec.unsqueeze(0) if vec.dim() == 1 else vec).detach().to(dtype=torch.float32)
     else:
-        raise Exception(f"Couldn't identify {filename} as neither textual inversion embedding nor diffuser concept.")
+        raise Exception(
+            f"Couldn't identify {filename} as neither textual inversion embedding nor diffuser concept."
+        )
     embedding = Embedding(vec, name)
     embedding.step = data.get("step", None)
     embedding.sd_checkpoint = data.get("sd_checkpoint", None)
