@@ -7,7 +7,7 @@ from functools import wraps
 
 from modules import progress, shared
 
-queue_lock = threading.RLock()
+queue_lock = threading.Lock()
 
 
 def wrap_queued_call(func):
