@@ -2,8 +2,9 @@
 standin/README.md) holding a tiny real SD 2.x (or 1.x) model loaded from a checkpoint file in inference mode,
 as Forge loads it.
 
-The stand-in's `modules` and tests/a1111's share a name, so these tests run in a pytest process of their own
-(`make test-a1111` does so); collected beside tests/a1111 or tests/ui, the session stops with that message.
+The stand-in's `modules` and tests/a1111's share a name, so these tests run in a pytest process apart from
+tests/a1111 and tests/ui (`make test-a1111` does so); collected beside them, the session stops with that
+message.
 """
 
 import sys
@@ -22,12 +23,23 @@ torch.set_num_threads(1)  # tiny models gain nothing from threads; with xdist wo
 SHA256 = "f0e1d2c3b4a5968778695a4b3c2d1e0ff0e1d2c3b4a5968778695a4b3c2d1e0f"
 
 
+A1111_STANDIN_USERS = ("a1111", "ui")  # test folders that put tests/a1111's `modules` on the path
+
+
 def pytest_collection_modifyitems(config, items):
-    elsewhere = sorted({str(Path(item.path).parent) for item in items if HERE not in Path(item.path).parents})
-    if elsewhere:
+    tests = HERE.parent
+    clashing = sorted(
+        {
+            folder
+            for item in items
+            for folder in A1111_STANDIN_USERS
+            if (tests / folder) in Path(item.path).parents
+        }
+    )
+    if clashing:
         raise pytest.UsageError(
             "tests/forge runs in a pytest process of its own: its stand-in's `modules` package and A1111's "
-            f"(tests/a1111) share a name. Run `pytest tests/forge` separately from {', '.join(elsewhere)}."
+            f"share a name. Run `pytest tests/forge` apart from {', '.join('tests/' + f for f in clashing)}."
         )
 
 
