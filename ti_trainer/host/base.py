@@ -16,7 +16,7 @@ from ti_trainer.backends.contract import Backend, PreviewRequest
 
 @dataclass
 class HostServices:
-    name: str  # "a1111" | "standalone"
+    name: str  # "a1111" | "forge" | "standalone"
     embeddings_dir: Path
     templates_dirs: list[Path]
     log_dir: Path
