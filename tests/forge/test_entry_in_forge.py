@@ -135,3 +135,18 @@ def test_create_through_the_api_registers_the_embedding_in_forges_engine(forge):
     assert response.status_code == 200, response.text
     assert (forge.embeddings_dir / "apiemb.pt").is_file()
     assert forge.engine.embeddings.word_embeddings["apiemb"].vectors == 2
+
+
+def test_the_captioners_are_forges(forge, monkeypatch):
+    from modules import shared
+    from PIL import Image
+
+    class Interrogator:
+        def interrogate(self, image):
+            return f"a {image.size[0]}px picture"
+
+    monkeypatch.setattr(shared, "interrogator", Interrogator())
+    captioners = forge_host.host_services().captioners
+    image = Image.new("RGB", (16, 16), (0, 0, 255))
+    assert captioners["BLIP (WebUI)"](image) == "a 16px picture"
+    assert "blue background" in captioners["deepbooru"](image)

@@ -77,6 +77,7 @@ def host_services() -> HostServices:
         get_backend=get_backend,
         render_preview=render_preview,
         refresh_embeddings=refresh_embeddings,
+        captioners={"BLIP (WebUI)": caption_with_blip, "deepbooru": caption_with_deepbooru},
         defaults=webui_settings.SettingsDefaults(shared),
         wrap_job=wrap_job,
         job_progress=report_progress,
@@ -207,3 +208,13 @@ def report_progress(done: int, total: int, text: str) -> None:
     shared.state.job_no = done
     shared.state.sampling_step = 0
     shared.state.textinfo = text
+
+
+def caption_with_blip(image: Image.Image) -> str:
+    return shared.interrogator.interrogate(image.convert("RGB"))
+
+
+def caption_with_deepbooru(image: Image.Image) -> str:
+    from modules import deepbooru
+
+    return deepbooru.model.tag(image.convert("RGB"))

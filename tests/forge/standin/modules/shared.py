@@ -52,6 +52,7 @@ cmd_opts = default_cmd_opts()
 opts = default_options()
 state = shared_state.State()
 parallel_processing_allowed = True
+interrogator = None  # the tests put a captioner here; Forge: interrogate.InterrogateModels
 device = None  # Forge sets this to memory_management.get_torch_device() at start-up
 
 
