@@ -9,7 +9,7 @@ import pytest
 from fastapi import FastAPI
 
 from ti_trainer.config import TrainConfig, field_info
-from ti_trainer.host import a1111
+from ti_trainer.host import a1111, webui_settings
 
 ENTRY = Path(__file__).resolve().parents[2] / "scripts" / "ti_trainer_tab.py"
 
@@ -66,7 +66,7 @@ def test_the_settings_section_holds_our_defaults_in_the_training_category(webui)
     script_callbacks.ui_settings_callback()
     assert not script_callbacks.errors, script_callbacks.errors
     defaults = TrainConfig()
-    for field in a1111.SETTINGS:
+    for field in webui_settings.SETTINGS:
         info = shared.opts.data_labels[f"ti_trainer_{field}"]
         assert info.section == ("ti_trainer", "TI Trainer") and info.category_id == "training"
         assert info.default == getattr(defaults, field) and info.label == field_info(field).label
@@ -134,16 +134,18 @@ def test_progress_and_interrupt_go_through_the_webuis_state(webui):
     assert shared.state.interrupted and services.interrupt_requested()
 
 
-def test_only_the_a1111_host_module_imports_the_webuis_modules():
+def test_only_the_host_modules_import_the_webuis_modules():
     import re
 
     package = Path(a1111.__file__).resolve().parents[1]
     importers = {
         str(path.relative_to(package))
         for path in package.rglob("*.py")
-        if re.search(r"^\s*(from|import) modules\b", path.read_text(encoding="utf-8"), re.MULTILINE)
+        if re.search(
+            r"^\s*(from|import) (modules|modules_forge|backend)\b", path.read_text(encoding="utf-8"), re.M
+        )
     }
-    assert importers == {"host/a1111.py"}
+    assert importers == {"host/a1111.py", "host/forge.py"}
 
 
 def test_panel_jobs_hold_the_queue_and_report_their_task(webui):

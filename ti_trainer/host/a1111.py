@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -20,9 +20,8 @@ from PIL import Image
 
 from ti_trainer.backends.contract import PreviewRequest
 from ti_trainer.backends.ldm_backend import LdmBackend
-from ti_trainer.config import TrainConfig, field_info
 from ti_trainer.errors import UserError
-from ti_trainer.host import api
+from ti_trainer.host import api, webui_settings
 from ti_trainer.host.base import HostServices
 from ti_trainer.host.jobs import JobRegistry
 from ti_trainer.text.conditioning import TextRules
@@ -30,28 +29,6 @@ from ti_trainer.text.templates import BUILTIN_TEMPLATES_DIR
 
 TAB_TITLE = "TI Trainer"  # not "Train": that is the WebUI's own tab, which may or may not be there
 TAB_ID = "ti_trainer"
-SETTINGS_SECTION = ("ti_trainer", "TI Trainer")
-OPTION_PREFIX = "ti_trainer_"
-
-# Our defaults on the Settings page (category "Training"), shown with the fields' labels and help (config.py).
-SETTINGS = (
-    "learn_rate",
-    "batch_size",
-    "gradient_accumulation",
-    "max_steps",
-    "width",
-    "height",
-    "template",
-    "latent_sampling",
-    "save_every",
-    "preview_every",
-    "write_csv_every",
-    "save_optimizer_state",
-    "save_image_with_embedding",
-    "precision",
-    "log_dir",
-)
-_DEFAULTS = TrainConfig()
 
 
 def register_callbacks() -> None:
@@ -70,26 +47,7 @@ def ui_tabs() -> list[tuple[object, str, str]]:
 
 
 def add_settings() -> None:
-    import gradio as gr
-
-    for field in SETTINGS:
-        default, info = getattr(_DEFAULTS, field), field_info(field)
-        component, component_args = None, None
-        if info.choices:
-            component, component_args = gr.Radio, {"choices": list(info.choices)}
-        elif isinstance(default, bool):
-            component = gr.Checkbox
-        elif isinstance(default, int):
-            component, component_args = gr.Number, {"precision": 0}
-        option = shared.OptionInfo(
-            default,
-            info.label,
-            component,
-            component_args,
-            section=SETTINGS_SECTION,
-            category_id="training",
-        )
-        shared.opts.add_option(OPTION_PREFIX + field, option.info(info.help) if info.help else option)
+    webui_settings.add_settings(shared)
 
 
 def add_api_routes(demo, app) -> None:
@@ -125,7 +83,7 @@ def host_services() -> HostServices:
         render_preview=render_preview,
         refresh_embeddings=refresh_embeddings,
         captioners={"BLIP (WebUI)": caption_with_blip, "deepbooru": caption_with_deepbooru},
-        defaults=SettingsDefaults(),
+        defaults=webui_settings.SettingsDefaults(shared),
         wrap_job=wrap_job,
         job_progress=report_progress,
         interrupt_requested=lambda: bool(shared.state.interrupted),
@@ -135,30 +93,7 @@ def host_services() -> HostServices:
 
 def setting(field: str):
     """Our default for a TrainConfig field from the Settings page, in the field's type."""
-    default = getattr(_DEFAULTS, field)
-    value = getattr(shared.opts, OPTION_PREFIX + field, default)
-    if isinstance(default, bool):
-        return bool(value)
-    if isinstance(default, int):
-        return int(float(value))  # the WebUI stores numbers from its Number fields as floats
-    return type(default)(value)
-
-
-class SettingsDefaults(Mapping):
-    """Our Settings-page defaults, read when asked, so "Apply settings" takes effect without a restart."""
-
-    def __getitem__(self, field: str):
-        if field not in SETTINGS:
-            raise KeyError(field)
-        if field == "log_dir":
-            return str(Path(shared.data_path, setting(field)))
-        return setting(field)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(SETTINGS)
-
-    def __len__(self) -> int:
-        return len(SETTINGS)
+    return webui_settings.setting(shared, field)
 
 
 def get_backend() -> LdmBackend:

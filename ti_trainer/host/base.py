@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class HostServices:
-    name: str  # "a1111" | "standalone"
+    name: str  # "a1111" | "forge" | "standalone"
     embeddings_dir: Path
     templates_dirs: list[Path]
     log_dir: Path

@@ -1,0 +1,220 @@
+"""The Forge host (lllyasviel/stable-diffusion-webui-forge): with host/a1111.py, the only modules of ti_trainer
+that import the WebUI's `modules.*` (and here Forge's `backend.*`).
+
+What Forge keeps of A1111's extension API (reference/forge.md §6) is used the same way: `script_callbacks` for
+the tab, the Settings page and the routes; `shared.state` for the progress bar and Interrupt; `call_queue`'s
+lock for one GPU job at a time; `processing` for previews. What differs is the model: Forge's own classes
+(`backend/diffusion_engine`), trained through backends/forge_backend.py under Forge's memory management, and a
+text engine with its own embedding database, filled once when the model loads: a new embedding is registered
+there so it is usable at once. scripts/ti_trainer_tab.py calls register_callbacks() when it finds Forge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from backend import memory_management
+from backend.text_processing.textual_inversion import Embedding as ForgeEmbedding
+from modules import call_queue, processing, progress, script_callbacks, sd_models, shared
+from PIL import Image
+
+from ti_trainer.backends.contract import PreviewRequest
+from ti_trainer.backends.forge_backend import ForgeBackend
+from ti_trainer.errors import UserError
+from ti_trainer.host import api, webui_settings
+from ti_trainer.host.base import HostServices
+from ti_trainer.host.jobs import JobRegistry
+from ti_trainer.text.templates import BUILTIN_TEMPLATES_DIR
+
+TAB_TITLE = "TI Trainer"
+TAB_ID = "ti_trainer"
+
+
+def register_callbacks() -> None:
+    script_callbacks.on_ui_tabs(ui_tabs)
+    script_callbacks.on_ui_settings(add_settings)
+    script_callbacks.on_app_started(add_api_routes)
+
+
+# --- the three things the WebUI calls ------------------------------------------------------------------------
+
+
+def ui_tabs() -> list[tuple[object, str, str]]:
+    from ti_trainer.ui.tab import build_tab  # Gradio panels load only when the WebUI builds its UI
+
+    return [(build_tab(host_services()), TAB_TITLE, TAB_ID)]
+
+
+def add_settings() -> None:
+    webui_settings.add_settings(shared)
+
+
+def add_api_routes(demo, app) -> None:
+    """Our routes where Forge serves its own API (--api, or --nowebui), behind the same --api-auth."""
+    flags = shared.cmd_opts
+    if not (getattr(flags, "api", False) or getattr(flags, "nowebui", False)):
+        return
+    services = host_services()
+    jobs = JobRegistry(services, run_exclusive=run_exclusive)
+    api.add_routes(app, services, jobs, api.parse_credentials(flags.api_auth))
+
+
+# --- host services -------------------------------------------------------------------------------------------
+
+
+def host_services() -> HostServices:
+    # Forge removed its training templates folder but kept the flag; a folder the user made is still read.
+    return HostServices(
+        name="forge",
+        embeddings_dir=Path(shared.cmd_opts.embeddings_dir),
+        templates_dirs=[Path(shared.cmd_opts.textual_inversion_templates_dir), BUILTIN_TEMPLATES_DIR],
+        log_dir=Path(shared.data_path, webui_settings.setting(shared, "log_dir")),
+        models_dir=Path(shared.models_path),
+        get_backend=get_backend,
+        render_preview=render_preview,
+        refresh_embeddings=refresh_embeddings,
+        captioners={"BLIP (WebUI)": caption_with_blip, "deepbooru": caption_with_deepbooru},
+        defaults=webui_settings.SettingsDefaults(shared),
+        wrap_job=wrap_job,
+        job_progress=report_progress,
+        interrupt_requested=lambda: bool(shared.state.interrupted),
+        request_interrupt=lambda: shared.state.interrupt(),
+    )
+
+
+def loaded_model():
+    """Forge's model, loaded now if it is not yet: Forge loads the checkpoint lazily, at the first generation,
+    and until then `shared.sd_model` is a placeholder without the model's parts."""
+    if getattr(shared.sd_model, "forge_objects", None) is None:
+        try:
+            sd_models.forge_model_reload()
+        except ValueError as error:  # Forge's "You do not have any model!"
+            raise UserError(f"{error} Then pick it in the checkpoint list at the top of the page.") from error
+    return shared.sd_model
+
+
+def get_backend() -> ForgeBackend:
+    """The loaded model, trained in place through Forge's memory management (no second copy)."""
+    model = loaded_model()
+    checkpoint = getattr(model, "sd_checkpoint_info", None)
+    return ForgeBackend(
+        model,
+        memory_management,
+        emphasis=str(shared.opts.emphasis),
+        clip_skip=int(shared.opts.CLIP_stop_at_last_layers),
+        model_name=getattr(checkpoint, "model_name", "") or "",
+        model_hash=getattr(checkpoint, "shorthash", None),
+    )
+
+
+def text_engines(model) -> list:
+    """The model's text engines, each with its own embedding database (SD 1.x / 2.x: one)."""
+    return [engine for engine in [getattr(model, "text_processing_engine", None)] if engine is not None]
+
+
+def render_preview(request: PreviewRequest) -> Image.Image | None:
+    """A preview through Forge's txt2img, with the in-training vectors registered under their names in the
+    engine's embedding database for the while; afterwards the database holds what it held before."""
+    model = loaded_model()
+    with registered_embeddings(request.vectors, text_engines(model)):
+        p = processing.StableDiffusionProcessingTxt2Img(
+            sd_model=model,
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            steps=request.steps,
+            sampler_name=request.sampler,
+            cfg_scale=request.cfg_scale,
+            seed=request.seed,
+            width=request.width,
+            height=request.height,
+            do_not_save_grid=True,
+            do_not_save_samples=True,
+        )
+        processed = processing.process_images(p)
+    if not processed.images:  # interrupted while sampling
+        return None
+    image = processed.images[0]
+    shared.state.assign_current_image(image)
+    return image
+
+
+@contextlib.contextmanager
+def registered_embeddings(vectors: dict[str, torch.Tensor], engines: list) -> Iterator[None]:
+    """Register embeddings in each engine's database for a while, then give each name back what it had."""
+    databases = [engine.embeddings for engine in engines]
+    previous = [{name: db.word_embeddings.get(name) for name in vectors} for db in databases]
+    try:
+        for db in databases:
+            for name, values in vectors.items():
+                embedding = ForgeEmbedding(values.detach().float().cpu(), name)
+                # Forge fills these when it loads a file; the engine reserves `vectors` positions in a prompt.
+                embedding.vectors, embedding.shape = int(values.shape[0]), int(values.shape[-1])
+                db.register_embedding(embedding)
+        yield
+    finally:
+        for db, before in zip(databases, previous):
+            for name, embedding in before.items():
+                db.register_embedding_by_name(embedding, name)  # None unregisters
+
+
+def refresh_embeddings() -> None:
+    """Make files just written to the embeddings folder usable at once: Forge fills each engine's database
+    once, when the model loads, and never looks again; this reloads it from its folders the same way."""
+    model = shared.sd_model
+    if getattr(model, "forge_objects", None) is None:
+        return  # not loaded yet: the files are read when it loads
+    for engine in text_engines(model):
+        engine.embeddings.load_textual_inversion_embeddings()
+
+
+def wrap_job(handler: Callable) -> Callable:
+    """A panel handler as a Forge GPU job: the queue lock, shared.state, and the progress bar's task id (as
+    `call_queue.wrap_gradio_gpu_call`, without its extra HTML output)."""
+
+    @functools.wraps(handler)
+    def job(*args, **kwargs):
+        task = args[0] if args and isinstance(args[0], str) and args[0].startswith("task(") else None
+        if task:
+            progress.add_task_to_queue(task)
+        with call_queue.queue_lock:
+            shared.state.begin(job="ti-trainer")
+            progress.start_task(task)
+            try:
+                return handler(*args, **kwargs)
+            finally:
+                progress.finish_task(task)
+                shared.state.end()
+
+    return job
+
+
+def run_exclusive(run: Callable[[], None]) -> None:
+    """One GPU job at a time, as Forge's own API jobs: its queue lock, and shared.state begun and ended."""
+    with call_queue.queue_lock:
+        shared.state.begin(job="ti-trainer")
+        try:
+            run()
+        finally:
+            shared.state.end()
+
+
+def report_progress(done: int, total: int, text: str) -> None:
+    """Feed Forge's progress bar (it reads job_no / job_count) and its status text."""
+    shared.state.job_count = total
+    shared.state.job_no = done
+    shared.state.sampling_step = 0
+    shared.state.textinfo = text
+
+
+def caption_with_blip(image: Image.Image) -> str:
+    return shared.interrogator.interrogate(image.convert("RGB"))
+
+
+def caption_with_deepbooru(image: Image.Image) -> str:
+    from modules import deepbooru
+
+    return deepbooru.model.tag(image.convert("RGB"))
