@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ti_trainer.embeddings.embedding import Embedding, vectors_from_init
+from ti_trainer.embeddings.embedding import Embedding, vectors_from_init_per_encoder
 from ti_trainer.embeddings.files import save_embedding
 from ti_trainer.embeddings.init_text import init_mapping, vector_lines
 from ti_trainer.errors import UserError
@@ -41,7 +41,8 @@ def create_embedding(
     embeddings_dir: Path,
     overwrite: bool = False,
 ) -> Path:
-    """Write `<embeddings_dir>/<name>.pt` at step 0, initialised from `init_text`'s token embeddings."""
+    """Write `<embeddings_dir>/<name>.pt` (SDXL: `.safetensors`) at step 0, initialised from `init_text`'s
+    token embeddings."""
     name = validate_embedding_name(name)
     if not 1 <= num_vectors <= MAX_VECTORS:
         raise UserError(f"Vectors per token must be between 1 and {MAX_VECTORS} (got {num_vectors}).")
@@ -52,9 +53,14 @@ def create_embedding(
             f"An embedding named {name!r} already exists: {existing}. Choose another name, or overwrite it "
             "(--overwrite / 'Overwrite old embedding')."
         )
+    # Each text encoder's vectors start from its own token embeddings of the same tokens (SDXL: CLIP-L's and
+    # bigG's), by A1111's token-to-vector rule.
     init = backend.token_vectors(init_text) if init_text else None
-    embedding = Embedding(name, vectors_from_init(init, num_vectors, backend.text_width), step=0)
-    path = confined_path(embeddings_dir, name, ".pt")
+    zeros = backend.family.zero_vectors(num_vectors)
+    embedding = Embedding(name, vectors_from_init_per_encoder(init, num_vectors, zeros), step=0)
+    # SDXL: .safetensors, which keeps the step and loads everywhere (a .pt could hold the two tensors only).
+    suffix = ".safetensors" if backend.family.vectors_per_encoder else ".pt"
+    path = confined_path(embeddings_dir, name, suffix)
     return save_embedding(embedding, path)
 
 
