@@ -129,7 +129,12 @@ def _measure(run: RunInfo, backend: Backend, config, embedding_path: Path) -> li
         config.data_dir, config.use_alpha_weight, config.filename_regex, config.filename_join
     )
     prepared = prepare_images(
-        folder.images, config.width, config.height, config.keep_size, config.aspect_buckets
+        folder.images,
+        config.width,
+        config.height,
+        config.keep_size,
+        config.aspect_buckets,
+        backend.family.bucket_max_ratio,
     )
     images = encode_dataset(backend, prepared, "deterministic", config.use_alpha_weight, config.seed)
     backend.prompt_encoder.chunker.register(run.name, embedding.num_vectors)

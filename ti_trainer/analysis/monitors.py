@@ -12,8 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from ti_trainer.analysis import early_stopping, norms
 from ti_trainer.analysis.fixed_batch import (
     fixed_prompts,
@@ -207,7 +205,10 @@ class NormMonitor:
         return norms.norm_column(index, key if self.per_encoder else None)
 
     def _open_log(self, lengths: dict[str, list[float]]) -> None:
-        columns = ["step", *(self._column(key, i) for key, values in lengths.items() for i in range(len(values)))]
+        columns = [
+            "step",
+            *(self._column(key, i) for key, values in lengths.items() for i in range(len(values))),
+        ]
         self.log = CsvLog(self.context.folders.root / NORMS_CSV, columns, self.context.initial_step)
         # A resumed run continues its history: the starting lengths and any streak in progress carry over,
         # and a vector already flagged is not warned about a second time.

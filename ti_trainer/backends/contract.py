@@ -71,6 +71,9 @@ FAMILY_TEXT_WIDTHS = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
 _FAMILY_ENCODERS = {"sd1": CLIP_L, "sd2": CLIP_H}
 # SDXL's conditioning besides the text's hidden states, in the order the UNet's vector input takes them.
 SDXL_EXTRA_CONDITIONING = ("pooled_text", "original_size", "crop_top_left", "target_size")
+# With SDXL's 1024x1024 that gives its usual sizes around one megapixel: 1024x1024, 1088x960, 1152x896,
+# 1216x832, 1344x768, 1536x640 (and their transposes), all among the sizes SDXL was trained on.
+SDXL_BUCKET_MAX_RATIO = 2.4
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,9 @@ class ModelFamily:
     # "crop_top_left", "target_size"); such a family's prompt encoder returns them with the text, and its
     # `predict` takes them back. SD 1.x and 2.x have none.
     extra_conditioning: tuple[str, ...] = ()
+    # The widest aspect ratio of the family's aspect-ratio buckets (training/buckets.py). SDXL was trained on
+    # buckets of about one megapixel up to 1536x640 and beyond; 2.4 keeps that one.
+    bucket_max_ratio: float = 2.0
 
     @property
     def title(self) -> str:
@@ -145,7 +151,9 @@ def sdxl_family(clip_l_width: int = 768, clip_g_width: int = 1280, vae_scale_fac
     that order, with bigG's pooled output and the size and crop conditioning in the UNet's vector input (the
     tests' tiny model is narrower)."""
     encoders = (TextEncoderSpec(CLIP_L, int(clip_l_width)), TextEncoderSpec(CLIP_G, int(clip_g_width)))
-    return ModelFamily("sdxl", encoders, 4, int(vae_scale_factor), SDXL_EXTRA_CONDITIONING)
+    return ModelFamily(
+        "sdxl", encoders, 4, int(vae_scale_factor), SDXL_EXTRA_CONDITIONING, SDXL_BUCKET_MAX_RATIO
+    )
 
 
 def family_title_for_width(width: int, otherwise: str) -> str:

@@ -20,7 +20,13 @@ from ti_trainer.backends.contract import LatentDistribution, PreviewRequest, sdx
 from ti_trainer.backends.diffusers_backend import decode_to_image, sample_latents
 from ti_trainer.diffusion import NoiseSchedule
 from ti_trainer.memory.plan import MemoryPlan, on_device, weights_in
-from ti_trainer.text.conditioning import InjectingTokenEmbedding, PromptChunker, TextRules, TokenIds, injector_installed
+from ti_trainer.text.conditioning import (
+    InjectingTokenEmbedding,
+    PromptChunker,
+    TextRules,
+    TokenIds,
+    injector_installed,
+)
 from ti_trainer.text.multi_encoder import EncoderPath, MultiEncoderPromptEncoder, TextConditioning
 
 # The VAE scale factor of SDXL's VAE (sd_xl_base.yaml `scale_factor`; SD 1.x/2.x use 0.18215).
@@ -82,7 +88,8 @@ class DiffusersXLBackend:
             for key, encoder in zip(("clip_l", "clip_g"), (text_encoder, text_encoder_2))
         }
         self._injectors = {
-            key: InjectingTokenEmbedding(model.embeddings.token_embedding) for key, model in self._text_models.items()
+            key: InjectingTokenEmbedding(model.embeddings.token_embedding)
+            for key, model in self._text_models.items()
         }
         paths = [
             EncoderPath("clip_l", self._injectors["clip_l"], self._clip_l_chunk, token_ids.end),

@@ -97,9 +97,7 @@ def run_demo(out: Path, steps: int = 50, model: str = "tiny") -> Path:
     print(f"\nLog folder: {result.log_folder}")
     for sub in ("embeddings", "images", "image_embeddings"):
         files = sorted(
-            p.name
-            for p in (result.log_folder / sub).glob("*")
-            if p.suffix in (".pt", ".safetensors", ".png")
+            p.name for p in (result.log_folder / sub).glob("*") if p.suffix in (".pt", ".safetensors", ".png")
         )
         print(f"  {sub + '/':18} {', '.join(files)}")
     print(f"  {'':18} textual_inversion_loss.csv, settings-*.json")

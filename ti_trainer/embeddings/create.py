@@ -64,6 +64,20 @@ def create_embedding(
     return save_embedding(embedding, path)
 
 
+def init_token_counts(backend: Backend, init_text: str) -> dict[str, int]:
+    """How many tokens `init_text` is for each text encoder (SDXL: CLIP-L's and bigG's tokenizers), counted
+    as `create` takes them: each encoder's own token vectors."""
+    if not (init_text or "").strip():
+        return {spec.key: 0 for spec in backend.family.text_encoders}
+    keyed = backend.family.keyed_vectors(backend.token_vectors(init_text))
+    return {key: int(tensor.shape[0]) for key, tensor in keyed.items()}
+
+
+def per_encoder_count_line(counts: dict[str, int]) -> str:
+    """ "Tokens per text encoder: clip_l 2, clip_g 2." """
+    return "Tokens per text encoder: " + ", ".join(f"{key} {count}" for key, count in counts.items()) + "."
+
+
 def init_text_report(backend, init_text: str, num_vectors: int) -> list[str]:
     """Which tokens of `init_text` each vector starts from, as `create` builds them (the panel's sentence, then
     one line per vector with the token's text where the tokenizer can spell it)."""
@@ -71,4 +85,7 @@ def init_text_report(backend, init_text: str, num_vectors: int) -> list[str]:
     ids = tokenize([init_text])[0] if (init_text or "").strip() else []
     decode = getattr(tokenize, "decode", None)
     texts = [decode([token]) if decode else f"id {token}" for token in ids]
-    return [init_mapping(len(ids), num_vectors), *vector_lines(texts, num_vectors)]
+    lines = [init_mapping(len(ids), num_vectors)]
+    if backend.family.vectors_per_encoder:
+        lines.append(per_encoder_count_line(init_token_counts(backend, init_text)))
+    return [*lines, *vector_lines(texts, num_vectors)]

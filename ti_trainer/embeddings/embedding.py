@@ -57,7 +57,9 @@ def vectors_from_init(init_token_vectors: torch.Tensor, num_vectors: int, width:
     return vectors
 
 
-def vectors_from_init_per_encoder(init_token_vectors: Vectors | None, num_vectors: int, zeros: Vectors) -> Vectors:
+def vectors_from_init_per_encoder(
+    init_token_vectors: Vectors | None, num_vectors: int, zeros: Vectors
+) -> Vectors:
     """`vectors_from_init` for each encoder's own token vectors (the same tokens in each), in the form of
     `zeros` (the family's zero vectors: a tensor, or one per encoder)."""
     if init_token_vectors is None:

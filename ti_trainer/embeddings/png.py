@@ -204,7 +204,9 @@ def _shading_vectors(data: dict) -> torch.Tensor:
         return next(iter(params.values()))
     if isinstance(data.get("clip_l"), torch.Tensor):
         return data["clip_l"]
-    raise ValueError("The pixel data block needs an embedding dict: 'string_to_param', or SDXL's clip_l/clip_g.")
+    raise ValueError(
+        "The pixel data block needs an embedding dict: 'string_to_param', or SDXL's clip_l/clip_g."
+    )
 
 
 def _nibble_blocks(payload: bytes, height: int) -> tuple[np.ndarray, np.ndarray]:

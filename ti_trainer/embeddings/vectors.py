@@ -40,7 +40,9 @@ def vector_count(vectors: Vectors) -> int:
     """How many vectors (rows) it holds; for one set per encoder, the rows of each (A1111 counts `clip_g`'s)."""
     if isinstance(vectors, torch.Tensor):
         return int(vectors.shape[0])
-    return int(vectors["clip_g"].shape[0]) if "clip_g" in vectors else int(next(iter(vectors.values())).shape[0])
+    return (
+        int(vectors["clip_g"].shape[0]) if "clip_g" in vectors else int(next(iter(vectors.values())).shape[0])
+    )
 
 
 def vectors_width(vectors: Vectors) -> int:

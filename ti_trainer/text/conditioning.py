@@ -246,7 +246,9 @@ def chunk_token_ids(batch: list[PromptChunk], ids: TokenIds, pad: int, device: t
     return torch.tensor(token_rows, dtype=torch.long, device=device)
 
 
-def chunk_fixes(batch: list[PromptChunk], vectors: dict[str, torch.Tensor]) -> list[list[tuple[int, torch.Tensor]]]:
+def chunk_fixes(
+    batch: list[PromptChunk], vectors: dict[str, torch.Tensor]
+) -> list[list[tuple[int, torch.Tensor]]]:
     """Where each chunk's embeddings go and their vectors (one encoder's), as `InjectingTokenEmbedding` takes."""
     return [[(offset, vectors[name]) for offset, name in chunk.fixes] for chunk in batch]
 
@@ -290,7 +292,9 @@ class PromptEncoder:
         self.device = torch.device(device)
 
     def __call__(self, prompts: list[str], vectors: VectorsByName) -> torch.Tensor:
-        return torch.cat([self._encode(batch, vectors) for batch in prompt_batches(self.chunker, prompts)], dim=1)
+        return torch.cat(
+            [self._encode(batch, vectors) for batch in prompt_batches(self.chunker, prompts)], dim=1
+        )
 
     def concat(self, conditionings: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(conditionings)

@@ -143,7 +143,12 @@ def _locked_train(run: PreparedRun, backend: Backend, hooks: TrainingHooks) -> T
     run.embedding.sd_checkpoint_name = backend.model_name
 
     prepared = prepare_images(
-        run.folder.images, config.width, config.height, config.keep_size, config.aspect_buckets
+        run.folder.images,
+        config.width,
+        config.height,
+        config.keep_size,
+        config.aspect_buckets,
+        backend.family.bucket_max_ratio,
     )
     images = encode_dataset(backend, prepared, config.latent_sampling, config.use_alpha_weight, run.seed)
     data = TrainingData(images, config.batch_size, config.gradient_accumulation, run.seed)
