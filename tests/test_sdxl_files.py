@@ -110,7 +110,9 @@ def test_every_sdxl_form_the_other_tools_write_loads(tmp_path, dtype):
 
 
 def test_unequal_rows_are_refused_by_name(tmp_path):
-    save_file({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(3, 1280)}, str(tmp_path / "bad.safetensors"))
+    save_file(
+        {"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(3, 1280)}, str(tmp_path / "bad.safetensors")
+    )
     with pytest.raises(UserError, match=r"bad\.safetensors.*clip_l holds 2 vectors and clip_g 3"):
         load_embedding(tmp_path / "bad.safetensors")
 
@@ -126,7 +128,9 @@ def test_an_sd2_embedding_on_sdxl_and_an_sdxl_one_on_sd2_get_clear_messages(tmp_
     text = str(on_sd2.value)
     assert "new.safetensors is an SDXL embedding" in text and "SD 2.x" in text
     with pytest.raises(UserError, match="widths clip_l 768, clip_g 1024"):
-        require_fits("swapped.safetensors", {"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1024)}, sdxl)
+        require_fits(
+            "swapped.safetensors", {"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1024)}, sdxl
+        )
     require_fits("fine.safetensors", xl_vectors(), sdxl)  # no error
 
 

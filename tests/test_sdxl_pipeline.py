@@ -13,7 +13,11 @@ from ti_trainer.backends.tiny_xl import build_tiny_xl_components, tiny_xl_backen
 from ti_trainer.embeddings.embedding import Embedding
 from ti_trainer.embeddings.files import save_embedding
 
-PROMPTS = ["a red car by mystyle, art", "Modern CITY at night! by mystyle", "(mystyle:1.2) [painting] BREAK sky"]
+PROMPTS = [
+    "a red car by mystyle, art",
+    "Modern CITY at night! by mystyle",
+    "(mystyle:1.2) [painting] BREAK sky",
+]
 
 
 def tiny_xl_pipeline(folder):

@@ -71,8 +71,8 @@ FAMILY_TEXT_WIDTHS = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
 _FAMILY_ENCODERS = {"sd1": CLIP_L, "sd2": CLIP_H}
 # SDXL's conditioning besides the text's hidden states, in the order the UNet's vector input takes them.
 SDXL_EXTRA_CONDITIONING = ("pooled_text", "original_size", "crop_top_left", "target_size")
-# With SDXL's 1024x1024 that gives its usual sizes around one megapixel: 1024x1024, 1088x960, 1152x896,
-# 1216x832, 1344x768, 1536x640 (and their transposes), all among the sizes SDXL was trained on.
+# With SDXL's 1024x1024 that gives its usual sizes around one megapixel: 1024x1024 to 1536x640 in steps of
+# 64 px (and their transposes), all among the sizes SDXL was trained on.
 SDXL_BUCKET_MAX_RATIO = 2.4
 
 
