@@ -150,3 +150,20 @@ def test_non_finite_values_in_either_encoder_are_never_written(tmp_path):
     with pytest.raises(UserError, match="NaN"):
         save_embedding(Embedding("xlemb", broken, 3), tmp_path / "xlemb.safetensors")
     assert not (tmp_path / "xlemb.safetensors").exists()
+
+
+def comfyui_embed_for(embed: dict, embed_key: str) -> torch.Tensor:
+    """ComfyUI's `sd1_clip.load_embed` choice for one encoder (`SDXLClipModel` asks with "clip_l" for CLIP-L
+    and "clip_g" for bigG): `string_to_param`, else `embed[embed_key]`, else the first value."""
+    if "string_to_param" in embed:
+        return next(iter(embed["string_to_param"].values()))
+    if embed_key is not None and embed_key in embed:
+        return embed[embed_key]
+    return next(iter(embed.values()))
+
+
+def test_comfyui_gives_each_encoder_its_own_tensor(tmp_path):
+    embedding = xl_embedding()
+    data = load_file(str(save_embedding(embedding, tmp_path / "xlemb.safetensors")))
+    assert comfyui_embed_for(data, "clip_l").shape == (2, 768)
+    assert torch.equal(comfyui_embed_for(data, "clip_g"), embedding.vectors["clip_g"])

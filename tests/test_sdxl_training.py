@@ -12,6 +12,7 @@ from conftest import quick_config
 from ti_trainer.analysis.monitors import monitors_for
 from ti_trainer.analysis.norms import token_norm_range
 from ti_trainer.analysis.run_files import NORMS_CSV, SUMMARY_JSON, RunInfo, read_rows
+from ti_trainer.analysis.use_step import use_step
 from ti_trainer.backends.tiny import tiny_backend
 from ti_trainer.backends.tiny_xl import tiny_xl_backend
 from ti_trainer.embeddings.create import create_embedding, init_text_report, init_token_counts
@@ -118,6 +119,13 @@ def test_a_resumed_run_ends_bit_identical(xl, tmp_path):
     for key in ("clip_l", "clip_g"):
         assert torch.equal(a.vectors[key], b.vectors[key]), key
 
+    # Use-step: the copy of step 4 goes into an embeddings folder with its step and both tensors.
+    picked = use_step(RunInfo.open(resumed.log_folder), 4, "picked", tmp_path / "chosen")
+    chosen = load_embedding(picked)
+    copy = load_embedding(resumed.log_folder / "embeddings" / "resumed-4.safetensors")
+    assert picked.name == "picked.safetensors" and chosen.step == 4
+    assert all(torch.equal(chosen.vectors[key], copy.vectors[key]) for key in ("clip_l", "clip_g"))
+
 
 def test_a_pt_save_format_becomes_safetensors_with_the_reason(xl, tmp_path):
     messages: list[str] = []
@@ -167,12 +175,20 @@ def test_sdxl_buckets_are_its_usual_sizes_around_one_megapixel(xl):
     assert (1536, 640) not in aspect_buckets(1024, 1024, tiny_backend("v").family.bucket_max_ratio)
 
 
-def test_the_vram_estimate_reads_both_text_encoders(xl):
+def test_the_backend_fills_the_contract_and_the_estimate_reads_both_text_encoders(xl):
+    from ti_trainer.backends.contract import Backend, sdxl_family
+    from ti_trainer.config import TrainConfig
     from ti_trainer.vram.architectures import architecture_of_backend
+    from ti_trainer.vram.for_config import estimate_for_config, summary
 
+    assert isinstance(xl, Backend)
+    assert xl.family == sdxl_family(32, 48) and xl.text_width == 80 and xl.family.extra_conditioning
+    with pytest.raises(ValueError):
+        xl.token_embedding_weight("clip_h")
     architecture = architecture_of_backend(xl)
     assert len(architecture.text_encoders) == 2 and architecture.pooled_text
     assert architecture.text_layer == "penultimate"
+    assert "fits" in summary(estimate_for_config(TrainConfig(embedding_name="x", width=64, height=64), xl, 2))
 
 
 def test_the_demo_trains_the_tiny_sdxl_model_end_to_end(tmp_path):
