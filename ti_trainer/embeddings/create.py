@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from ti_trainer.embeddings.embedding import Embedding, vectors_from_init_per_encoder
 from ti_trainer.embeddings.files import save_embedding
 from ti_trainer.embeddings.init_text import init_mapping, vector_lines
+from ti_trainer.embeddings.vectors import Vectors
 from ti_trainer.errors import UserError
 from ti_trainer.fsutil import confined_path, validate_embedding_name
-
-if TYPE_CHECKING:
-    from ti_trainer.backends.contract import Backend
+from ti_trainer.text.conditioning import PromptEncoding
 
 MAX_VECTORS = 75  # one chunk of prompt tokens
+
+
+class TokenSource(Protocol):
+    """What creating an embedding reads of a model. Every `Backend` (backends/contract.py) has these members;
+    they are named here by shape because embeddings/ lies below backends/ and imports nothing from it."""
+
+    family: Any  # backends/contract.py `ModelFamily`: its text encoders, and the form of their vectors
+    prompt_encoder: PromptEncoding
+
+    def token_vectors(self, text: str) -> Vectors: ...
 
 
 def existing_embedding_file(embeddings_dir: Path, name: str) -> Path | None:
@@ -34,7 +43,7 @@ def existing_embedding_file(embeddings_dir: Path, name: str) -> Path | None:
 
 
 def create_embedding(
-    backend: Backend,
+    backend: TokenSource,
     name: str,
     init_text: str,
     num_vectors: int,
@@ -64,7 +73,7 @@ def create_embedding(
     return save_embedding(embedding, path)
 
 
-def init_token_counts(backend: Backend, init_text: str) -> dict[str, int]:
+def init_token_counts(backend: TokenSource, init_text: str) -> dict[str, int]:
     """How many tokens `init_text` is for each text encoder (SDXL: CLIP-L's and bigG's tokenizers), counted
     as `create` takes them: each encoder's own token vectors."""
     if not (init_text or "").strip():
@@ -78,7 +87,7 @@ def per_encoder_count_line(counts: dict[str, int]) -> str:
     return "Tokens per text encoder: " + ", ".join(f"{key} {count}" for key, count in counts.items()) + "."
 
 
-def init_text_report(backend, init_text: str, num_vectors: int) -> list[str]:
+def init_text_report(backend: TokenSource, init_text: str, num_vectors: int) -> list[str]:
     """Which tokens of `init_text` each vector starts from, as `create` builds them (the panel's sentence, then
     one line per vector with the token's text where the tokenizer can spell it)."""
     tokenize = backend.prompt_encoder.chunker.tokenize
