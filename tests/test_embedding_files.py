@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ti_trainer.backends.contract import sd_family
 from ti_trainer.embeddings.create import MAX_VECTORS, create_embedding
 from ti_trainer.embeddings.embedding import Embedding, vectors_from_init
 from ti_trainer.embeddings.files import (
@@ -335,12 +336,20 @@ def test_string_to_param_with_several_terms_is_refused(tmp_path):
     assert_refused_naming(tmp_path / "terms.pt")
 
 
-def test_sdxl_embedding_is_refused_by_name(tmp_path):
+def test_an_sdxl_embedding_loads_and_is_refused_by_name_on_an_sd2_model(tmp_path):
+    """It used to be refused on load; SDXL is supported now, so the refusal comes where it meets a model of
+    another family (tests/test_sdxl_files.py has the SDXL forms)."""
+    from ti_trainer.backends.contract import sd_family
+    from ti_trainer.embeddings.checks import require_fits
+
     save_file(
         {"clip_g": random_vectors(2, 1280), "clip_l": random_vectors(2, 768)},
         str(tmp_path / "xl.safetensors"),
     )
-    assert_refused_naming(tmp_path / "xl.safetensors", "SDXL")
+    embedding = load_embedding(tmp_path / "xl.safetensors")
+    with pytest.raises(UserError) as raised:
+        require_fits(tmp_path / "xl.safetensors", embedding.vectors, sd_family("sd2", 1024))
+    assert "SDXL" in str(raised.value) and "xl.safetensors" in str(raised.value)
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".bin", ".safetensors", ".png"])
@@ -575,6 +584,7 @@ class WordTableBackend:
     """Token vectors from a fixed table: word i of the vocabulary is one token whose vector is filled with i."""
 
     text_width = 8
+    family = sd_family("sd2", 8)  # one text encoder: create writes A1111's single tensor
     vocabulary = ["zero", "painting", "style", "of", "a", "cat"]
 
     def __init__(self):

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ti_trainer.config import TrainConfig
+from ti_trainer.embeddings.vectors import Vectors, flat_values, map_vectors, vector_tensors
 from ti_trainer.text.prompts import build_prompt
 from ti_trainer.text.templates import NAME_PLACEHOLDER, read_template
 from ti_trainer.training.data import TrainingImage
@@ -154,12 +155,12 @@ def _group_inputs(batch: FixedBatch, members: list[int]):
 
 @torch.no_grad()
 def sample_losses(
-    backend: Backend, batch: FixedBatch, vectors: torch.Tensor, max_batch: int, precision: str
+    backend: Backend, batch: FixedBatch, vectors: Vectors, max_batch: int, precision: str
 ) -> torch.Tensor:
     """The loss of every sample (float64, CPU), evaluated in batches no larger than the training batch, by
     the training step itself in the run's `precision` (the memory plan's)."""
     losses = torch.zeros(len(batch.samples), dtype=torch.float64)
-    injected = {batch.name: vectors.detach()}
+    injected = {batch.name: map_vectors(vectors, torch.Tensor.detach)}
     for members in batch.groups(max_batch):
         prompts, latents, noise, timesteps, weights = _group_inputs(batch, members)
         per_sample = step_loss(
@@ -170,10 +171,11 @@ def sample_losses(
 
 
 def sample_gradients(
-    backend: Backend, batch: FixedBatch, vectors: torch.Tensor, max_batch: int, precision: str
+    backend: Backend, batch: FixedBatch, vectors: Vectors, max_batch: int, precision: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every sample's loss and the gradient of that loss alone with respect to the vectors, in the run's
-    `precision` (the memory plan's).
+    `precision` (the memory plan's): `[samples]` and `[samples, values]`, each gradient flattened over every
+    tensor of the vectors (both encoders' for SDXL, in `vector_tensors` order).
 
     Each sample's prompt is encoded with its own copy of the vectors, so one backward pass through a batch
     leaves each copy holding its own sample's gradient.
@@ -181,8 +183,8 @@ def sample_gradients(
     scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0
     count = len(batch.samples)
     losses = torch.zeros(count, dtype=torch.float64)
-    gradients = torch.zeros(count, *vectors.shape, dtype=torch.float64)
-    base = vectors.detach()
+    gradients = torch.zeros(count, flat_values(vectors).numel(), dtype=torch.float64)
+    base = map_vectors(vectors, torch.Tensor.detach)
     for group in batch.groups(max_batch):
         # A prompt past 75 tokens has a longer conditioning; such samples go through one at a time.
         by_length: dict[int, list[int]] = defaultdict(list)
@@ -190,7 +192,7 @@ def sample_gradients(
             by_length[backend.prompt_encoder.chunk_count(batch.samples[index].prompt)].append(index)
         for members in by_length.values():
             prompts, latents, noise, timesteps, weights = _group_inputs(batch, members)
-            copies = [base.clone().requires_grad_(True) for _ in members]
+            copies = [map_vectors(base, lambda t: t.clone().requires_grad_(True)) for _ in members]
             per_copy = [{batch.name: copy} for copy in copies]
             per_sample = step_loss(
                 backend, prompts, latents, noise, timesteps, weights, per_copy, precision, per_sample=True
@@ -198,5 +200,6 @@ def sample_gradients(
             (per_sample.sum() * scale).backward()
             for index, copy, loss in zip(members, copies, per_sample.detach().double().cpu()):
                 losses[index] = loss
-                gradients[index] = copy.grad.double().cpu() / scale
+                grads = [tensor.grad.reshape(-1) for tensor in vector_tensors(copy)]
+                gradients[index] = torch.cat(grads).double().cpu() / scale
     return losses, gradients

@@ -29,8 +29,9 @@ from ti_trainer.analysis.run_files import (
     read_rows,
     write_rows,
 )
-from ti_trainer.embeddings.checks import require_width
+from ti_trainer.embeddings.checks import require_fits
 from ti_trainer.embeddings.files import load_embedding
+from ti_trainer.embeddings.vectors import Vectors, map_vectors
 from ti_trainer.errors import UserError
 from ti_trainer.images import load_folder
 from ti_trainer.memory.plan import plan_for
@@ -57,14 +58,14 @@ def image_rows(
     backend: Backend,
     probe: FixedBatch,
     images: list[TrainingImage],
-    vectors: torch.Tensor,
+    vectors: Vectors,
     max_batch: int,
     precision: str,
 ) -> list[ImageRow]:
     """Each image's loss and gradient share, computed in the run's `precision` (its memory plan's)."""
     losses, gradients = sample_gradients(backend, probe, vectors, max_batch, precision)
     per_image_loss = torch.zeros(len(images), dtype=torch.float64)
-    per_image_gradient = torch.zeros(len(images), *vectors.shape, dtype=torch.float64)
+    per_image_gradient = torch.zeros(len(images), gradients.shape[1], dtype=torch.float64)
     for index, sample in enumerate(probe.samples):
         per_image_loss[sample.image_index] += losses[index] / PROBE_TIMESTEPS
         per_image_gradient[sample.image_index] += gradients[index] / PROBE_TIMESTEPS
@@ -122,16 +123,21 @@ def report_for_step(run: RunInfo, backend: Backend, step: int) -> list[ImageRow]
 
 def _measure(run: RunInfo, backend: Backend, config, embedding_path: Path) -> list[ImageRow]:
     embedding = load_embedding(embedding_path)
-    require_width(embedding_path, embedding.width, backend.text_width)
-    vectors = embedding.vectors.to(backend.device)
+    require_fits(embedding_path, embedding.vectors, backend.family)
+    vectors = map_vectors(embedding.vectors, lambda tensor: tensor.to(backend.device))
     folder = load_folder(
         config.data_dir, config.use_alpha_weight, config.filename_regex, config.filename_join
     )
     prepared = prepare_images(
-        folder.images, config.width, config.height, config.keep_size, config.aspect_buckets
+        folder.images,
+        config.width,
+        config.height,
+        config.keep_size,
+        config.aspect_buckets,
+        backend.family.bucket_max_ratio,
     )
     images = encode_dataset(backend, prepared, "deterministic", config.use_alpha_weight, config.seed)
-    backend.prompt_encoder.chunker.register(run.name, vectors.shape[0])
+    backend.prompt_encoder.chunker.register(run.name, embedding.num_vectors)
     prompts = fixed_prompts(config, run.name, [image.caption for image in images], config.seed)
     probe = probe_batch(images, prompts, run.name, config.seed, backend.schedule.num_timesteps)
     # The run's batch as trained, and the precision its memory plan chose on this model (the WebUI's fp16

@@ -12,8 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from ti_trainer.analysis import early_stopping, norms
 from ti_trainer.analysis.fixed_batch import (
     fixed_prompts,
@@ -37,6 +35,7 @@ from ti_trainer.config import TrainConfig
 from ti_trainer.embeddings.create import existing_embedding_file
 from ti_trainer.embeddings.embedding import Embedding
 from ti_trainer.embeddings.files import load_embedding
+from ti_trainer.embeddings.vectors import Vectors, detached_copy, map_vectors
 from ti_trainer.training import outputs
 
 if TYPE_CHECKING:
@@ -84,7 +83,7 @@ class ValidationMonitor:
         self.steps: list[int] = []
         self.losses: list[float] = []
         self.suggested_step: int | None = None
-        self._vectors: torch.Tensor | None = None
+        self._vectors: Vectors | None = None
 
     def start(self, context: RunContext) -> None:
         self.context = context
@@ -124,7 +123,7 @@ class ValidationMonitor:
         if initial is not None and context.initial_step == 0:
             self._report_images(0, initial)
 
-    def after_step(self, step: int, vectors: torch.Tensor) -> bool:
+    def after_step(self, step: int, vectors: Vectors) -> bool:
         self._vectors = vectors
         if step % self.rule.every_steps:
             return False
@@ -156,7 +155,7 @@ class ValidationMonitor:
                 self._evaluate(step, self._vectors)
             self._report_images(step, self._vectors)
 
-    def _evaluate(self, step: int, vectors: torch.Tensor) -> early_stopping.StoppingCheck:
+    def _evaluate(self, step: int, vectors: Vectors) -> early_stopping.StoppingCheck:
         losses = sample_losses(self.context.backend, self.batch, vectors, self.max_batch, self.precision)
         loss = float(losses.mean())
         self.steps.append(step)
@@ -167,7 +166,7 @@ class ValidationMonitor:
         self.log.write([step, number(loss), ratio])
         return verdict
 
-    def _report_images(self, step: int, vectors: torch.Tensor) -> None:
+    def _report_images(self, step: int, vectors: Vectors) -> None:
         rows = image_rows(
             self.context.backend,
             self.probe,
@@ -188,33 +187,52 @@ class ValidationMonitor:
 class NormMonitor:
     """Records the length of every vector every `every_steps` steps (and at the first and last step), and
     warns once per vector when the overbake rule flags it (norms.py: far longer than the model's ordinary
-    words and than its own start, for several checks in a row). `analyze` applies the same rule to the CSV."""
+    words and than its own start, for several checks in a row). `analyze` applies the same rule to the CSV.
+
+    With one set of vectors per text encoder (SDXL), each encoder's vectors are measured against that
+    encoder's own ordinary words (CLIP-L's and bigG's token lengths differ), each with its own tracker, in
+    columns named by the encoder (`clip_l_vector_0`); the summary records each range under `norm_ranges`."""
 
     def __init__(self, every_steps: int, on_message: Message = print):
         self.every_steps = max(1, every_steps)
         self.on_message = on_message
         self.log: CsvLog | None = None
-        self._latest: tuple[int, torch.Tensor] | None = None
+        self._latest: tuple[int, Vectors] | None = None
 
     def start(self, context: RunContext) -> None:
         self.context = context
-        self.reference = norms.ordinary_token_norms(context.backend)
-        self.tracker = norms.OverbakeTracker(self.reference)
-        update_summary(context.folders.root, norm_range=self.reference.to_dict())
+        family = context.backend.family
+        self.per_encoder = family.vectors_per_encoder
+        self.references = {
+            spec.key: norms.ordinary_token_norms(context.backend, spec.key) for spec in family.text_encoders
+        }
+        self.trackers = {key: norms.OverbakeTracker(reference) for key, reference in self.references.items()}
+        if self.per_encoder:
+            ranges = {key: reference.to_dict() for key, reference in self.references.items()}
+            update_summary(context.folders.root, norm_ranges=ranges)
+        else:
+            update_summary(context.folders.root, norm_range=next(iter(self.references.values())).to_dict())
         initial = _initial_vectors(context)
         if initial is not None:
-            self._open_log(len(norms.vector_norms(initial)))
             self._record(context.initial_step, initial)
 
-    def _open_log(self, vectors: int) -> None:
-        columns = ["step", *(f"vector_{i}" for i in range(vectors))]
+    def _column(self, key: str, index: int) -> str:
+        return norms.norm_column(index, key if self.per_encoder else None)
+
+    def _open_log(self, lengths: dict[str, list[float]]) -> None:
+        columns = [
+            "step",
+            *(self._column(key, i) for key, values in lengths.items() for i in range(len(values))),
+        ]
         self.log = CsvLog(self.context.folders.root / NORMS_CSV, columns, self.context.initial_step)
         # A resumed run continues its history: the starting lengths and any streak in progress carry over,
         # and a vector already flagged is not warned about a second time.
         for row in read_rows(self.log.path):
-            self.tracker.check(int(row["step"]), [float(row[key]) for key in columns[1:]])
+            for key, values in lengths.items():
+                history = [float(row[self._column(key, i)]) for i in range(len(values))]
+                self.trackers[key].check(int(row["step"]), history)
 
-    def after_step(self, step: int, vectors: torch.Tensor) -> bool:
+    def after_step(self, step: int, vectors: Vectors) -> bool:
         self._latest = (step, vectors)
         if step % self.every_steps == 0 or step == self.context.initial_step + 1:
             self._record(step, vectors)
@@ -224,40 +242,47 @@ class NormMonitor:
         if self._latest and self._latest[0] == step:
             self._record(step, self._latest[1])
 
-    def _record(self, step: int, vectors: torch.Tensor) -> None:
-        lengths = norms.vector_norms(vectors)
+    def _record(self, step: int, vectors: Vectors) -> None:
+        keyed = self.context.backend.family.keyed_vectors(vectors)
+        lengths = {key: norms.vector_norms(tensor) for key, tensor in keyed.items()}
         if self.log is None:
-            self._open_log(len(lengths))
+            self._open_log(lengths)
         if step in self.log.steps:
             return
-        self.log.write([step, *(number(value) for value in lengths)])
-        fresh = self.tracker.check(step, lengths)
-        if fresh:
-            flagged = {index: self.tracker.flagged[index] for index in fresh}
-            self.on_message(
-                f"Step {step}: {self.context.embedding_name!r} may be overbaking: "
-                f"{norms.describe_overgrowth(flagged, self.reference)} (lengths now "
-                f"{', '.join(f'{value:.2f}' for value in lengths)}). Compare the steps around "
-                f"{min(flagged.values())} with earlier copies (python -m ti_trainer compare {self.context.folders.root})."
-            )
+        self.log.write([step, *(number(value) for values in lengths.values() for value in values)])
+        for key, values in lengths.items():
+            fresh = self.trackers[key].check(step, values)
+            if fresh:
+                self._warn(step, key, fresh, values)
+
+    def _warn(self, step: int, key: str, fresh: list[int], lengths: list[float]) -> None:
+        flagged = {index: self.trackers[key].flagged[index] for index in fresh}
+        which = f"{key} " if self.per_encoder else ""
+        self.on_message(
+            f"Step {step}: {self.context.embedding_name!r} may be overbaking: {which}"
+            f"{norms.describe_overgrowth(flagged, self.references[key])} (lengths now "
+            f"{', '.join(f'{value:.2f}' for value in lengths)}). Compare the steps around "
+            f"{min(flagged.values())} with earlier copies (python -m ti_trainer compare {self.context.folders.root})."
+        )
 
 
-def _initial_vectors(context: RunContext) -> torch.Tensor | None:
+def _initial_vectors(context: RunContext) -> Vectors | None:
     """The vectors the run starts from: the embedding file as it is before the first step."""
     path = existing_embedding_file(Path(context.config.embeddings_dir), context.embedding_name)
     if path is None:
         return None
-    return load_embedding(path).vectors.to(context.backend.device)
+    device = context.backend.device
+    return map_vectors(load_embedding(path).vectors, lambda tensor: tensor.to(device))
 
 
-def _save_copy(context: RunContext, step: int, vectors: torch.Tensor) -> Path:
+def _save_copy(context: RunContext, step: int, vectors: Vectors) -> Path:
     """The suggested step as a copy in `embeddings/`, so it is among the steps a comparison shows."""
     existing = context.folders.embeddings / f"{context.embedding_name}-{step}.{context.config.save_format}"
     if existing.is_file():
         return existing
     embedding = Embedding(
         context.embedding_name,
-        vectors.detach().float().cpu().clone(),
+        detached_copy(vectors),
         step,
         context.backend.model_hash,
         context.backend.model_name,

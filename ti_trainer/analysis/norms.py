@@ -36,11 +36,17 @@ class NormRange:
             return None
 
 
-def ordinary_token_norms(backend: Backend) -> NormRange:
-    """The range of the model's ordinary words: read from its text encoder's token-embedding matrix, the
-    same way on every host (the WebUI's ldm model and the standalone diffusers one)."""
-    encoder = backend.family.text_encoders[0].key
+def ordinary_token_norms(backend: Backend, encoder: str | None = None) -> NormRange:
+    """The range of the model's ordinary words: read from the token-embedding matrix of its text encoder
+    `encoder` (default: its first), the same way on every host (the WebUI's ldm model and the standalone
+    diffusers one). SDXL's two encoders each have their own range."""
+    encoder = encoder or backend.family.text_encoders[0].key
     return token_norm_range(backend.token_embedding_weight(encoder))
+
+
+def norm_column(index: int, encoder: str | None = None) -> str:
+    """The norms CSV's column of vector `index`: `vector_0`, or with one set per encoder `clip_g_vector_0`."""
+    return f"vector_{index}" if encoder is None else f"{encoder}_vector_{index}"
 
 
 def token_norm_range(token_embedding_weight: torch.Tensor) -> NormRange:

@@ -28,6 +28,9 @@ class RunAnalysis:
     norm_range: norms.NormRange | None
     departures: dict[int, int] = field(default_factory=dict)  # vector -> first step of its overgrowth
     last_ratio: float | None = None
+    # An embedding with one set of vectors per text encoder (SDXL): each encoder's range and departures,
+    # measured against its own ordinary words (norm_range and departures are then empty).
+    encoder_norms: dict[str, tuple[norms.NormRange, dict[int, int]]] = field(default_factory=dict)
 
 
 def analyse(run: RunInfo, rule: early_stopping.StoppingRule | None = None) -> RunAnalysis:
@@ -41,6 +44,13 @@ def analyse(run: RunInfo, rule: early_stopping.StoppingRule | None = None) -> Ru
     reference = norms.NormRange.from_dict(summary.get("norm_range"))
     steps, rows = run.norms()
     departures = norms.first_departures(steps, rows, reference) if reference else {}
+    encoder_norms = {}
+    for encoder, data in (summary.get("norm_ranges") or {}).items():
+        encoder_reference = norms.NormRange.from_dict(data)
+        if encoder_reference is not None:
+            encoder_steps, encoder_rows = run.norms(encoder)
+            found = norms.first_departures(encoder_steps, encoder_rows, encoder_reference)
+            encoder_norms[encoder] = (encoder_reference, found)
     return RunAnalysis(
         run,
         rule,
@@ -50,6 +60,7 @@ def analyse(run: RunInfo, rule: early_stopping.StoppingRule | None = None) -> Ru
         reference,
         departures,
         last_ratio,
+        encoder_norms,
     )
 
 
@@ -81,17 +92,19 @@ def summary_lines(analysis: RunAnalysis) -> list[str]:
             f"(DVAR: window {rule.window_steps} steps, threshold {rule.threshold}); {how}.{use} "
             "Check it, and the steps before it, in a comparison grid."
         )
-    reference = analysis.norm_range
-    if reference and analysis.departures:
-        lines.append(
-            f"Overbake warning: {norms.describe_overgrowth(analysis.departures, reference)}. Steps after that may "
-            "look harsh or swallow the subject."
-        )
-    elif reference:
-        lines.append(
-            f"No vector grew far past the model's ordinary words ({reference.low:.2f}-{reference.high:.2f}; "
-            f"flagged past {norms.limit(reference):.2f})."
-        )
+    overbake = [("", analysis.norm_range, analysis.departures)] if analysis.norm_range else []
+    overbake += [(f"{key} ", reference, found) for key, (reference, found) in analysis.encoder_norms.items()]
+    for encoder, reference, departures in overbake:
+        if departures:
+            lines.append(
+                f"Overbake warning: {encoder}{norms.describe_overgrowth(departures, reference)}. Steps after "
+                "that may look harsh or swallow the subject."
+            )
+        else:
+            lines.append(
+                f"No {encoder}vector grew far past the model's ordinary words ({reference.low:.2f}-"
+                f"{reference.high:.2f}; flagged past {norms.limit(reference):.2f})."
+            )
     step, rows = run.image_report()
     heavy = dominant({row["image"]: float(row["gradient_share"]) for row in rows})
     if heavy:
@@ -136,8 +149,20 @@ def loss_chart(analysis: RunAnalysis) -> Image.Image:
 
 
 def norm_chart(analysis: RunAnalysis) -> Image.Image:
-    """Each vector's length over training against the band of the model's ordinary words."""
+    """Each vector's length over training against the band of the model's ordinary words; with one set of
+    vectors per text encoder (SDXL), one chart per encoder against that encoder's own band."""
+    if analysis.encoder_norms:
+        return charts.stack(
+            [
+                _norm_chart(analysis, f"{key} vector lengths", *analysis.run.norms(key), reference, found)
+                for key, (reference, found) in analysis.encoder_norms.items()
+            ]
+        )
     steps, rows = analysis.run.norms()
+    return _norm_chart(analysis, "Vector lengths", steps, rows, analysis.norm_range, analysis.departures)
+
+
+def _norm_chart(analysis: RunAnalysis, title: str, steps, rows, reference, departures) -> Image.Image:
     series = [
         charts.Series(
             f"vector {index}",
@@ -151,15 +176,14 @@ def norm_chart(analysis: RunAnalysis) -> Image.Image:
         for item in series:
             item.width, item.label = 1, ""
         series[0].label = f"{len(series)} vectors"
-    reference = analysis.norm_range
     band = (reference.low, reference.high, "ordinary words") if reference else None
     markers = []
     if analysis.suggested_step is not None:
         markers.append(charts.Marker(analysis.suggested_step, f"suggested {analysis.suggested_step}"))
-    for index, step in sorted(analysis.departures.items(), key=lambda item: item[1])[:1]:
+    for index, step in sorted(departures.items(), key=lambda item: item[1])[:1]:
         markers.append(charts.Marker(step, f"vector {index} overgrown", (214, 39, 40)))
     chart = charts.Chart(
-        "Vector lengths: far above the band, the embedding overpowers prompts (overbaking)",
+        f"{title}: far above the band, the embedding overpowers prompts (overbaking)",
         "length",
         series,
         band,

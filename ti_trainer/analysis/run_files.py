@@ -186,15 +186,17 @@ class RunInfo:
     def validation_loss(self) -> Curve:
         return _curve(self.root / VALIDATION_CSV, "loss")
 
-    def norms(self) -> tuple[list[int], list[list[float]]]:
-        """Steps, and per step the length of each vector."""
+    def norms(self, encoder: str | None = None) -> tuple[list[int], list[list[float]]]:
+        """Steps, and per step the length of each vector (of text encoder `encoder`'s vectors, for an
+        embedding with one set per encoder: SDXL)."""
+        prefix = "vector_" if encoder is None else f"{encoder}_vector_"
         steps, rows = [], []
         for row in read_rows(self.root / NORMS_CSV):
             step = _step(row)
             if step is None:
                 continue
             steps.append(step)
-            rows.append([float(row[key]) for key in row if key.startswith("vector_")])
+            rows.append([float(row[key]) for key in row if key.startswith(prefix)])
         return steps, rows
 
     def image_report(self, step: int | None = None) -> tuple[int | None, list[dict[str, str]]]:

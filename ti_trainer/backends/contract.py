@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 
 from ti_trainer.diffusion import NoiseSchedule
-from ti_trainer.text.conditioning import PromptEncoder
+from ti_trainer.embeddings.vectors import Vectors
+from ti_trainer.text.conditioning import PromptEncoding
 
 if TYPE_CHECKING:
     from ti_trainer.memory.plan import MemoryPlan
@@ -51,7 +52,7 @@ class PreviewRequest:
     width: int
     height: int
     sampler: str
-    vectors: dict[str, torch.Tensor]
+    vectors: dict[str, Vectors]  # embedding name -> its vectors (a tensor, or one per text encoder)
 
 
 # --- model families ------------------------------------------------------------------------------------------
@@ -63,11 +64,16 @@ CLIP_L = "clip_l"  # OpenAI CLIP ViT-L/14: SD 1.x (and SDXL's first encoder)
 CLIP_H = "clip_h"  # OpenCLIP ViT-H/14: SD 2.x
 CLIP_G = "clip_g"  # OpenCLIP ViT-bigG/14: SDXL's second encoder
 
-FAMILY_TITLES = {"sd1": "SD 1.x", "sd2": "SD 2.x"}
+FAMILY_TITLES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 # The text-encoder width of each family's released models: how an embedding file (which records no family)
-# is recognised in messages.
-FAMILY_TEXT_WIDTHS = {"sd1": 768, "sd2": 1024}
+# is recognised in messages. SDXL's is A1111's "shape" of an SDXL embedding: 768 + 1280.
+FAMILY_TEXT_WIDTHS = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
 _FAMILY_ENCODERS = {"sd1": CLIP_L, "sd2": CLIP_H}
+# SDXL's conditioning besides the text's hidden states, in the order the UNet's vector input takes them.
+SDXL_EXTRA_CONDITIONING = ("pooled_text", "original_size", "crop_top_left", "target_size")
+# With SDXL's 1024x1024 that gives its usual sizes around one megapixel: 1024x1024 to 1536x640 in steps of
+# 64 px (and their transposes), all among the sizes SDXL was trained on.
+SDXL_BUCKET_MAX_RATIO = 2.4
 
 
 @dataclass(frozen=True)
@@ -80,7 +86,7 @@ class TextEncoderSpec:
 class ModelFamily:
     """What a model family changes for training, as data the core reads instead of assuming SD 1.x/2.x."""
 
-    name: str  # "sd1" | "sd2"
+    name: str  # "sd1" | "sd2" | "sdxl"
     text_encoders: tuple[TextEncoderSpec, ...]
     latent_channels: int = 4
     vae_scale_factor: int = 8  # image pixels per latent pixel, per side
@@ -88,6 +94,9 @@ class ModelFamily:
     # "crop_top_left", "target_size"); such a family's prompt encoder returns them with the text, and its
     # `predict` takes them back. SD 1.x and 2.x have none.
     extra_conditioning: tuple[str, ...] = ()
+    # The widest aspect ratio of the family's aspect-ratio buckets (training/buckets.py). SDXL was trained on
+    # buckets of about one megapixel up to 1536x640 and beyond; 2.4 keeps that one.
+    bucket_max_ratio: float = 2.0
 
     @property
     def title(self) -> str:
@@ -103,13 +112,31 @@ class ModelFamily:
 
     @property
     def text_width(self) -> int:
-        """The width of an embedding's vectors: this family's one text encoder's."""
-        if len(self.text_encoders) != 1:
-            raise NotImplementedError(
-                f"{self.title} has {len(self.text_encoders)} text encoders; embeddings with vectors for each "
-                "are not supported yet."
-            )
-        return self.text_encoders[0].width
+        """The width of an embedding's vectors: this family's one text encoder's; with several encoders, their
+        sum (A1111's `shape` of an SDXL embedding: 768 + 1280 = 2048), which `Embedding.width` reports too."""
+        return sum(spec.width for spec in self.text_encoders)
+
+    @property
+    def vectors_per_encoder(self) -> bool:
+        """An embedding for this family holds one set of vectors per text encoder (a dict keyed by encoder,
+        SDXL's `clip_l`/`clip_g`), not A1111's single tensor."""
+        return len(self.text_encoders) > 1
+
+    def keyed_vectors(self, vectors: Vectors) -> dict[str, torch.Tensor]:
+        """`vectors` keyed by encoder, in the family's encoder order: a one-encoder family's single tensor
+        under its encoder's key; a dict as it is (its keys are checked where a file is matched to a model:
+        embeddings/checks.py `require_fits`)."""
+        if isinstance(vectors, torch.Tensor):
+            return {self.text_encoders[0].key: vectors}
+        return {spec.key: vectors[spec.key] for spec in self.text_encoders}
+
+    def zero_vectors(self, num_vectors: int, device: torch.device | str = "cpu") -> Vectors:
+        """`num_vectors` zero vectors in the form this family's embeddings take (a tensor, or one per encoder)."""
+        zeros = {
+            spec.key: torch.zeros(num_vectors, spec.width, dtype=torch.float32, device=device)
+            for spec in self.text_encoders
+        }
+        return zeros if self.vectors_per_encoder else zeros[self.text_encoders[0].key]
 
 
 def sd_family(name: str, text_width: int, latent_channels: int = 4, vae_scale_factor: int = 8) -> ModelFamily:
@@ -117,6 +144,16 @@ def sd_family(name: str, text_width: int, latent_channels: int = 4, vae_scale_fa
     the tests' tiny models are narrower)."""
     encoder = TextEncoderSpec(_FAMILY_ENCODERS[name], int(text_width))
     return ModelFamily(name, (encoder,), int(latent_channels), int(vae_scale_factor))
+
+
+def sdxl_family(clip_l_width: int = 768, clip_g_width: int = 1280, vae_scale_factor: int = 8) -> ModelFamily:
+    """SDXL: CLIP ViT-L (768) then OpenCLIP ViT-bigG (1280), whose penultimate hidden states are concatenated in
+    that order, with bigG's pooled output and the size and crop conditioning in the UNet's vector input (the
+    tests' tiny model is narrower)."""
+    encoders = (TextEncoderSpec(CLIP_L, int(clip_l_width)), TextEncoderSpec(CLIP_G, int(clip_g_width)))
+    return ModelFamily(
+        "sdxl", encoders, 4, int(vae_scale_factor), SDXL_EXTRA_CONDITIONING, SDXL_BUCKET_MAX_RATIO
+    )
 
 
 def family_title_for_width(width: int, otherwise: str) -> str:
@@ -138,9 +175,11 @@ class Backend(Protocol):
         family: the model family: text encoders and their widths, latent channels, VAE downsampling, extra
             conditioning.
         text_width: `family.text_width`, the width of an embedding's vectors (kept as the short name the
-            one-encoder families use everywhere).
+            one-encoder families use everywhere; with several encoders, the sum of their widths).
         prompt_encoder: prompts -> conditioning with the WebUI's rules and the trainable vectors injected
-            (text/conditioning.py); its `chunker` registers the names prompts may contain.
+            (text/conditioning.py); its `chunker` registers the names prompts may contain. It takes each
+            name's vectors in the family's form (embeddings/vectors.py) and returns what `predict` takes:
+            a tensor, or (a family with extra conditioning) an object only this backend reads.
         model_name, model_hash: recorded in the embedding and the run's settings, as A1111 records them.
         upcasts_attention: the model wants fp32 attention scores (SD 2.x; in fp16, 2.1-768 NaNs without).
         preferred_precision: the half precision its weights already have ("fp16" for the WebUI's model) so a
@@ -151,7 +190,7 @@ class Backend(Protocol):
     schedule: NoiseSchedule
     family: ModelFamily
     text_width: int
-    prompt_encoder: PromptEncoder
+    prompt_encoder: PromptEncoding
     model_name: str
     model_hash: str | None
 
@@ -161,8 +200,10 @@ class Backend(Protocol):
     @property
     def preferred_precision(self) -> str | None: ...
 
-    def token_vectors(self, text: str) -> torch.Tensor:
-        """Token embeddings (not contextualised) of `text`'s tokens, no start/end: `[tokens, width]`, fp32 CPU."""
+    def token_vectors(self, text: str) -> Vectors:
+        """Token embeddings (not contextualised) of `text`'s tokens, no start/end: `[tokens, width]`, fp32 CPU;
+        a family with several text encoders gives one such tensor per encoder key, each from that encoder's
+        own table (the same tokens: SDXL's two tokenizers share CLIP's BPE)."""
         ...
 
     def token_embedding_weight(self, encoder: str) -> torch.Tensor:
@@ -175,11 +216,9 @@ class Backend(Protocol):
         """`pixels` `[B, 3, H, W]` in [-1, 1] -> scaled latent distribution (fp32, CPU), no gradients."""
         ...
 
-    def predict(
-        self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor
-    ) -> torch.Tensor:
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
         """The UNet's prediction (noise or v, per the schedule's parameterization); `cond` is what
-        `prompt_encoder` returned."""
+        `prompt_encoder` returned (with the family's extra conditioning inside it)."""
         ...
 
     def render(self, request: PreviewRequest) -> Image.Image | None:

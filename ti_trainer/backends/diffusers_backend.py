@@ -135,42 +135,54 @@ class DiffusersBackend:
 
     @torch.no_grad()
     def render(self, request: PreviewRequest) -> Image.Image:
-        scheduler = self._scheduler(request.sampler)
-        scheduler.set_timesteps(request.steps)
-        generator = torch.Generator().manual_seed(int(request.seed))
-        factor = self.family.vae_scale_factor
-        shape = (1, self.family.latent_channels, request.height // factor, request.width // factor)
-        latents = torch.randn(shape, generator=generator).to(self.device) * scheduler.init_noise_sigma
         cond = self.prompt_encoder([request.prompt], request.vectors)
         uncond = self.prompt_encoder([request.negative_prompt], request.vectors)
-        for t in scheduler.timesteps:
-            model_input = scheduler.scale_model_input(latents, t)
-            with_text = self.predict(model_input, t, cond).float()
-            without_text = self.predict(model_input, t, uncond).float()
-            guided = without_text + request.cfg_scale * (with_text - without_text)
-            latents = scheduler.step(guided, t, latents, generator=generator).prev_sample
-        with on_device(self.vae, self.device):  # it may be waiting in RAM while training
-            pixels = self.vae.decode((latents / self.latent_scale).to(self.vae.dtype)).sample
-        array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-        return Image.fromarray(np.ascontiguousarray(array))
+        latents = sample_latents(self, request, cond, uncond)
+        return decode_to_image(self.vae, latents, self.latent_scale, self.device)
 
-    def _scheduler(self, sampler: str):
-        import diffusers
 
-        classes = {
-            "Euler a": diffusers.EulerAncestralDiscreteScheduler,
-            "Euler": diffusers.EulerDiscreteScheduler,
-            "DDIM": diffusers.DDIMScheduler,
-            "DPM++ 2M": diffusers.DPMSolverMultistepScheduler,
-        }
-        cls = classes.get(sampler, diffusers.EulerAncestralDiscreteScheduler)
-        alphas = self.schedule.alphas_cumprod.double()
-        betas = 1 - alphas / torch.cat([torch.ones(1, dtype=alphas.dtype), alphas[:-1]])
-        prediction = "v_prediction" if self.schedule.parameterization == "v" else "epsilon"
-        return cls(
-            num_train_timesteps=len(betas),
-            trained_betas=betas.numpy(),
-            prediction_type=prediction,
-            timestep_spacing="leading",
-            steps_offset=1,
-        )
+def sample_latents(backend, request: PreviewRequest, cond, uncond) -> torch.Tensor:
+    """The preview's latents: the request's sampler over `backend.predict` with classifier-free guidance."""
+    scheduler = preview_scheduler(backend.schedule, request.sampler)
+    scheduler.set_timesteps(request.steps)
+    generator = torch.Generator().manual_seed(int(request.seed))
+    factor = backend.family.vae_scale_factor
+    shape = (1, backend.family.latent_channels, request.height // factor, request.width // factor)
+    latents = torch.randn(shape, generator=generator).to(backend.device) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(latents, t)
+        with_text = backend.predict(model_input, t, cond).float()
+        without_text = backend.predict(model_input, t, uncond).float()
+        guided = without_text + request.cfg_scale * (with_text - without_text)
+        latents = scheduler.step(guided, t, latents, generator=generator).prev_sample
+    return latents
+
+
+def decode_to_image(vae: torch.nn.Module, latents: torch.Tensor, latent_scale: float, device) -> Image.Image:
+    with on_device(vae, device):  # it may be waiting in RAM while training
+        pixels = vae.decode((latents / latent_scale).to(vae.dtype)).sample
+    array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def preview_scheduler(schedule: NoiseSchedule, sampler: str):
+    """A diffusers scheduler for the WebUI sampler name, over the model's own noise schedule."""
+    import diffusers
+
+    classes = {
+        "Euler a": diffusers.EulerAncestralDiscreteScheduler,
+        "Euler": diffusers.EulerDiscreteScheduler,
+        "DDIM": diffusers.DDIMScheduler,
+        "DPM++ 2M": diffusers.DPMSolverMultistepScheduler,
+    }
+    cls = classes.get(sampler, diffusers.EulerAncestralDiscreteScheduler)
+    alphas = schedule.alphas_cumprod.double()
+    betas = 1 - alphas / torch.cat([torch.ones(1, dtype=alphas.dtype), alphas[:-1]])
+    prediction = "v_prediction" if schedule.parameterization == "v" else "epsilon"
+    return cls(
+        num_train_timesteps=len(betas),
+        trained_betas=betas.numpy(),
+        prediction_type=prediction,
+        timestep_spacing="leading",
+        steps_offset=1,
+    )

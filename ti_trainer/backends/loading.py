@@ -9,11 +9,16 @@ from typing import TYPE_CHECKING
 import torch
 
 from ti_trainer.errors import UserError
+from ti_trainer.text.conditioning import TokenIds
 
 if TYPE_CHECKING:
     from ti_trainer.backends.diffusers_backend import DiffusersBackend
 
 TINY = "tiny"
+TINY_SDXL = "tiny-sdxl"
+# The key A1111 recognises an SDXL base checkpoint by (sd_models_config.py): bigG's final norm in sgm's
+# conditioner. A diffusers folder is SDXL when it has a second text encoder.
+SDXL_CHECKPOINT_KEY = "conditioner.embedders.1.model.ln_final.weight"
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -25,16 +30,40 @@ def resolve_device(device: str = "auto") -> torch.device:
 def load_backend(
     model: str = TINY, device: str = "auto", parameterization: str | None = None
 ) -> DiffusersBackend:
-    """`model` is "tiny", a diffusers folder, or a single-file .safetensors/.ckpt checkpoint."""
+    """`model` is "tiny" (SD 2.x-like), "tiny-sdxl", a diffusers folder, or a single-file .safetensors/.ckpt
+    checkpoint (SD 1.x, 2.x or SDXL)."""
     target = resolve_device(device)
     if model == TINY:
         from ti_trainer.backends.tiny import tiny_backend
 
         return tiny_backend(parameterization or "v", device=target)
+    if model == TINY_SDXL:
+        from ti_trainer.backends.tiny_xl import tiny_xl_backend
+
+        return tiny_xl_backend(device=target)
     path = Path(model)
     if not path.exists():
-        raise UserError(f"Model not found: {model}. Give a checkpoint file, a diffusers folder, or 'tiny'.")
+        raise UserError(
+            f"Model not found: {model}. Give a checkpoint file, a diffusers folder, 'tiny' or 'tiny-sdxl'."
+        )
     return _load_pipeline_backend(path, target, parameterization)
+
+
+def is_sdxl_model(path: Path) -> bool:
+    """A diffusers folder with `text_encoder_2`, or a .safetensors checkpoint holding sgm's conditioner with
+    bigG (what A1111 loads with sd_xl_base.yaml). Other single files (.ckpt) are read as SD 1.x/2.x: SDXL
+    checkpoints are published as .safetensors."""
+    if path.is_dir():
+        return (path / "text_encoder_2").is_dir()
+    if path.suffix.lower() != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return SDXL_CHECKPOINT_KEY in handle.keys()  # noqa: SIM118
+    except Exception:  # not readable as safetensors: diffusers' loader says why below
+        return False
 
 
 def _load_pipeline_backend(
@@ -46,8 +75,16 @@ def _load_pipeline_backend(
         raise UserError(
             "The standalone trainer needs diffusers and transformers: pip install 'ti_trainer[standalone]'"
         ) from error
+    sdxl = is_sdxl_model(path)
     try:
-        if path.is_dir():
+        if sdxl:
+            pipeline = diffusers.StableDiffusionXLPipeline
+            pipe = (
+                pipeline.from_pretrained(str(path), local_files_only=True)
+                if path.is_dir()
+                else pipeline.from_single_file(str(path))
+            )
+        elif path.is_dir():
             pipe = diffusers.StableDiffusionPipeline.from_pretrained(
                 str(path), safety_checker=None, requires_safety_checker=False, local_files_only=True
             )
@@ -59,15 +96,35 @@ def _load_pipeline_backend(
             "diffusers fetches from the Hugging Face hub the first time; load it once online, or convert it to "
             "a diffusers folder and pass that folder."
         ) from error
+    if sdxl:
+        return xl_pipeline_backend(pipe, path, device, parameterization)
     return pipeline_backend(pipe, path, device, parameterization)
 
 
-def pipeline_backend(
-    pipe, source: Path, device: torch.device, parameterization: str | None
-) -> DiffusersBackend:
-    from ti_trainer.backends.diffusers_backend import DiffusersBackend
+def xl_pipeline_backend(pipe, source: Path, device: torch.device, parameterization: str | None):
+    """The SDXL backend over a `StableDiffusionXLPipeline`'s components."""
+    from ti_trainer.backends.diffusers_xl_backend import DiffusersXLBackend
+
+    schedule, ids = _schedule_and_ids(pipe, parameterization)
+    # bigG's tokenizer pads with "!" (id 0) after the end token, as open_clip and A1111 do.
+    pad_2 = pipe.tokenizer_2.pad_token_id
+    return DiffusersXLBackend(
+        pipe.unet,
+        pipe.vae,
+        pipe.text_encoder,
+        pipe.text_encoder_2,
+        reference_tokenizer(pipe.tokenizer),
+        TokenIds(ids.start, ids.end, ids.end, ids.comma),  # CLIP-L pads with the end token
+        schedule,
+        model_name=source.stem.replace("/", "_"),
+        model_hash=checkpoint_short_hash(source) if source.is_file() else None,
+        device=device,
+        pad_2=0 if pad_2 is None else int(pad_2),
+    )
+
+
+def _schedule_and_ids(pipe, parameterization: str | None):
     from ti_trainer.diffusion import NoiseSchedule
-    from ti_trainer.text.conditioning import TokenIds
 
     tokenizer = pipe.tokenizer
     prediction = parameterization or (
@@ -75,9 +132,6 @@ def pipeline_backend(
     )
     alphas = torch.as_tensor(pipe.scheduler.alphas_cumprod, dtype=torch.float64)
     vocab = tokenizer.get_vocab()
-
-    tokenize = reference_tokenizer(tokenizer)
-
     ids = TokenIds(
         start=tokenizer.bos_token_id,
         end=tokenizer.eos_token_id,
@@ -86,13 +140,22 @@ def pipeline_backend(
         pad=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         comma=vocab.get(",</w>", -1),
     )
+    return NoiseSchedule(alphas, prediction), ids
+
+
+def pipeline_backend(
+    pipe, source: Path, device: torch.device, parameterization: str | None
+) -> DiffusersBackend:
+    from ti_trainer.backends.diffusers_backend import DiffusersBackend
+
+    schedule, ids = _schedule_and_ids(pipe, parameterization)
     return DiffusersBackend(
         pipe.unet,
         pipe.vae,
         pipe.text_encoder,
-        tokenize,
+        reference_tokenizer(pipe.tokenizer),
         ids,
-        NoiseSchedule(alphas, prediction),
+        schedule,
         # diffusers stores SD 2.x's text encoder already cut at OpenCLIP's penultimate layer (23 of 24), so
         # its last hidden state (with the final norm) is what A1111 computes with `layer: penultimate`.
         penultimate=False,

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ti_trainer.backends.tiny import tiny_backend
 from ti_trainer.cli.terminal import train_in_terminal
 from ti_trainer.config import TrainConfig
 from ti_trainer.embeddings.create import create_embedding
@@ -61,14 +60,17 @@ def make_dataset(folder: Path, count: int = 8, size: int = 128, seed: int = 0) -
     return folder
 
 
-def run_demo(out: Path, steps: int = 50) -> Path:
+def run_demo(out: Path, steps: int = 50, model: str = "tiny") -> Path:
+    """`model`: "tiny" (SD 2.x-like) or "tiny-sdxl" (SDXL-like: two text encoders, size conditioning)."""
+    from ti_trainer.backends.loading import load_backend
+
     started = time.perf_counter()
     out = Path(out)
     data = make_dataset(out / "dataset")
-    backend = tiny_backend("v")
+    backend = load_backend(model, device="cpu")
     embeddings = out / "embeddings"
     path = create_embedding(backend, DEMO_NAME, "painting style", 2, embeddings, overwrite=True)
-    print(f"Created {path} (2 vectors from 'painting style')")
+    print(f"Created {path} (2 vectors from 'painting style', {backend.family.title}-like tiny model)")
     config = TrainConfig(
         embedding_name=DEMO_NAME,
         data_dir=str(data),
@@ -82,6 +84,8 @@ def run_demo(out: Path, steps: int = 50) -> Path:
         width=128,
         height=128,
         save_every=10,
+        # SDXL embeddings are saved as .safetensors (a .pt could hold the two tensors but not the step).
+        save_format="safetensors" if backend.family.vectors_per_encoder else "pt",
         preview_every=25,
         preview_steps=10,
         shuffle_tags=True,
@@ -93,7 +97,7 @@ def run_demo(out: Path, steps: int = 50) -> Path:
     print(f"\nLog folder: {result.log_folder}")
     for sub in ("embeddings", "images", "image_embeddings"):
         files = sorted(
-            p.name for p in (result.log_folder / sub).glob("*.p*") if not p.name.endswith(".optim")
+            p.name for p in (result.log_folder / sub).glob("*") if p.suffix in (".pt", ".safetensors", ".png")
         )
         print(f"  {sub + '/':18} {', '.join(files)}")
     print(f"  {'':18} textual_inversion_loss.csv, settings-*.json")

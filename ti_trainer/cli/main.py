@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = verbs.add_parser("demo", help="train a small embedding on the built-in tiny model, end to end")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--steps", type=int, default=50)
+    demo.add_argument(
+        "--model",
+        choices=("tiny", "tiny-sdxl"),
+        default="tiny",
+        help="the built-in tiny model: SD 2.x-like (tiny) or SDXL-like (tiny-sdxl)",
+    )
 
     # Dataset preparation verbs: preprocess, report (ti_trainer/prepare/cli_verbs.py).
     add_prepare_verbs(verbs)
@@ -135,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "demo":
             from ti_trainer.cli.demo import run_demo
 
-            run_demo(args.out, args.steps)
+            run_demo(args.out, args.steps, args.model)
             return 0
-        from ti_trainer.backends.loading import TINY, load_backend
+        from ti_trainer.backends.loading import TINY, TINY_SDXL, load_backend
 
         if args.verb == "create":
             from ti_trainer.embeddings.create import create_embedding, init_text_report
@@ -151,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Created {path}")
             for line in init_text_report(backend, args.init_text, args.vectors):
                 print(f"  {line}")
-            if args.model == TINY:
+            if args.model in (TINY, TINY_SDXL):
                 print(TINY_MODEL_NOTE, file=sys.stderr)
             return 0
         from ti_trainer.cli.terminal import train_in_terminal

@@ -15,7 +15,7 @@ import torch
 from ti_trainer.errors import UserError
 
 # The text-encoder widths of the model families users meet; other widths (the tests' tiny models) get no name.
-_FAMILY_BY_WIDTH = {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL"}
+_FAMILY_BY_WIDTH = {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL", 2048: "SDXL"}
 
 
 def family_of(width: int) -> str | None:
@@ -41,6 +41,43 @@ def require_width(
     held = f"{width}-wide vectors" + (f" (an {family} embedding)" if family else "")
     wanted = f"{needed}" + (f" ({needed_family})" if needed_family else "")
     raise UserError(f"{Path(source).name} holds {held}; {needed_by} {wanted}. {advice} File: {source}")
+
+
+def require_fits(
+    source: Path | str,
+    vectors: torch.Tensor | dict[str, torch.Tensor],
+    family,
+    advice: str = "Use an embedding made for this model.",
+) -> None:
+    """Refuse vectors from the file `source` that the model family `family` (backends/contract.py
+    `ModelFamily`) cannot take: one tensor where it has one text encoder (checked by width, as A1111 does), or
+    one tensor per encoder, keyed and as wide as its encoders (SDXL's `clip_l`, `clip_g`)."""
+    name = Path(source).name
+    if not family.vectors_per_encoder:
+        if isinstance(vectors, torch.Tensor):
+            require_width(source, int(vectors.shape[-1]), family.text_width, advice=advice)
+            return
+        held = ", ".join(f"{key} {int(tensor.shape[-1])}" for key, tensor in vectors.items())
+        raise UserError(
+            f"{name} is an SDXL embedding (one set of vectors per text encoder: {held}); the loaded model is "
+            f"{family.title}, with one text encoder of width {family.text_width}. {advice} File: {source}"
+        )
+    wanted = ", ".join(f"{spec.key} {spec.width}" for spec in family.text_encoders)
+    if isinstance(vectors, torch.Tensor):
+        width = int(vectors.shape[-1])
+        known = family_of(width)
+        held = f"one set of {width}-wide vectors" + (f" (an {known} embedding)" if known else "")
+        raise UserError(
+            f"{name} holds {held}; the loaded model is {family.title}, whose embeddings hold vectors for each of "
+            f"its text encoders ({wanted}). {advice} File: {source}"
+        )
+    held_widths = {key: int(tensor.shape[-1]) for key, tensor in vectors.items()}
+    needed = {spec.key: spec.width for spec in family.text_encoders}
+    if held_widths != needed:
+        held = ", ".join(f"{key} {width}" for key, width in held_widths.items())
+        raise UserError(
+            f"{name} holds vectors of widths {held}; the loaded model needs {wanted}. {advice} File: {source}"
+        )
 
 
 def has_non_finite(vectors: torch.Tensor) -> bool:

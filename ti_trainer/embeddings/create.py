@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-import torch
-
-from ti_trainer.embeddings.embedding import Embedding, vectors_from_init
+from ti_trainer.embeddings.embedding import Embedding, vectors_from_init_per_encoder
 from ti_trainer.embeddings.files import save_embedding
 from ti_trainer.embeddings.init_text import init_mapping, vector_lines
+from ti_trainer.embeddings.vectors import Vectors
 from ti_trainer.errors import UserError
 from ti_trainer.fsutil import confined_path, validate_embedding_name
-from ti_trainer.text.conditioning import PromptEncoder
+from ti_trainer.text.conditioning import PromptEncoding
 
 MAX_VECTORS = 75  # one chunk of prompt tokens
 
@@ -21,10 +20,10 @@ class TokenSource(Protocol):
     """What creating an embedding reads of a model. Every `Backend` (backends/contract.py) has these members;
     they are named here by shape because embeddings/ lies below backends/ and imports nothing from it."""
 
-    text_width: int
-    prompt_encoder: PromptEncoder
+    family: Any  # backends/contract.py `ModelFamily`: its text encoders, and the form of their vectors
+    prompt_encoder: PromptEncoding
 
-    def token_vectors(self, text: str) -> torch.Tensor: ...
+    def token_vectors(self, text: str) -> Vectors: ...
 
 
 def existing_embedding_file(embeddings_dir: Path, name: str) -> Path | None:
@@ -51,7 +50,8 @@ def create_embedding(
     embeddings_dir: Path,
     overwrite: bool = False,
 ) -> Path:
-    """Write `<embeddings_dir>/<name>.pt` at step 0, initialised from `init_text`'s token embeddings."""
+    """Write `<embeddings_dir>/<name>.pt` (SDXL: `.safetensors`) at step 0, initialised from `init_text`'s
+    token embeddings."""
     name = validate_embedding_name(name)
     if not 1 <= num_vectors <= MAX_VECTORS:
         raise UserError(f"Vectors per token must be between 1 and {MAX_VECTORS} (got {num_vectors}).")
@@ -62,10 +62,29 @@ def create_embedding(
             f"An embedding named {name!r} already exists: {existing}. Choose another name, or overwrite it "
             "(--overwrite / 'Overwrite old embedding')."
         )
+    # Each text encoder's vectors start from its own token embeddings of the same tokens (SDXL: CLIP-L's and
+    # bigG's), by A1111's token-to-vector rule.
     init = backend.token_vectors(init_text) if init_text else None
-    embedding = Embedding(name, vectors_from_init(init, num_vectors, backend.text_width), step=0)
-    path = confined_path(embeddings_dir, name, ".pt")
+    zeros = backend.family.zero_vectors(num_vectors)
+    embedding = Embedding(name, vectors_from_init_per_encoder(init, num_vectors, zeros), step=0)
+    # SDXL: .safetensors, which keeps the step and loads everywhere (a .pt could hold the two tensors only).
+    suffix = ".safetensors" if backend.family.vectors_per_encoder else ".pt"
+    path = confined_path(embeddings_dir, name, suffix)
     return save_embedding(embedding, path)
+
+
+def init_token_counts(backend: TokenSource, init_text: str) -> dict[str, int]:
+    """How many tokens `init_text` is for each text encoder (SDXL: CLIP-L's and bigG's tokenizers), counted
+    as `create` takes them: each encoder's own token vectors."""
+    if not (init_text or "").strip():
+        return {spec.key: 0 for spec in backend.family.text_encoders}
+    keyed = backend.family.keyed_vectors(backend.token_vectors(init_text))
+    return {key: int(tensor.shape[0]) for key, tensor in keyed.items()}
+
+
+def per_encoder_count_line(counts: dict[str, int]) -> str:
+    """ "Tokens per text encoder: clip_l 2, clip_g 2." """
+    return "Tokens per text encoder: " + ", ".join(f"{key} {count}" for key, count in counts.items()) + "."
 
 
 def init_text_report(backend: TokenSource, init_text: str, num_vectors: int) -> list[str]:
@@ -75,4 +94,7 @@ def init_text_report(backend: TokenSource, init_text: str, num_vectors: int) -> 
     ids = tokenize([init_text])[0] if (init_text or "").strip() else []
     decode = getattr(tokenize, "decode", None)
     texts = [decode([token]) if decode else f"id {token}" for token in ids]
-    return [init_mapping(len(ids), num_vectors), *vector_lines(texts, num_vectors)]
+    lines = [init_mapping(len(ids), num_vectors)]
+    if backend.family.vectors_per_encoder:
+        lines.append(per_encoder_count_line(init_token_counts(backend, init_text)))
+    return [*lines, *vector_lines(texts, num_vectors)]

@@ -24,10 +24,12 @@ from ti_trainer.embeddings.checks import (
     tensors_in,
 )
 from ti_trainer.embeddings.embedding import Embedding
+from ti_trainer.embeddings.vectors import detached_copy, vector_tensors
 from ti_trainer.errors import UserError
 from ti_trainer.fsutil import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".webp", ".jxl", ".avif")
+SDXL_KEYS = ("clip_l", "clip_g")  # an SDXL embedding's two tensors, as every SDXL tool names them
 
 # Written by A1111 for every embedding: the token id of "*" in SD1's CLIP vocabulary, a legacy of the
 # original textual_inversion code. Kept for files that older tools read.
@@ -44,7 +46,14 @@ _RECORD_ALIGNMENT = 64
 
 
 def embedding_to_dict(embedding: Embedding) -> dict[str, Any]:
-    """The six keys A1111 writes, holding only primitives and a plain float32 CPU tensor."""
+    """The six keys A1111 writes, holding only primitives and a plain float32 CPU tensor.
+
+    An SDXL embedding (one tensor per encoder) is the two tensors alone, `{"clip_l", "clip_g"}`: A1111 v1.10.1
+    takes every value of such a dict for a tensor (`{k: v.detach() for k, v in data.items()}`), so a name or a
+    step beside them would stop it loading the file (reference/sdxl.md §3; docs/sdxl.md).
+    """
+    if embedding.per_encoder:
+        return detached_copy(embedding.vectors)
     return {
         "string_to_token": dict(_LEGACY_STRING_TO_TOKEN),
         "string_to_param": {"*": embedding.vectors.detach().to("cpu", torch.float32).clone().contiguous()},
@@ -58,11 +67,17 @@ def embedding_to_dict(embedding: Embedding) -> dict[str, Any]:
 def save_embedding(embedding: Embedding, path: Path) -> Path:
     """Write `.pt` (A1111's dict) or `.safetensors` (one tensor; metadata as strings) atomically."""
     path = Path(path)
-    require_finite_on_save(embedding.vectors, path)
+    for tensor in vector_tensors(embedding.vectors):
+        require_finite_on_save(tensor, path)
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import save_file
 
-        tensors = {"emb_params": embedding_to_dict(embedding)["string_to_param"]["*"]}
+        # SDXL: `clip_l` and `clip_g`, as kohya, ComfyUI and diffusers write and read them.
+        tensors = (
+            embedding_to_dict(embedding)
+            if embedding.per_encoder
+            else {"emb_params": embedding_to_dict(embedding)["string_to_param"]["*"]}
+        )
         metadata = {"name": embedding.name, "step": str(int(embedding.step))}
         for key in ("sd_checkpoint", "sd_checkpoint_name"):
             if getattr(embedding, key):
@@ -165,7 +180,10 @@ def embedding_from_data(data: dict, name: str, source: Path | str = "") -> Embed
     `.pt` does not count, as in A1111.
     """
     tensors = data.pop("__tensors__", None) if "__tensors__" in data else None
-    if tensors is None and "string_to_param" in data:
+    per_encoder = _sdxl_vectors(tensors if tensors is not None else data, source)
+    if per_encoder is not None:
+        vectors = per_encoder
+    elif tensors is None and "string_to_param" in data:
         params = data["string_to_param"]
         params = getattr(params, "_parameters", params)  # legacy torch ParameterDict
         if len(params) != 1:
@@ -177,32 +195,51 @@ def embedding_from_data(data: dict, name: str, source: Path | str = "") -> Embed
         tensors = (
             tensors if tensors is not None else {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
         )
-        if "clip_g" in tensors and "clip_l" in tensors:
-            raise UserError(
-                f"{source} is an SDXL embedding (clip_g/clip_l); this trainer works with SD 1.x/2.x."
-            )
         if len(tensors) != 1:
             raise UserError(
                 f"{source}: expected one tensor, found {len(tensors)} ({', '.join(sorted(tensors)) or 'none'}). "
                 "A1111 would not load this file either."
             )
         vectors = next(iter(tensors.values()))
-    if not isinstance(vectors, torch.Tensor):
-        raise UserError(f"{source}: the embedding's vectors are not a tensor.")
-    vectors = vectors.detach().to("cpu", torch.float32)
-    if vectors.dim() == 1:
-        vectors = vectors.unsqueeze(0)
-    if vectors.dim() != 2:
-        raise UserError(f"{source}: vectors have shape {tuple(vectors.shape)}; expected [vectors, width].")
-    require_finite_on_load(vectors, source)
+    if per_encoder is None:
+        vectors = _vector_rows(vectors, source)
     step = data.get("step")
     return Embedding(
         name=name,
-        vectors=vectors.clone(),
+        vectors=detached_copy(vectors),
         step=int(step) if isinstance(step, int) else 0,
         sd_checkpoint=data.get("sd_checkpoint"),
         sd_checkpoint_name=data.get("sd_checkpoint_name"),
     )
+
+
+def _vector_rows(vectors: Any, source: Path | str, what: str = "vectors") -> torch.Tensor:
+    """One tensor of vectors as `[rows, width]` float32, checked for shape and finite values."""
+    if not isinstance(vectors, torch.Tensor):
+        raise UserError(f"{source}: the embedding's {what} are not a tensor.")
+    vectors = vectors.detach().to("cpu", torch.float32)
+    if vectors.dim() == 1:
+        vectors = vectors.unsqueeze(0)
+    if vectors.dim() != 2:
+        raise UserError(f"{source}: {what} have shape {tuple(vectors.shape)}; expected [vectors, width].")
+    require_finite_on_load(vectors, source)
+    return vectors
+
+
+def _sdxl_vectors(data: dict, source: Path | str) -> dict[str, torch.Tensor] | None:
+    """`clip_l` and `clip_g` when `data` holds both (SDXL's form in A1111, kohya, ComfyUI and diffusers, in a
+    .safetensors, a .pt or an image's JSON, in any float dtype), else None. Other keys are not read: A1111
+    and ComfyUI take these two alone."""
+    if not all(isinstance(data.get(key), torch.Tensor) for key in SDXL_KEYS):
+        return None
+    vectors = {key: _vector_rows(data[key], source, f"{key} vectors") for key in SDXL_KEYS}
+    rows = {key: int(tensor.shape[0]) for key, tensor in vectors.items()}
+    if len(set(rows.values())) != 1:
+        raise UserError(
+            f"{source}: clip_l holds {rows['clip_l']} vectors and clip_g {rows['clip_g']}; an SDXL embedding has "
+            "the same number for both text encoders (one per token). The file is damaged or not an embedding."
+        )
+    return vectors
 
 
 def optimizer_state_path(embedding_path: Path) -> Path:
@@ -217,7 +254,8 @@ def save_optimizer_state(
     """Write `<file>.optim` with A1111's keys (`hash`, `optimizer_state_dict`) plus our resume keys."""
     path = optimizer_state_path(embedding_path)
     # The checksum of non-finite vectors cannot be computed, and the state would pair with a refused file.
-    require_finite_on_save(embedding.vectors, path)
+    for tensor in vector_tensors(embedding.vectors):
+        require_finite_on_save(tensor, path)
     data = {"hash": embedding.checksum(), "optimizer_state_dict": state}
     if extra:
         data["ti_trainer"] = extra

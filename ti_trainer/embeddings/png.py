@@ -181,11 +181,9 @@ def _from_json(text: str | bytes) -> dict:
 
 
 def _attach_data_block(image: Image.Image, data: dict) -> Image.Image:
-    if not isinstance(data.get("string_to_param"), dict) or not data["string_to_param"]:
-        raise ValueError("The pixel data block needs an A1111 embedding dict with 'string_to_param'.")
     payload = zlib.compress(_to_json(data).encode("utf-8"), 9)
     low, high = _nibble_blocks(payload, image.height)
-    shades = _dot_shades(next(iter(data["string_to_param"].values())))
+    shades = _dot_shades(_shading_vectors(data))
     low = _scramble(low ^ _dot_pattern(low.shape, shades))
     high = _scramble(high ^ _dot_pattern(high.shape, shades[::-1]))
 
@@ -196,6 +194,19 @@ def _attach_data_block(image: Image.Image, data: dict) -> Image.Image:
     out.paste(image.convert("RGB"), (block_width + 1, 0))
     out.paste(Image.fromarray(high), (block_width + 1 + image.width + 1, 0))
     return out
+
+
+def _shading_vectors(data: dict) -> torch.Tensor:
+    """The vectors the dots are shaded by: A1111's `string_to_param` term; for an SDXL dict, which A1111 never
+    draws, its `clip_l` (the first encoder's). The dots are decoration: readers keep only the low nibbles."""
+    params = data.get("string_to_param")
+    if isinstance(params, dict) and params:
+        return next(iter(params.values()))
+    if isinstance(data.get("clip_l"), torch.Tensor):
+        return data["clip_l"]
+    raise ValueError(
+        "The pixel data block needs an embedding dict: 'string_to_param', or SDXL's clip_l/clip_g."
+    )
 
 
 def _nibble_blocks(payload: bytes, height: int) -> tuple[np.ndarray, np.ndarray]:

@@ -15,13 +15,16 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
 from ti_trainer.text.prompt_parser import parse_prompt_attention
 
 CHUNK_LENGTH = 75
-VectorsByName = dict[str, torch.Tensor]  # an embedding's name in prompts -> its vectors [n, width]
+# An embedding's name in prompts -> its vectors [n, width]; for a model with several text encoders (SDXL), a
+# dict of them per encoder key (text/multi_encoder.py).
+VectorsByName = dict[str, torch.Tensor | dict[str, torch.Tensor]]
 
 
 @dataclass
@@ -204,6 +207,71 @@ def injector_installed(
         setattr(owner, attribute, original)
 
 
+class PromptEncoding(Protocol):
+    """What the core asks of a backend's prompt encoder, whatever its model family: prompts (with the
+    embeddings' vectors) -> the conditioning its backend's `predict` takes, and the prompt's chunking."""
+
+    chunker: PromptChunker
+
+    def __call__(self, prompts: list[str], vectors: dict) -> Any: ...
+
+    def concat(self, conditionings: list) -> Any:
+        """Conditionings of single prompts (the same number of chunks each) as one batch."""
+        ...
+
+    def chunk_count(self, prompt: str) -> int: ...
+
+    def count_injections(self, prompt: str, name: str) -> int: ...
+
+
+def prompt_batches(chunker: PromptChunker, prompts: list[str]) -> list[list[PromptChunk]]:
+    """The prompts' chunks, chunk by chunk: batch i holds every prompt's chunk i (an empty chunk for a prompt
+    that has fewer), as the WebUI encodes them."""
+    per_prompt = [chunker.chunks(prompt)[0] for prompt in prompts]
+    chunk_count = max(len(chunks) for chunks in per_prompt)
+    return [
+        [chunks[index] if index < len(chunks) else chunker.empty_chunk() for chunks in per_prompt]
+        for index in range(chunk_count)
+    ]
+
+
+def chunk_token_ids(batch: list[PromptChunk], ids: TokenIds, pad: int, device: torch.device) -> torch.Tensor:
+    """The chunks' token ids `[B, 77]`, with everything after the first end token replaced by `pad` where it
+    is not the end token itself (SD 2.x's and SDXL bigG's OpenCLIP pad with id 0)."""
+    token_rows = [list(chunk.tokens) for chunk in batch]
+    if pad != ids.end:
+        for row in token_rows:
+            first_end = row.index(ids.end)
+            row[first_end + 1 :] = [pad] * (len(row) - first_end - 1)
+    return torch.tensor(token_rows, dtype=torch.long, device=device)
+
+
+def chunk_fixes(
+    batch: list[PromptChunk], vectors: dict[str, torch.Tensor]
+) -> list[list[tuple[int, torch.Tensor]]]:
+    """Where each chunk's embeddings go and their vectors (one encoder's), as `InjectingTokenEmbedding` takes."""
+    return [[(offset, vectors[name]) for offset, name in chunk.fixes] for chunk in batch]
+
+
+def apply_emphasis(z: torch.Tensor, batch: list[PromptChunk], emphasis: str) -> torch.Tensor:
+    """A1111's emphasis on one encoder's hidden states `[B, 77, width]` (sd_emphasis.py)."""
+    if emphasis in ("None", "Ignore"):
+        # "Ignore" still parses the brackets (they vanish from the text, BREAK still splits) but, like
+        # "None", leaves the output unweighted.
+        return z
+    multipliers = torch.tensor([chunk.multipliers for chunk in batch], dtype=z.dtype, device=z.device)
+    if emphasis == "No norm":
+        return z * multipliers.unsqueeze(-1)
+    original_mean = z.mean()
+    z = z * multipliers.unsqueeze(-1)
+    return z * (original_mean / z.mean())
+
+
+def count_injections(chunker: PromptChunker, prompt: str, name: str) -> int:
+    """How many times `name` is recognised in `prompt` (0 means training on it would learn nothing)."""
+    return sum(1 for chunk in chunker.chunks(prompt)[0] for _, fix_name in chunk.fixes if fix_name == name)
+
+
 class PromptEncoder:
     """Turns prompts into conditioning `[batch, 77 * chunks, width]` with trainable vectors injected.
 
@@ -224,15 +292,12 @@ class PromptEncoder:
         self.device = torch.device(device)
 
     def __call__(self, prompts: list[str], vectors: VectorsByName) -> torch.Tensor:
-        per_prompt = [self.chunker.chunks(prompt)[0] for prompt in prompts]
-        chunk_count = max(len(chunks) for chunks in per_prompt)
-        outputs = []
-        for index in range(chunk_count):
-            batch = [
-                chunks[index] if index < len(chunks) else self.chunker.empty_chunk() for chunks in per_prompt
-            ]
-            outputs.append(self._encode(batch, vectors))
-        return torch.cat(outputs, dim=1)
+        return torch.cat(
+            [self._encode(batch, vectors) for batch in prompt_batches(self.chunker, prompts)], dim=1
+        )
+
+    def concat(self, conditionings: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(conditionings)
 
     def chunk_count(self, prompt: str) -> int:
         """How many 75-token chunks `prompt` takes: its conditioning is 77 times as many tokens long."""
@@ -240,29 +305,12 @@ class PromptEncoder:
 
     def count_injections(self, prompt: str, name: str) -> int:
         """How many times `name` is recognised in `prompt` (0 means training on it would learn nothing)."""
-        return sum(
-            1 for chunk in self.chunker.chunks(prompt)[0] for _, fix_name in chunk.fixes if fix_name == name
-        )
+        return count_injections(self.chunker, prompt, name)
 
     def _encode(self, batch: list[PromptChunk], vectors: VectorsByName) -> torch.Tensor:
         ids = self.chunker.ids
-        token_rows = [list(chunk.tokens) for chunk in batch]
-        if ids.pad != ids.end:
-            # SD 2.x: everything after the first end token is padding (id 0).
-            for row in token_rows:
-                first_end = row.index(ids.end)
-                row[first_end + 1 :] = [ids.pad] * (len(row) - first_end - 1)
-        tokens = torch.tensor(token_rows, dtype=torch.long, device=self.device)
-        self.injector.fixes = [[(offset, vectors[name]) for offset, name in chunk.fixes] for chunk in batch]
+        tokens = chunk_token_ids(batch, ids, ids.pad, self.device)
+        self.injector.fixes = chunk_fixes(batch, vectors)
         z = self.encode_chunk(tokens)
         self.injector.fixes = None
-        if self.chunker.rules.emphasis in ("None", "Ignore"):
-            # "Ignore" still parses the brackets (they vanish from the text, BREAK still splits) but, like
-            # "None", leaves the output unweighted.
-            return z
-        multipliers = torch.tensor([chunk.multipliers for chunk in batch], dtype=z.dtype, device=z.device)
-        if self.chunker.rules.emphasis == "No norm":
-            return z * multipliers.unsqueeze(-1)
-        original_mean = z.mean()
-        z = z * multipliers.unsqueeze(-1)
-        return z * (original_mean / z.mean())
+        return apply_emphasis(z, batch, self.chunker.rules.emphasis)

@@ -127,10 +127,16 @@ class TrainingData:
 
 
 def prepare_images(
-    loaded: list[LoadedImage], width: int, height: int, keep_size: bool, use_buckets: bool
+    loaded: list[LoadedImage],
+    width: int,
+    height: int,
+    keep_size: bool,
+    use_buckets: bool,
+    bucket_max_ratio: float = 2.0,
 ) -> list[tuple[LoadedImage, Image.Image]]:
-    """Each image at its training size (the source file is never touched: this works on a copy)."""
-    buckets = aspect_buckets(width, height) if use_buckets else None
+    """Each image at its training size (the source file is never touched: this works on a copy).
+    `bucket_max_ratio`: the model family's widest bucket (`ModelFamily.bucket_max_ratio`)."""
+    buckets = aspect_buckets(width, height, bucket_max_ratio) if use_buckets else None
     prepared = []
     for item in loaded:
         size = training_size(item.image, width, height, keep_size, buckets)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ti_trainer.config import TrainConfig
+from ti_trainer.embeddings.vectors import map_vectors
 from ti_trainer.errors import UserError
 from ti_trainer.memory.plan import CHECKPOINT_LEVELS, MemoryPlan, plan_for
 from ti_trainer.training.step import step_loss
@@ -111,7 +112,8 @@ def training_step_probe(
         chunker = backend.prompt_encoder.chunker
         chunker.register(PROBE_NAME, num_vectors)
         try:
-            vectors = torch.zeros(num_vectors, backend.text_width, device=device, requires_grad=True)
+            zeros = backend.family.zero_vectors(num_vectors, device)  # a tensor, or one per text encoder
+            vectors = map_vectors(zeros, lambda tensor: tensor.requires_grad_(True))
             latents = torch.randn(batch, channels, *latent_hw, generator=generator)
             noise = torch.randn(latents.shape, generator=generator)
             timesteps = torch.randint(0, backend.schedule.num_timesteps, (batch,), generator=generator)

@@ -22,6 +22,7 @@ from PIL import Image
 
 from ti_trainer.backends.contract import PreviewRequest
 from ti_trainer.config import TrainConfig
+from ti_trainer.embeddings.vectors import Vectors, detached_copy, map_vectors, vector_tensors
 from ti_trainer.errors import UserError
 from ti_trainer.memory.plan import MemoryPlan
 from ti_trainer.memory.precision import grad_scaler
@@ -74,7 +75,7 @@ class TrainingMonitor(Protocol):
 
     def start(self, context: RunContext) -> None: ...
 
-    def after_step(self, step: int, vectors: torch.Tensor) -> bool: ...
+    def after_step(self, step: int, vectors: Vectors) -> bool: ...
 
     def finish(self, step: int) -> None: ...
 
@@ -142,7 +143,12 @@ def _locked_train(run: PreparedRun, backend: Backend, hooks: TrainingHooks) -> T
     run.embedding.sd_checkpoint_name = backend.model_name
 
     prepared = prepare_images(
-        run.folder.images, config.width, config.height, config.keep_size, config.aspect_buckets
+        run.folder.images,
+        config.width,
+        config.height,
+        config.keep_size,
+        config.aspect_buckets,
+        backend.family.bucket_max_ratio,
     )
     images = encode_dataset(backend, prepared, config.latent_sampling, config.use_alpha_weight, run.seed)
     data = TrainingData(images, config.batch_size, config.gradient_accumulation, run.seed)
@@ -206,9 +212,11 @@ def _loop(
 ) -> TrainResult:
     config, embedding, name = run.config, run.embedding, run.embedding.name
     device = backend.device
-    vectors = embedding.vectors.to(device).requires_grad_(True)
+    # One tensor, or one per text encoder (SDXL): the optimizer trains all of them.
+    vectors = map_vectors(embedding.vectors, lambda tensor: tensor.to(device).requires_grad_(True))
+    parameters = vector_tensors(vectors)
     optimizer = torch.optim.AdamW(
-        [vectors], lr=run.learn_rate.value_at(run.initial_step), weight_decay=config.weight_decay
+        parameters, lr=run.learn_rate.value_at(run.initial_step), weight_decay=config.weight_decay
     )
     if run.optimizer_state is not None:
         optimizer.load_state_dict(run.optimizer_state["optimizer_state_dict"])
@@ -221,7 +229,7 @@ def _loop(
         return optimizer.state_dict() if config.save_optimizer_state else None
 
     def sync_embedding(step: int) -> None:
-        embedding.vectors = vectors.detach().float().cpu().clone()
+        embedding.vectors = detached_copy(vectors)
         embedding.step = step
 
     _render_missed_preview(run, backend, hooks, folders, data)
@@ -256,9 +264,13 @@ def _loop(
 
         if scaler:
             scaler.unscale_(optimizer)  # clip thresholds are in true gradient units, unlike A1111's
-        gradient = vectors.grad
-        finite = math.isfinite(loss_value) and gradient is not None and bool(torch.isfinite(gradient).all())
-        if step_index == run.initial_step and finite and not gradient.abs().sum() > 0:
+        gradients = [parameter.grad for parameter in parameters]
+        finite = (
+            math.isfinite(loss_value)
+            and all(gradient is not None for gradient in gradients)
+            and all(bool(torch.isfinite(gradient).all()) for gradient in gradients)
+        )
+        if step_index == run.initial_step and finite and not sum(g.abs().sum() for g in gradients) > 0:
             raise UserError(
                 f"No gradient reached {name!r}: its vectors would never change. Check that the prompt template "
                 "puts [name] in every prompt and that the model's text encoder is the one the embedding is for."
@@ -267,9 +279,10 @@ def _loop(
             if run.clip_value is not None:
                 limit = run.clip_value.value_at(step_index)
                 if config.clip_grad_mode == "value":
-                    torch.nn.utils.clip_grad_value_([vectors], limit)
+                    torch.nn.utils.clip_grad_value_(parameters, limit)
                 else:
-                    torch.nn.utils.clip_grad_norm_([vectors], limit)
+                    # With one tensor per encoder, their joint norm: one limit, as for one tensor.
+                    torch.nn.utils.clip_grad_norm_(parameters, limit)
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()
@@ -315,7 +328,8 @@ def _loop(
             )
         if config.preview_every and step % config.preview_every == 0:
             _preview(run, backend, hooks, folders, first_prompt)
-        stop_requests = [monitor.after_step(step, vectors.detach()) for monitor in hooks.monitors]
+        watched = map_vectors(vectors, torch.Tensor.detach)
+        stop_requests = [monitor.after_step(step, watched) for monitor in hooks.monitors]
         if any(stop_requests):
             stopped_by_monitor = True
             break

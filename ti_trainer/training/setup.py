@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ti_trainer.config import TrainConfig
-from ti_trainer.embeddings.checks import require_width
+from ti_trainer.embeddings.checks import require_fits
 from ti_trainer.embeddings.create import existing_embedding_file
 from ti_trainer.embeddings.embedding import Embedding
 from ti_trainer.embeddings.files import load_embedding, load_optimizer_state
@@ -105,6 +105,14 @@ def _caption_source(image_path: Path) -> str:
     return caption_file.name if caption_file.is_file() else f"{image_path.name} (caption from its file name)"
 
 
+def sdxl_save_format_note(asked: str) -> str:
+    return (
+        f"Saving as .safetensors, not .{asked}: an SDXL embedding's .pt can hold only its two tensors (A1111 "
+        "takes every value of an SDXL file for a tensor), so it could not record the step a later run resumes "
+        "from; a .safetensors keeps the step in its header and loads in A1111, ComfyUI, kohya and diffusers."
+    )
+
+
 def prepare_run(config: TrainConfig, backend: Backend) -> PreparedRun:
     config.validate()
     memory_plan = plan_for(config, backend)  # an impossible choice (xformers not installed) is reported now
@@ -120,7 +128,10 @@ def prepare_run(config: TrainConfig, backend: Backend) -> PreparedRun:
         )
     embedding = load_embedding(embedding_path)
     embedding.name = name
-    require_width(embedding_path, embedding.width, backend.text_width)
+    require_fits(embedding_path, embedding.vectors, backend.family)
+    if backend.family.vectors_per_encoder and config.save_format != "safetensors":
+        messages.append(sdxl_save_format_note(config.save_format))
+        config.save_format = "safetensors"
     # Training writes <name> in the chosen format (A1111 always writes .pt); a source in the other format is
     # replaced at the first save, so one name never stands for two files (outputs.save_current).
     source_path = embedding_path

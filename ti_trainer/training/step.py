@@ -34,7 +34,8 @@ def step_loss(
 
     `latents`, `noise` `[B, C, h, w]` and `timesteps` `[B]` on any device; `weights` the PNG-alpha loss
     weights `[B, C, h, w]` or None; `precision` the run's resolved precision ("fp32" | "bf16" | "fp16", the
-    memory plan's). `vectors_by_name` maps each embedding's name in the prompts to its vectors; a list gives
+    memory plan's). `vectors_by_name` maps each embedding's name in the prompts to its vectors (a tensor, or
+    for a family with several text encoders one per encoder key: embeddings/vectors.py); a list gives
     every prompt its own (the per-image report: each copy then holds its own sample's gradient), and those
     prompts are encoded one by one, so they must take the same number of 75-token chunks.
     """
@@ -45,7 +46,7 @@ def step_loss(
     )
     with autocast(precision, device):
         if isinstance(vectors_by_name, list):
-            cond = torch.cat(
+            cond = backend.prompt_encoder.concat(
                 [backend.prompt_encoder([prompt], own) for prompt, own in zip(prompts, vectors_by_name)]
             )
         else:

@@ -58,6 +58,11 @@ def init_text_status(services: HostServices, init_text: str, vectors: int) -> st
             items.append(("warn", f"Could not count tokens: {error}"))
         if tokens is not None:
             items.append(("info", init_mapping(tokens, vectors)))
+            backend = services.get_backend()
+            if backend.family.vectors_per_encoder:  # SDXL: each encoder's vectors start from its own tokens
+                from ti_trainer.embeddings.create import init_token_counts, per_encoder_count_line
+
+                items.append(("info", per_encoder_count_line(init_token_counts(backend, init_text))))
     return notes([*items, budget_note(vectors)])
 
 

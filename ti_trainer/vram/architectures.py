@@ -144,7 +144,19 @@ def architecture_of_backend(backend: Backend) -> Architecture:
     """The architecture of a loaded backend: its own configs for a diffusers model (the tiny one included);
     for the WebUI's ldm model, the named architecture it matches (by text width and parameterization)."""
     from ti_trainer.backends.diffusers_backend import DiffusersBackend
+    from ti_trainer.backends.diffusers_xl_backend import DiffusersXLBackend
 
+    if isinstance(backend, DiffusersXLBackend):
+        return Architecture(
+            name=backend.model_name,
+            title=backend.model_name,
+            unet=dict(backend.unet.config),
+            text_encoders=(backend.text_encoder.config.to_dict(), backend.text_encoder_2.config.to_dict()),
+            vae=dict(backend.vae.config),
+            native_px=int(backend.unet.config.sample_size) * backend.family.vae_scale_factor,
+            text_layer="penultimate",
+            parameterization=backend.schedule.parameterization,
+        )
     if isinstance(backend, DiffusersBackend):
         return Architecture(
             name=backend.model_name,
