@@ -80,6 +80,23 @@ def estimate_for_config(
     return estimate
 
 
+def largest_batch_for_config(
+    config, backend, budget_gib: float = DEFAULT_BUDGET_GIB, num_vectors: int = 1, limit: int = 64
+) -> int:
+    """The largest batch the estimate says fits `budget_gib` at the config's size (its checkpointing, or on
+    "auto" the level that fits the most): the number the planner's splits are built from."""
+    from ti_trainer.vram.estimate import largest_batch
+
+    architecture = architecture_of_backend(backend)
+    settings = settings_for(config, gpu_plan(config, backend), num_vectors)
+    levels = CHECKPOINT_LEVELS if config.gradient_checkpointing == "auto" else (settings.checkpointing,)
+    budget = int(budget_gib * GIB)
+    return max(
+        largest_batch(architecture, dataclasses.replace(settings, checkpointing=level), budget, limit)[0]
+        for level in levels
+    )
+
+
 _CACHE: dict[tuple[str, Settings], Estimate] = {}
 CACHE_SIZE = 64
 

@@ -151,6 +151,23 @@ _WEIGHT_USERS = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose2d}
 FP8 = getattr(torch, "float8_e4m3fn", None)
 
 
+def _meta_fill_value_as_number(args, kwargs):
+    """`torch.full(size, <0-d tensor>)` reads its fill value with `.item()`, which a meta tensor cannot give
+    (transformers 4.30, A1111's pin, builds CLIP's causal mask this way). The value does not change the
+    memory: any number of the same kind will do."""
+
+    def as_number(value):
+        if isinstance(value, torch.Tensor) and value.device.type == "meta":
+            return 0.0 if value.is_floating_point() else 0
+        return value
+
+    if "fill_value" in kwargs:
+        return args, {**kwargs, "fill_value": as_number(kwargs["fill_value"])}
+    if len(args) >= 2:
+        return (args[0], as_number(args[1]), *args[2:]), kwargs
+    return args, kwargs
+
+
 class CudaAutocast(TorchFunctionMode):
     """CUDA autocast's casts at `dtype`, above autograd. `enabled` follows `torch.autocast(..., enabled=)`
     blocks on the meta device (see `meta_autocast_blocks`); None as dtype is fp32 training (no casts)."""
@@ -163,6 +180,8 @@ class CudaAutocast(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.full:
+            args, kwargs = _meta_fill_value_as_number(args, kwargs)
         if func in _WEIGHT_USERS:
             args, kwargs = self._cast_fp8(args, kwargs)
         if self.enabled[-1]:
