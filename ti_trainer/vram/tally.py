@@ -49,6 +49,7 @@ class LiveBytes(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
+        _require_lasting_storage_objects()
         self.live = self.peak = 0  # bytes as asked for
         self.live_rounded = self.peak_rounded = 0  # bytes as the allocator rounds them
         self.counting = True
@@ -94,6 +95,21 @@ class LiveBytes(TorchDispatchMode):
         if sizes is not None:
             self.live -= sizes[0]
             self.live_rounded -= sizes[1]
+
+
+def _require_lasting_storage_objects() -> None:
+    """The tally's weak references need a storage's Python object to live exactly as long as the storage
+    (torch keeps one object per storage since its "PyObject preservation for UntypedStorage", torch 2.1).
+    Where `untyped_storage()` gives a new object each call instead, each reference would die at once and
+    every figure would read zero: refuse clearly rather than answer that."""
+    probe = torch.empty(1, device="meta")
+    if probe.untyped_storage() is not probe.untyped_storage():
+        from ti_trainer.errors import UserError
+
+        raise UserError(
+            f"The VRAM estimate cannot count memory with torch {torch.__version__}: it needs torch 2.1 or "
+            "newer. Measure instead with `python -m ti_trainer estimate --probe` on the GPU."
+        )
 
 
 # --- CUDA autocast, reproduced --------------------------------------------------------------------------------
@@ -223,6 +239,7 @@ class CudaAutocast(TorchFunctionMode):
 
 _ACTIVE: list[CudaAutocast] = []
 _REAL_AUTOCAST = torch.autocast
+_REAL_CHECKPOINT = torch.utils.checkpoint.checkpoint
 
 
 class _MetaAwareAutocast(_REAL_AUTOCAST):
@@ -253,8 +270,9 @@ class _MetaAwareAutocast(_REAL_AUTOCAST):
 
 @contextlib.contextmanager
 def emulated_autocast(dtype: torch.dtype | None) -> Iterator[CudaAutocast]:
-    """CUDA autocast at `dtype` for meta tensors, for a `with` block. `torch.autocast` is swapped for a
-    subclass that hands "meta" blocks to the emulation (and everything else to the real class) meanwhile."""
+    """CUDA autocast at `dtype` for meta tensors, for a `with` block. Meanwhile `torch.autocast` is swapped
+    for a subclass that hands "meta" blocks to the emulation (and everything else to the real class), and
+    `torch.utils.checkpoint.checkpoint` for one that recomputes under the emulation (`checkpoint_under_emulation`)."""
     mode = CudaAutocast(dtype)
     with _activated(mode):
         yield mode
@@ -266,6 +284,7 @@ def _activated(mode: CudaAutocast, enabled: bool | None = None) -> Iterator[None
     if enabled is not None:
         mode.enabled.append(enabled)
     torch.autocast = _MetaAwareAutocast
+    torch.utils.checkpoint.checkpoint = checkpoint_under_emulation
     try:
         with mode:
             yield
@@ -275,22 +294,124 @@ def _activated(mode: CudaAutocast, enabled: bool | None = None) -> Iterator[None
         _ACTIVE.remove(mode)
         if not _ACTIVE:
             torch.autocast = _REAL_AUTOCAST
+            torch.utils.checkpoint.checkpoint = _REAL_CHECKPOINT
+            # Real autocast drops its cast cache when its outermost region exits (checkpoint recomputation
+            # enters a region of its own): the cast copies then live only as long as autograd saves them.
+            mode._cache.clear()
 
 
-def checkpoint_under_emulation(module, *args):
-    """Non-reentrant checkpointing whose recomputation (in the backward pass, outside the autocast block)
-    runs under the emulated autocast as it was in the forward pass, as torch's checkpoint does for the real
-    autocast. Installed as the UNet blocks' `_gradient_checkpointing_func` while estimating."""
-    mode = _ACTIVE[-1] if _ACTIVE else None
-    enabled = mode.enabled[-1] if mode is not None else None
+def checkpoint_under_emulation(
+    function,
+    *args,
+    use_reentrant=None,
+    context_fn=None,
+    determinism_check=None,
+    debug=None,
+    early_stop=None,
+    **kwargs,
+):
+    """`torch.utils.checkpoint.checkpoint` while the emulation is on (diffusers up to 0.32 and transformers
+    call it by that name; our backends' `_gradient_checkpointing_func` does too, for diffusers 0.33 on).
 
-    def run(*inputs):
-        if mode is None or mode in _ACTIVE:  # the forward pass
-            return module(*inputs)
-        with _activated(mode, enabled):  # the recomputation
-            return module(*inputs)
+    The region is recomputed here, not by torch's checkpoint, for two reasons. Its recomputation (in the
+    backward pass, after the autocast block) must run under the emulated autocast state of the forward pass,
+    as torch's checkpoint restores the real autocast state it captured; and torch's checkpoint itself fails
+    on meta tensors before torch 2.5 (it looks for a `torch.meta` device module), which the WebUIs ship.
+    The recomputation is torch's non-reentrant one, which the backends use: every tensor the forward pass
+    would save is dropped, the region's inputs are kept, and the first time the backward pass needs a saved
+    tensor the region runs again until all of them are back; each is released once the backward pass has
+    used it. A caller asking for the reentrant variant gets the same (the two hold the same tensors).
+    """
+    kwargs.pop("preserve_rng_state", None)  # meta tensors have no random state to preserve
+    if not _ACTIVE:
+        return _REAL_CHECKPOINT(function, *args, use_reentrant=use_reentrant, **kwargs)
+    region = _RecomputedRegion(function, args, kwargs, _ACTIVE[-1])
+    with torch.autograd.graph.saved_tensors_hooks(region.pack, region.unpack):
+        return function(*args, **kwargs)
 
-    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+class _SavedLater:
+    """What autograd holds in place of a tensor a checkpointed region saved (its shape and dtype, to check
+    the recomputation against)."""
+
+    __slots__ = ("shape", "dtype", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.shape, self.dtype = tensor.shape, tensor.dtype
+
+
+class _StopRecomputing(Exception):
+    pass
+
+
+class _RecomputedRegion:
+    def __init__(self, function, args, kwargs, mode: CudaAutocast):
+        self.function, self.args, self.kwargs = function, args, kwargs  # kept for the recomputation
+        self.mode, self.enabled = mode, mode.enabled[-1]  # the autocast state to recompute under
+        self.placeholders: list[weakref.ref] = []
+        self.recomputed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.done = False
+
+    def pack(self, tensor: torch.Tensor) -> _SavedLater:
+        placeholder = _SavedLater(tensor)
+        self.placeholders.append(weakref.ref(placeholder))
+        return placeholder
+
+    def unpack(self, placeholder: _SavedLater) -> torch.Tensor:
+        if not self.done:
+            self.done = True
+            self._recompute()
+        return self.recomputed.pop(placeholder)
+
+    def _recompute(self) -> None:
+        count = 0
+
+        def pack_again(tensor: torch.Tensor) -> torch.Tensor:
+            nonlocal count
+            index, count = count, count + 1
+            placeholder = self.placeholders[index]() if index < len(self.placeholders) else None
+            if placeholder is not None:  # (None: autograd no longer needs it)
+                if (placeholder.shape, placeholder.dtype) != (tensor.shape, tensor.dtype):
+                    raise RuntimeError(
+                        f"VRAM estimate: checkpoint recomputation saved a {tensor.dtype} {tuple(tensor.shape)} "
+                        f"tensor where the forward pass saved a {placeholder.dtype} {tuple(placeholder.shape)} "
+                        "one: the emulated autocast differs between the two."
+                    )
+                self.recomputed[placeholder] = tensor.detach() if tensor.requires_grad else tensor
+            if count == len(self.placeholders):
+                raise _StopRecomputing  # everything is back: the rest of the region is not needed
+            # The recomputation's own graph is never used: it must hold nothing (a saved output holding
+            # itself would be a reference cycle through autograd, freed never).
+            return None
+
+        try:
+            with (
+                torch.enable_grad(),
+                _restored(self.mode, self.enabled),
+                torch.autograd.graph.saved_tensors_hooks(pack_again, _never_unpacked),
+            ):
+                self.function(*self.args, **self.kwargs)
+        except _StopRecomputing:
+            pass
+
+
+def _never_unpacked(_):
+    raise RuntimeError("VRAM estimate: the recomputation's own graph is not for a backward pass")
+
+
+@contextlib.contextmanager
+def _restored(mode: CudaAutocast, enabled: bool) -> Iterator[None]:
+    """The emulated autocast `mode` with `enabled` on top: pushed if the mode is still active (a backward pass
+    inside the autocast block), activated again otherwise (the usual backward pass, after the block)."""
+    if mode not in _ACTIVE:
+        with _activated(mode, enabled):
+            yield
+        return
+    mode.enabled.append(enabled)
+    try:
+        yield
+    finally:
+        mode.enabled.pop()
 
 
 # --- memory-efficient attention, analytically -----------------------------------------------------------------
