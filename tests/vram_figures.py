@@ -55,7 +55,10 @@ _BF16 = Settings(width=256, height=256, batch=2, precision="bf16")
 # between the pins on purpose (see TEXT_ENCODER_ATTENTION); the others include it.
 CASES: dict[str, tuple[object, Settings]] = {
     "small, bf16, no checkpointing": (SMALL, _BF16),
-    "small, bf16, high-res blocks checkpointed": (SMALL, dataclasses.replace(_BF16, checkpointing="high-res")),
+    "small, bf16, high-res blocks checkpointed": (
+        SMALL,
+        dataclasses.replace(_BF16, checkpointing="high-res"),
+    ),
     "small, bf16, every block checkpointed": (SMALL, dataclasses.replace(_BF16, checkpointing="all")),
     "small, fp16, fp32 scores, every block checkpointed": (
         SMALL,
@@ -100,7 +103,10 @@ RECORDED: dict[str, int] = {
 
 def figures() -> dict[str, int]:
     """Each case's allocated bytes (what torch.cuda.max_memory_allocated would report) under this venv."""
-    return {name: estimate_step_bytes(model, settings).allocated_bytes for name, (model, settings) in CASES.items()}
+    return {
+        name: estimate_step_bytes(model, settings).allocated_bytes
+        for name, (model, settings) in CASES.items()
+    }
 
 
 if __name__ == "__main__":

@@ -387,7 +387,9 @@ class _RecomputedRegion:
         try:
             with (
                 torch.enable_grad(),
-                _restored(self.mode, self.enabled),
+                # Activated again even inside the autocast block: a backward pass started there runs with
+                # the mode off (torch takes a mode off its stack while the mode handles a call, backward too).
+                _activated(self.mode, self.enabled),
                 torch.autograd.graph.saved_tensors_hooks(pack_again, _never_unpacked),
             ):
                 self.function(*self.args, **self.kwargs)
@@ -397,21 +399,6 @@ class _RecomputedRegion:
 
 def _never_unpacked(_):
     raise RuntimeError("VRAM estimate: the recomputation's own graph is not for a backward pass")
-
-
-@contextlib.contextmanager
-def _restored(mode: CudaAutocast, enabled: bool) -> Iterator[None]:
-    """The emulated autocast `mode` with `enabled` on top: pushed if the mode is still active (a backward pass
-    inside the autocast block), activated again otherwise (the usual backward pass, after the block)."""
-    if mode not in _ACTIVE:
-        with _activated(mode, enabled):
-            yield
-        return
-    mode.enabled.append(enabled)
-    try:
-        yield
-    finally:
-        mode.enabled.pop()
 
 
 # --- memory-efficient attention, analytically -----------------------------------------------------------------
