@@ -83,8 +83,8 @@ CASES: dict[str, tuple[object, Settings]] = {
 
 # transformers before 4.41 has only the eager attention for CLIP (the scores held for the backward pass);
 # later versions default to SDPA, counted as a memory-efficient kernel. That is the one difference in what
-# the step holds between the pins, and it is a real one (A1111's SD 1.x text encoder runs eager): at most
-# 1% of a step (0.5% for SD 2.1-768-v at batch 2 under A1111's pins).
+# the step holds between the pins, and a real one (A1111's SD 1.x text encoder runs eager): under A1111's
+# pins the figures here are 0.4% to 0.9% higher; Forge's pins give the core venv's to the byte.
 TEXT_ENCODER_ATTENTION = 0.02
 
 # Allocated bytes (weights + the step's peak), under the core venv (torch 2.13, diffusers 0.42.1,

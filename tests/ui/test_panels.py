@@ -209,8 +209,8 @@ def test_prepare_writes_the_dataset_and_opens_its_captions(services, dataset, tm
 
 
 def test_the_train_panel_estimates_gpu_memory_for_its_settings(services, train_values):
-    """"Estimate GPU memory" works the estimate out for the form's settings on the host's model (no GPU) and
-    puts the largest batch that fits into the planner, which builds its splits from it."""
+    """The "Estimate GPU memory" button works the estimate out for the form's settings on the host's model
+    (no GPU) and puts the largest batch that fits into the planner, which builds its splits from it."""
     page = Page(build_tab(services))
     names, values = train_values("shapes")
     for name, value in zip(names, values):

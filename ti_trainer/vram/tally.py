@@ -1,6 +1,6 @@
 """Counting the bytes a training step holds, on a model that has no memory at all (the meta device).
 
-Three pieces, used together by estimate.py around one forward and backward pass:
+Four pieces, used together by estimate.py around one forward and backward pass:
 
 - `LiveBytes`, a TorchDispatchMode: every tensor an aten op returns is looked at once; a storage it has not
   seen is added to the live total, and taken off when the storage is freed (a weakref callback). The peak of
@@ -14,6 +14,10 @@ Three pieces, used together by estimate.py around one forward and backward pass:
   key, so the real one cannot run here. The lists below are the subset of aten/src/ATen/autocast_mode.cpp
   (CUDA) that SD's UNets and CLIP text encoders call. Like real autocast, casts of leaf tensors that require
   a gradient (trainable weights) are cached for the autocast region; frozen weights are cast at each use.
+- Checkpoint recomputation (`checkpoint_under_emulation`): torch's non-reentrant recomputation, done here
+  for whoever calls `torch.utils.checkpoint.checkpoint` during the step (diffusers' blocks of any version,
+  our backends' levers), under the emulated autocast state the forward pass had, as torch restores the real
+  one; torch's own checkpoint cannot run on meta tensors before torch 2.5.
 - `MemoryEfficientAttention`: SDPA / xformers accounted analytically. On meta, SDPA would take its math path
   and hold the tokens x tokens score matrix; the fused kernels never do. Forward: the output and a logsumexp
   (fp32, one per query row, padded to 32 rows) are saved with q, k and v. Backward: dq, dk, dv, plus an fp32
@@ -366,7 +370,7 @@ class _RecomputedRegion:
     def _recompute(self) -> None:
         count = 0
 
-        def pack_again(tensor: torch.Tensor) -> torch.Tensor:
+        def pack_again(tensor: torch.Tensor) -> None:
             nonlocal count
             index, count = count, count + 1
             placeholder = self.placeholders[index]() if index < len(self.placeholders) else None
