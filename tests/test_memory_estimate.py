@@ -11,51 +11,19 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from vram_figures import RECORDED, SMALL, figures
 
 from ti_trainer.cli.main import main
 from ti_trainer.config import TrainConfig
 from ti_trainer.errors import UserError
-from ti_trainer.vram.architectures import SD_VAE, Architecture
+from ti_trainer.vram.architectures import Architecture
 from ti_trainer.vram.estimate import GIB, Settings, a1111_settings, estimate_step_bytes, largest_batch
 from ti_trainer.vram.for_config import estimate_for_config, summary
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1024**2
 
-# A small SD-shaped model (two attention levels, linear projections, a CLIP text encoder) whose step at
-# 384 px, batch 2 holds ~180 MB of activations: far above the measurement's noise, and quick on a CPU.
-SMALL = Architecture(
-    name="small",
-    title="small",
-    unet=dict(
-        sample_size=48,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(64, 128, 256),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=(2, 4, 8),
-        cross_attention_dim=256,
-        use_linear_projection=True,
-        norm_num_groups=32,
-    ),
-    text_encoders=(
-        dict(
-            vocab_size=1000,
-            hidden_size=256,
-            intermediate_size=512,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        ),
-    ),
-    vae=dict(SD_VAE, block_out_channels=(32, 32, 32, 32), norm_num_groups=8),
-)
 FP32 = Settings(width=384, height=384, batch=2, precision="fp32", half_weights=False)
 BF16 = Settings(width=384, height=384, batch=2, precision="bf16")
 QUICK = Settings(width=128, height=128, batch=2, precision="bf16")  # where the size does not matter
@@ -239,3 +207,146 @@ def test_estimate_probe_wants_a_gpu_and_says_so(capsys):
     captured = capsys.readouterr()
     assert "Largest batch under 7.5 GiB" in captured.out
     assert "--probe measures GPU memory with real steps, and the model is on cpu" in captured.err
+
+
+# --- checkpoint recomputation under the emulated autocast -------------------------------------------------
+
+
+def _norm_then_linear(layer_norm, linear):
+    return lambda x: linear(layer_norm(x))  # fp32 under autocast (the norm), then the autocast dtype
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_region_checkpointed_by_a_direct_call_is_recomputed_under_the_emulated_autocast(reentrant):
+    """diffusers up to 0.32 (A1111's 0.27, Forge's 0.31) and transformers call torch.utils.checkpoint
+    themselves, some reentrant: the recomputation in the backward pass, after the autocast block, must cast
+    as the forward pass did (the tensors saved then and recomputed now must match)."""
+    from ti_trainer.vram.tally import LiveBytes, emulated_autocast
+
+    with torch.device("meta"):
+        region = _norm_then_linear(torch.nn.LayerNorm(1024), torch.nn.Linear(1024, 1024))
+    peaks = {}
+    for checkpointed in (False, True):
+        tally = LiveBytes()
+        with torch.device("meta"), tally:
+            x = torch.randn(256, 1024, requires_grad=True)
+            with emulated_autocast(torch.bfloat16):
+                if checkpointed:
+                    y = torch.utils.checkpoint.checkpoint(region, x, use_reentrant=reentrant)
+                else:
+                    y = region(x)
+                assert y.dtype == torch.bfloat16
+            y.float().sum().backward()
+        assert x.grad is not None and x.grad.shape == x.shape
+        peaks[checkpointed] = tally.peak
+    assert peaks[True] < peaks[False]
+
+
+def test_the_recomputation_holds_what_torchs_own_checkpoint_holds():
+    """The estimate's recomputation against torch's non-reentrant checkpoint (which the backends use on a
+    GPU), on two checkpointed transformer blocks in a row. At fp32 there are no casts to restore: torch's
+    own needs only the emulation's attention, which the checkpointed function enters itself."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    from ti_trainer.vram import tally as emulation
+
+    with torch.device("meta"):
+        block = BasicTransformerBlock(128, 4, 32, cross_attention_dim=256).requires_grad_(False)
+
+    def emulated_block(*args):
+        with emulation.emulated_autocast(None):
+            return block(*args)
+
+    def peak(ours: bool) -> int:
+        tally = emulation.LiveBytes()
+        with torch.device("meta"), tally:
+            x = torch.randn(2, 1024, 128, requires_grad=True)
+            context = torch.randn(2, 77, 256, requires_grad=True)
+            if ours:
+                with emulation.emulated_autocast(None):
+                    y = torch.utils.checkpoint.checkpoint(block, x, None, context, use_reentrant=False)
+                    y = torch.utils.checkpoint.checkpoint(block, y, None, context, use_reentrant=False)
+            else:
+                checkpoint = emulation._REAL_CHECKPOINT
+                y = checkpoint(emulated_block, x, None, context, use_reentrant=False)
+                y = checkpoint(emulated_block, y, None, context, use_reentrant=False)
+            y.sum().backward()
+        return tally.peak
+
+    assert peak(ours=True) == peak(ours=False)
+
+
+def test_the_estimate_does_not_need_torchs_checkpoint_on_meta_tensors(monkeypatch):
+    """torch's checkpoint fails on meta tensors before torch 2.5 (it looks for a `torch.meta` module), and
+    the WebUIs ship older ones (A1111: 2.1.2): the estimate recomputes on its own."""
+    from ti_trainer.vram import tally as emulation
+
+    def fails_on_meta(*args, **kwargs):
+        raise AttributeError("module 'torch' has no attribute 'meta'")
+
+    monkeypatch.setattr(emulation, "_REAL_CHECKPOINT", fails_on_meta)
+    every = estimate_step_bytes(SMALL, dataclasses.replace(QUICK, checkpointing="all"))
+    assert every.step_bytes < estimate_step_bytes(SMALL, QUICK).step_bytes
+
+
+def test_cast_copies_of_trainable_weights_go_when_the_autocast_region_ends():
+    """As real autocast's cast cache: a trainable weight's bf16 copy lives for the autocast region (or as
+    long as autograd saves it), not for the whole step. Here the region is checkpointed: nothing saves it."""
+    from ti_trainer.vram.tally import LiveBytes, emulated_autocast
+
+    with torch.device("meta"):
+        linear = torch.nn.Linear(1024, 1024)  # trainable, as A1111's own trainer leaves the UNet
+    tally = LiveBytes()
+    with torch.device("meta"), tally:
+        x = torch.randn(8, 1024, requires_grad=True)
+        with emulated_autocast(torch.bfloat16):
+            y = torch.utils.checkpoint.checkpoint(linear, x, use_reentrant=False)
+        assert tally.live == x.nbytes + y.nbytes  # not the 2 MiB copy of the weight as well
+
+
+def test_a_torch_without_lasting_storage_objects_is_refused_clearly(monkeypatch):
+    """The tally's weak references follow storages' Python objects; where each `untyped_storage()` call
+    gave a new one, every figure would read zero."""
+    from ti_trainer.vram.tally import LiveBytes
+
+    monkeypatch.setattr(torch.Tensor, "untyped_storage", lambda self: torch.UntypedStorage(4, device="meta"))
+    with pytest.raises(UserError, match="cannot count memory with torch"):
+        LiveBytes()
+
+
+def test_the_recorded_figures_are_the_core_venvs():
+    """tests/vram_figures.py's RECORDED, which the WebUI-pinned suites compare to, is this venv's estimate
+    (when the estimate changes on purpose, print the new figures as its docstring says)."""
+    assert figures() == RECORDED
+
+
+# --- the estimate at the start of a run ------------------------------------------------------------------
+
+
+def test_a_run_on_a_gpu_says_the_estimate_for_its_plan(backend, make_config, monkeypatch):
+    """Through the run's messages (the CLI prints them; the panel and the API show them), after the plan."""
+    import functools
+
+    from ti_trainer.training import fit
+    from ti_trainer.training.loop import TrainingHooks, train
+
+    def run_messages(name: str) -> list[str]:
+        messages = []
+        config = make_config(name, batch_size=2, gradient_accumulation=1, max_steps=1)
+        train(config, backend, TrainingHooks(on_message=messages.append))
+        return messages
+
+    assert not [m for m in run_messages("on-cpu") if m.startswith("Memory estimate")]  # seconds for nothing
+
+    monkeypatch.setattr(fit, "gpu_budget_bytes", lambda device: int(7.33 * GIB))  # as a GPU would say
+    monkeypatch.setattr(
+        fit, "memory_for_training", functools.partial(fit.memory_for_training, say_estimate=True)
+    )
+    messages = run_messages("on-gpu")
+    (line,) = [m for m in messages if m.startswith("Memory estimate")]
+    assert line.startswith(
+        "Memory estimate: batch 2 fits in 7.33 GiB at 64 px without checkpointing: about 0."
+    )
+    assert line.endswith(" GiB (estimate).")
+    plan_line = next(m for m in messages if m.startswith("Memory: "))
+    assert messages.index(line) == messages.index(plan_line) + 1

@@ -206,3 +206,21 @@ def test_prepare_writes_the_dataset_and_opens_its_captions(services, dataset, tm
     page.fire(report)
     (shown,) = page.outputs_of(report)
     assert f"4 images in {prepared}" in page.value(shown)
+
+
+def test_the_train_panel_estimates_gpu_memory_for_its_settings(services, train_values):
+    """The "Estimate GPU memory" button works the estimate out for the form's settings on the host's model
+    (no GPU) and puts the largest batch that fits into the planner, which builds its splits from it."""
+    page = Page(build_tab(services))
+    names, values = train_values("shapes")
+    for name, value in zip(names, values):
+        page.set(page.by_id(f"ti_trainer_train_{name}"), value)
+    page.set(page.by_id("ti_trainer_train_width"), 64)
+    page.set(page.by_id("ti_trainer_train_height"), 64)
+    page.fire(page.find("train", "Estimate GPU memory", gr.Button))
+
+    shown = page.value(page.by_id("ti_trainer_memory_estimate"))
+    assert "fits in 8 GB at 64 px" in shown and "GiB (estimate)" in shown
+    most = page.value(page.by_id("ti_trainer_plan_max_batch"))
+    assert isinstance(most, int) and most >= 2  # the tiny model fits many 64 px images in 7.5 GiB
+    assert f"The most that fits at this size: batch {most}." in shown

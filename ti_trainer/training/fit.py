@@ -250,11 +250,13 @@ def memory_for_training(
     auto_checkpointing: bool,
     say: Callable[[str], None] = print,
     probe_first: bool | None = None,
+    say_estimate: bool | None = None,
 ) -> Iterator[MemoryPlan]:
     """The memory context a run trains in, under the run's `plan` (see the module's docstring); yields the
     plan as applied. `probe_first` (default: on a GPU) runs test steps before the run: with
     `auto_checkpointing` (the config's "auto") checkpointing is raised by need, and a batch that cannot fit
-    is reported before any training time is spent."""
+    is reported before any training time is spent. `say_estimate` (default: on a GPU; on the CPU it costs
+    seconds and says nothing about the run) adds the VRAM estimate's line for the plan to the messages."""
     latent_hw = largest_latent_size(data)
     batch, accumulation = data.batch_size, data.gradient_accumulation
     if probe_first is None:
@@ -270,6 +272,10 @@ def memory_for_training(
             raise UserError(_advice(backend, most_saving, batch, accumulation, latent_hw, num_vectors, what))
         plan = needed
     say(f"Memory: {plan.describe()}")
+    if say_estimate if say_estimate is not None else backend.device.type == "cuda":
+        line = _estimate_line(plan, backend, latent_hw, batch, num_vectors)
+        if line:
+            say(line)
     out_of_memory = False
     try:
         with backend.memory_levers(plan):
@@ -290,6 +296,23 @@ def memory_for_training(
         + estimate_note(plan, backend, latent_hw[1] * factor, latent_hw[0] * factor, batch, num_vectors)
         + " The embedding keeps its last saved step; start again to resume from it."
     ) from None
+
+
+def _estimate_line(
+    plan: MemoryPlan, backend: Backend, latent_hw: tuple[int, int], batch: int, num_vectors: int
+) -> str:
+    from ti_trainer.vram.for_config import run_estimate_line
+
+    factor = backend.family.vae_scale_factor
+    return run_estimate_line(
+        plan,
+        backend,
+        latent_hw[1] * factor,
+        latent_hw[0] * factor,
+        batch,
+        num_vectors,
+        gpu_budget_bytes(backend.device),
+    )
 
 
 @dataclass

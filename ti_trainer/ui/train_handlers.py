@@ -155,6 +155,28 @@ def refresh_lists(services: HostServices, embedding: str, template: str):
 # ---- the run ----------------------------------------------------------------------------------------------
 
 
+def memory_estimate_view(services: HostServices, names: list[str], *values):
+    """The "Estimate GPU memory" button: (note HTML, the planner's "most images your GPU fits" number) for
+    the form's settings on the host's model, from the VRAM estimate (no GPU used; a few seconds)."""
+    from ti_trainer.vram.estimate import DEFAULT_BUDGET_GIB, GIB
+    from ti_trainer.vram.for_config import estimate_for_config, largest_batch_for_config, summary
+
+    try:
+        config = config_from_form(services, names, list(values))
+        backend = services.get_backend()
+        estimate = estimate_for_config(config, backend)
+        most = largest_batch_for_config(config, backend)
+    except UserError as error:
+        return note("error", str(error)), gr.update()
+    text = summary(estimate, DEFAULT_BUDGET_GIB) + "."
+    if most:
+        text += f" The most that fits at this size: batch {most}."
+    else:
+        text += " Not even batch 1 fits: lower the size, or see `python -m ti_trainer estimate`."
+    kind = "ok" if estimate.fits(int(DEFAULT_BUDGET_GIB * GIB)) else "warn"
+    return note(kind, text), (most or gr.update())
+
+
 def run_training_job(services: HostServices, live: LiveRun, names: list[str], id_task: str, *values):
     """The Train button. `id_task` is the WebUI's job id (its progress bar follows it); unused here.
 

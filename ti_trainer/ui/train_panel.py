@@ -23,6 +23,7 @@ from ti_trainer.ui.train_handlers import (
     embedding_status,
     fill_from_last_run,
     learn_rate_status,
+    memory_estimate_view,
     open_page,
     plan_view,
     poll,
@@ -108,6 +109,21 @@ def build_train_panel(services: HostServices, live: LiveRun | None = None) -> Tr
                     DEFAULT_MAX_BATCH,
                 )
                 plan_info = gr.HTML(plan_html, elem_id="ti_trainer_plan")
+                with gr.Row(elem_id="ti_trainer_memory_estimate_row"):
+                    estimate_button = gr.Button(
+                        "Estimate GPU memory",
+                        size="sm",
+                        scale=0,
+                        elem_id="ti_trainer_memory_estimate_button",
+                    )
+                    estimate_info = gr.HTML(
+                        note(
+                            "info",
+                            "How much GPU memory a step needs at these settings, worked out without "
+                            "a GPU: press the button (it takes a few seconds).",
+                        ),
+                        elem_id="ti_trainer_memory_estimate",
+                    )
                 splits = gr.Dataset(
                     components=["number", "number", "number"],
                     headers=["Batch size", "Accumulation", "Steps per epoch"],
@@ -257,6 +273,11 @@ def build_train_panel(services: HostServices, live: LiveRun | None = None) -> Tr
     for source in plan_inputs:
         source.change(plan_view, plan_inputs, [plan_info, splits], queue=False)
     splits.click(use_combination, [splits], [form["batch_size"], form["gradient_accumulation"]], queue=False)
+    estimate_button.click(
+        lambda *values: memory_estimate_view(services, names, *values),
+        [form[name] for name in names],
+        [estimate_info, max_batch],
+    )
     align.click(
         align_to_epochs,
         plan_inputs[:-1],

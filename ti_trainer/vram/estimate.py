@@ -30,7 +30,6 @@ from ti_trainer.vram.tally import (
     FP8,
     LiveBytes,
     allocator_rounded,
-    checkpoint_under_emulation,
     emulated_autocast,
 )
 
@@ -175,17 +174,16 @@ def resident_weight_bytes(meta: MetaModel, settings: Settings) -> int:
 
 @contextlib.contextmanager
 def levers(meta: MetaModel, settings: Settings):
-    """The run's attention processors and checkpointing on the meta UNet (the backends' own levers).
-    xformers is accounted as SDPA: both are memory-efficient kernels with the same saved tensors."""
+    """The run's attention processors and checkpointing on the meta UNet (the backends' own levers, as they
+    are: their checkpoint calls reach tally.checkpoint_under_emulation while the step runs). xformers is
+    accounted as SDPA: both are memory-efficient kernels with the same saved tensors."""
     from ti_trainer.backends.diffusers_memory import attention_processors, unet_checkpointing
 
     kind = "sdpa" if settings.attention == "xformers" else settings.attention
     with (
         attention_processors(meta.unet, kind, settings.upcast_attention),
-        unet_checkpointing(meta.unet, settings.checkpointing) as flagged,
+        unet_checkpointing(meta.unet, settings.checkpointing),
     ):
-        for module in flagged:
-            module._gradient_checkpointing_func = checkpoint_under_emulation
         yield
 
 

@@ -80,6 +80,23 @@ def estimate_for_config(
     return estimate
 
 
+def largest_batch_for_config(
+    config, backend, budget_gib: float = DEFAULT_BUDGET_GIB, num_vectors: int = 1, limit: int = 64
+) -> int:
+    """The largest batch the estimate says fits `budget_gib` at the config's size (its checkpointing, or on
+    "auto" the level that fits the most): the number the planner's splits are built from."""
+    from ti_trainer.vram.estimate import largest_batch
+
+    architecture = architecture_of_backend(backend)
+    settings = settings_for(config, gpu_plan(config, backend), num_vectors)
+    levels = CHECKPOINT_LEVELS if config.gradient_checkpointing == "auto" else (settings.checkpointing,)
+    budget = int(budget_gib * GIB)
+    return max(
+        largest_batch(architecture, dataclasses.replace(settings, checkpointing=level), budget, limit)[0]
+        for level in levels
+    )
+
+
 _CACHE: dict[tuple[str, Settings], Estimate] = {}
 CACHE_SIZE = 64
 
@@ -96,7 +113,7 @@ def cached_estimate(architecture: Architecture, settings: Settings) -> Estimate:
 def card_words(budget_gib: float) -> str:
     if budget_gib == DEFAULT_BUDGET_GIB:
         return "8 GB"
-    return f"{budget_gib:g} GiB"
+    return f"{budget_gib:.3g} GiB"  # a GPU's free memory as 7.33 GiB, a whole budget as it is
 
 
 def summary(estimate: Estimate, budget_gib: float = DEFAULT_BUDGET_GIB) -> str:
@@ -125,6 +142,28 @@ def estimate_note(
         f" The estimate for this step was about {estimate.needed_gib:.1f} GiB "
         f"(see `python -m ti_trainer estimate` for what fits)."
     )
+
+
+def run_estimate_line(
+    plan: MemoryPlan,
+    backend,
+    width: int,
+    height: int,
+    batch: int,
+    num_vectors: int,
+    budget_bytes: int | None,
+) -> str:
+    """The estimate for a run as it starts (its `plan` at `width` x `height` px and `batch`), for its
+    messages: "Memory estimate: batch 8 fits in 7.3 GiB at 768 px with checkpointing: about 6.2 GiB
+    (estimate)." against `budget_bytes` (what the GPU has for PyTorch; None: the 8 GB card). Empty when no
+    estimate can be made: it is advice, and the run goes on without it."""
+    try:
+        architecture = architecture_of_backend(backend)
+        estimate = cached_estimate(architecture, settings_for_plan(plan, width, height, batch, num_vectors))
+    except Exception:  # advice only (see estimate_note)
+        return ""
+    budget_gib = budget_bytes / GIB if budget_bytes else DEFAULT_BUDGET_GIB
+    return f"Memory estimate: {summary(estimate, budget_gib)}."
 
 
 def least_fitting_level(

@@ -1,6 +1,6 @@
 """Counting the bytes a training step holds, on a model that has no memory at all (the meta device).
 
-Three pieces, used together by estimate.py around one forward and backward pass:
+Four pieces, used together by estimate.py around one forward and backward pass:
 
 - `LiveBytes`, a TorchDispatchMode: every tensor an aten op returns is looked at once; a storage it has not
   seen is added to the live total, and taken off when the storage is freed (a weakref callback). The peak of
@@ -14,6 +14,10 @@ Three pieces, used together by estimate.py around one forward and backward pass:
   key, so the real one cannot run here. The lists below are the subset of aten/src/ATen/autocast_mode.cpp
   (CUDA) that SD's UNets and CLIP text encoders call. Like real autocast, casts of leaf tensors that require
   a gradient (trainable weights) are cached for the autocast region; frozen weights are cast at each use.
+- Checkpoint recomputation (`checkpoint_under_emulation`): torch's non-reentrant recomputation, done here
+  for whoever calls `torch.utils.checkpoint.checkpoint` during the step (diffusers' blocks of any version,
+  our backends' levers), under the emulated autocast state the forward pass had, as torch restores the real
+  one; torch's own checkpoint cannot run on meta tensors before torch 2.5.
 - `MemoryEfficientAttention`: SDPA / xformers accounted analytically. On meta, SDPA would take its math path
   and hold the tokens x tokens score matrix; the fused kernels never do. Forward: the output and a logsumexp
   (fp32, one per query row, padded to 32 rows) are saved with q, k and v. Backward: dq, dk, dv, plus an fp32
@@ -49,6 +53,7 @@ class LiveBytes(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
+        _require_lasting_storage_objects()
         self.live = self.peak = 0  # bytes as asked for
         self.live_rounded = self.peak_rounded = 0  # bytes as the allocator rounds them
         self.counting = True
@@ -94,6 +99,21 @@ class LiveBytes(TorchDispatchMode):
         if sizes is not None:
             self.live -= sizes[0]
             self.live_rounded -= sizes[1]
+
+
+def _require_lasting_storage_objects() -> None:
+    """The tally's weak references need a storage's Python object to live exactly as long as the storage
+    (torch keeps one object per storage since its "PyObject preservation for UntypedStorage", torch 2.1).
+    Where `untyped_storage()` gives a new object each call instead, each reference would die at once and
+    every figure would read zero: refuse clearly rather than answer that."""
+    probe = torch.empty(1, device="meta")
+    if probe.untyped_storage() is not probe.untyped_storage():
+        from ti_trainer.errors import UserError
+
+        raise UserError(
+            f"The VRAM estimate cannot count memory with torch {torch.__version__}: it needs torch 2.1 or "
+            "newer. Measure instead with `python -m ti_trainer estimate --probe` on the GPU."
+        )
 
 
 # --- CUDA autocast, reproduced --------------------------------------------------------------------------------
@@ -151,6 +171,23 @@ _WEIGHT_USERS = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose2d}
 FP8 = getattr(torch, "float8_e4m3fn", None)
 
 
+def _meta_fill_value_as_number(args, kwargs):
+    """`torch.full(size, <0-d tensor>)` reads its fill value with `.item()`, which a meta tensor cannot give
+    (transformers 4.30, A1111's pin, builds CLIP's causal mask this way). The value does not change the
+    memory: any number of the same kind will do."""
+
+    def as_number(value):
+        if isinstance(value, torch.Tensor) and value.device.type == "meta":
+            return 0.0 if value.is_floating_point() else 0
+        return value
+
+    if "fill_value" in kwargs:
+        return args, {**kwargs, "fill_value": as_number(kwargs["fill_value"])}
+    if len(args) >= 2:
+        return (args[0], as_number(args[1]), *args[2:]), kwargs
+    return args, kwargs
+
+
 class CudaAutocast(TorchFunctionMode):
     """CUDA autocast's casts at `dtype`, above autograd. `enabled` follows `torch.autocast(..., enabled=)`
     blocks on the meta device (see `meta_autocast_blocks`); None as dtype is fp32 training (no casts)."""
@@ -163,6 +200,8 @@ class CudaAutocast(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.full:
+            args, kwargs = _meta_fill_value_as_number(args, kwargs)
         if func in _WEIGHT_USERS:
             args, kwargs = self._cast_fp8(args, kwargs)
         if self.enabled[-1]:
@@ -204,6 +243,7 @@ class CudaAutocast(TorchFunctionMode):
 
 _ACTIVE: list[CudaAutocast] = []
 _REAL_AUTOCAST = torch.autocast
+_REAL_CHECKPOINT = torch.utils.checkpoint.checkpoint
 
 
 class _MetaAwareAutocast(_REAL_AUTOCAST):
@@ -234,8 +274,9 @@ class _MetaAwareAutocast(_REAL_AUTOCAST):
 
 @contextlib.contextmanager
 def emulated_autocast(dtype: torch.dtype | None) -> Iterator[CudaAutocast]:
-    """CUDA autocast at `dtype` for meta tensors, for a `with` block. `torch.autocast` is swapped for a
-    subclass that hands "meta" blocks to the emulation (and everything else to the real class) meanwhile."""
+    """CUDA autocast at `dtype` for meta tensors, for a `with` block. Meanwhile `torch.autocast` is swapped
+    for a subclass that hands "meta" blocks to the emulation (and everything else to the real class), and
+    `torch.utils.checkpoint.checkpoint` for one that recomputes under the emulation (`checkpoint_under_emulation`)."""
     mode = CudaAutocast(dtype)
     with _activated(mode):
         yield mode
@@ -247,6 +288,7 @@ def _activated(mode: CudaAutocast, enabled: bool | None = None) -> Iterator[None
     if enabled is not None:
         mode.enabled.append(enabled)
     torch.autocast = _MetaAwareAutocast
+    torch.utils.checkpoint.checkpoint = checkpoint_under_emulation
     try:
         with mode:
             yield
@@ -256,22 +298,111 @@ def _activated(mode: CudaAutocast, enabled: bool | None = None) -> Iterator[None
         _ACTIVE.remove(mode)
         if not _ACTIVE:
             torch.autocast = _REAL_AUTOCAST
+            torch.utils.checkpoint.checkpoint = _REAL_CHECKPOINT
+            # Real autocast drops its cast cache when its outermost region exits (checkpoint recomputation
+            # enters a region of its own): the cast copies then live only as long as autograd saves them.
+            mode._cache.clear()
 
 
-def checkpoint_under_emulation(module, *args):
-    """Non-reentrant checkpointing whose recomputation (in the backward pass, outside the autocast block)
-    runs under the emulated autocast as it was in the forward pass, as torch's checkpoint does for the real
-    autocast. Installed as the UNet blocks' `_gradient_checkpointing_func` while estimating."""
-    mode = _ACTIVE[-1] if _ACTIVE else None
-    enabled = mode.enabled[-1] if mode is not None else None
+def checkpoint_under_emulation(
+    function,
+    *args,
+    use_reentrant=None,
+    context_fn=None,
+    determinism_check=None,
+    debug=None,
+    early_stop=None,
+    **kwargs,
+):
+    """`torch.utils.checkpoint.checkpoint` while the emulation is on (diffusers up to 0.32 and transformers
+    call it by that name; our backends' `_gradient_checkpointing_func` does too, for diffusers 0.33 on).
 
-    def run(*inputs):
-        if mode is None or mode in _ACTIVE:  # the forward pass
-            return module(*inputs)
-        with _activated(mode, enabled):  # the recomputation
-            return module(*inputs)
+    The region is recomputed here, not by torch's checkpoint, for two reasons. Its recomputation (in the
+    backward pass, after the autocast block) must run under the emulated autocast state of the forward pass,
+    as torch's checkpoint restores the real autocast state it captured; and torch's checkpoint itself fails
+    on meta tensors before torch 2.5 (it looks for a `torch.meta` device module), which the WebUIs ship.
+    The recomputation is torch's non-reentrant one, which the backends use: every tensor the forward pass
+    would save is dropped, the region's inputs are kept, and the first time the backward pass needs a saved
+    tensor the region runs again until all of them are back; each is released once the backward pass has
+    used it. A caller asking for the reentrant variant gets the same (the two hold the same tensors).
+    """
+    kwargs.pop("preserve_rng_state", None)  # meta tensors have no random state to preserve
+    if not _ACTIVE:
+        return _REAL_CHECKPOINT(function, *args, use_reentrant=use_reentrant, **kwargs)
+    region = _RecomputedRegion(function, args, kwargs, _ACTIVE[-1])
+    with torch.autograd.graph.saved_tensors_hooks(region.pack, region.unpack):
+        return function(*args, **kwargs)
 
-    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+class _SavedLater:
+    """What autograd holds in place of a tensor a checkpointed region saved (its shape and dtype, to check
+    the recomputation against)."""
+
+    __slots__ = ("shape", "dtype", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.shape, self.dtype = tensor.shape, tensor.dtype
+
+
+class _StopRecomputing(Exception):
+    pass
+
+
+class _RecomputedRegion:
+    def __init__(self, function, args, kwargs, mode: CudaAutocast):
+        self.function, self.args, self.kwargs = function, args, kwargs  # kept for the recomputation
+        self.mode, self.enabled = mode, mode.enabled[-1]  # the autocast state to recompute under
+        self.placeholders: list[weakref.ref] = []
+        self.recomputed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.done = False
+
+    def pack(self, tensor: torch.Tensor) -> _SavedLater:
+        placeholder = _SavedLater(tensor)
+        self.placeholders.append(weakref.ref(placeholder))
+        return placeholder
+
+    def unpack(self, placeholder: _SavedLater) -> torch.Tensor:
+        if not self.done:
+            self.done = True
+            self._recompute()
+        return self.recomputed.pop(placeholder)
+
+    def _recompute(self) -> None:
+        count = 0
+
+        def pack_again(tensor: torch.Tensor) -> None:
+            nonlocal count
+            index, count = count, count + 1
+            placeholder = self.placeholders[index]() if index < len(self.placeholders) else None
+            if placeholder is not None:  # (None: autograd no longer needs it)
+                if (placeholder.shape, placeholder.dtype) != (tensor.shape, tensor.dtype):
+                    raise RuntimeError(
+                        f"VRAM estimate: checkpoint recomputation saved a {tensor.dtype} {tuple(tensor.shape)} "
+                        f"tensor where the forward pass saved a {placeholder.dtype} {tuple(placeholder.shape)} "
+                        "one: the emulated autocast differs between the two."
+                    )
+                self.recomputed[placeholder] = tensor.detach() if tensor.requires_grad else tensor
+            if count == len(self.placeholders):
+                raise _StopRecomputing  # everything is back: the rest of the region is not needed
+            # The recomputation's own graph is never used: it must hold nothing (a saved output holding
+            # itself would be a reference cycle through autograd, freed never).
+            return None
+
+        try:
+            with (
+                torch.enable_grad(),
+                # Activated again even inside the autocast block: a backward pass started there runs with
+                # the mode off (torch takes a mode off its stack while the mode handles a call, backward too).
+                _activated(self.mode, self.enabled),
+                torch.autograd.graph.saved_tensors_hooks(pack_again, _never_unpacked),
+            ):
+                self.function(*self.args, **self.kwargs)
+        except _StopRecomputing:
+            pass
+
+
+def _never_unpacked(_):
+    raise RuntimeError("VRAM estimate: the recomputation's own graph is not for a backward pass")
 
 
 # --- memory-efficient attention, analytically -----------------------------------------------------------------
