@@ -313,13 +313,21 @@ def test_a_run_trains_in_place_previews_through_txt2img_and_the_webui_loads_the_
 
 
 @pytest.mark.parametrize("fresh_sdxl_webui", [MEDVRAM_SDXL], indirect=True)
-def test_under_medvram_sdxl_a_run_takes_placement_over_and_gives_it_back(fresh_sdxl_run):
+def test_under_medvram_sdxl_a_run_takes_placement_over_and_gives_it_back(fresh_sdxl_run, monkeypatch):
+    from ti_trainer.backends import sgm_memory
+
     webui, services = fresh_sdxl_run
     model = webui.model
     assert model.lowvram and lowvram_hooks(model)
     before, hooks_before = model_fingerprint(model), pre_hooks(model)
     vae_wrappers = {name: vars(model.first_stage_model)[name] for name in ("encode", "decode")}
-    during = []
+    during, lent = [], []
+    real_lent = sgm_memory.text_encoder_lent
+    monkeypatch.setattr(
+        sgm_memory,
+        "text_encoder_lent",
+        lambda module, device: lent.append(module) or real_lent(module, device),
+    )
     result = train(
         config_for(webui, services, preview_every=2),
         services.get_backend(),
@@ -331,6 +339,9 @@ def test_under_medvram_sdxl_a_run_takes_placement_over_and_gives_it_back(fresh_s
     )
     assert result.steps_done == 4
     assert during and set(during) == {0}, "the WebUI's placement hooks are out while training"
+    # The text encoders came to the device for each forward, one after the other; the UNet stayed there.
+    text_l, text_g = (embedder.wrapped for embedder in model.conditioner.embedders[:2])
+    assert lent[:2] == [text_l, text_g] and set(map(id, lent)) == {id(text_l), id(text_g)}
     assert pre_hooks(model) == hooks_before, "and back, in order, afterwards"
     assert {name: vars(model.first_stage_model)[name] for name in vae_wrappers} == vae_wrappers
     assert (result.log_folder / "images" / f"{NAME}-4.png").is_file()  # a preview with the WebUI's hooks
@@ -422,3 +433,21 @@ def test_our_sdxl_files_load_in_the_webui_at_their_width(webui_sdxl, suffix):
     assert not webui_sdxl.db.load_errors
     loaded = webui_sdxl.db.word_embeddings[NAME]
     assert (loaded.vectors, loaded.shape, set(loaded.vec)) == (3, CROSSATTN_WIDTH, {"clip_l", "clip_g"})
+
+
+def test_a_lent_text_encoder_computes_on_the_device_and_keeps_its_ram_storage():
+    from ti_trainer.backends.sgm_memory import SdxlTrainingPlacement, text_encoder_lent
+
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    module.register_buffer("scale", torch.ones(4))
+    storage = {name: t.data_ptr() for name, t in [*module.named_parameters(), *module.named_buffers()]}
+    # "meta" stands for the GPU here: only the CPU is available.
+    with text_encoder_lent(module, torch.device("meta")):
+        assert {t.device.type for t in [*module.parameters(), *module.buffers()]} == {"meta"}
+    assert {
+        name: t.data_ptr() for name, t in [*module.named_parameters(), *module.named_buffers()]
+    } == storage
+    with text_encoder_lent(module, torch.device("cpu")):  # on the CPU nothing moves
+        assert module[0].weight.data_ptr() == storage["0.weight"]
+    model = types.SimpleNamespace(model=torch.nn.Linear(1, 1), conditioner=module)
+    assert SdxlTrainingPlacement(model, "cpu").parts_on_device == [model.model]

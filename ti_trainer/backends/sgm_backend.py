@@ -70,7 +70,7 @@ class SgmBackend:
         """`clip_l_layer_from_end`: the WebUI's "Clip skip SDXL" (its CLIP_stop_at_last_layers when that is on;
         None takes the layer the model's config names). `crop_top_left`: its sdxl_crop_top/left settings.
         `low_vram`: it runs with --medvram-sdxl/--medvram/--lowvram, so placement is taken over while training
-        (backends/ldm_memory.py `TrainingPlacement`). `compute_context`: the WebUI's autocast, entered around
+        (backends/sgm_memory.py `SdxlTrainingPlacement`). `compute_context`: the WebUI's autocast, entered around
         every text and UNet forward when its weights are stored in FP8 (None otherwise)."""
         self._clip_l_wrapper, self._bigg_wrapper = _text_wrappers(model)
         self.model = model
@@ -172,13 +172,13 @@ class SgmBackend:
     @contextlib.contextmanager
     def memory_levers(self, plan: MemoryPlan) -> Iterator[None]:
         """The plan on the WebUI's SDXL for a run (backends/sgm_memory.py), with placement taken over under
-        --medvram-sdxl; all undone afterwards."""
-        from ti_trainer.backends.ldm_memory import TrainingPlacement
-        from ti_trainer.backends.sgm_memory import sgm_memory_levers
+        --medvram-sdxl (the UNet on the GPU, the text encoders there only for their forward and backward, the
+        VAE in RAM); all undone afterwards."""
+        from ti_trainer.backends.sgm_memory import SdxlTrainingPlacement, sgm_memory_levers
 
         with contextlib.ExitStack() as levers:
             if self.low_vram:
-                self._placement = levers.enter_context(TrainingPlacement(self.model, self.device))
+                self._placement = levers.enter_context(SdxlTrainingPlacement(self.model, self.device))
                 levers.callback(setattr, self, "_placement", None)
                 plan = dataclasses.replace(plan, vae_offload=False)  # the placement keeps the VAE in RAM
             levers.enter_context(sgm_memory_levers(self.model, plan, keep_fp8=self.fp8_weights))
@@ -219,8 +219,17 @@ class SgmBackend:
         return vectors
 
     def _run(self, key: str, encode: Callable[[], object]):
+        """One text encoder's forward with our injector in front of its token embedding, under the WebUI's
+        autocast when it stores FP8 weights, and (placement taken over) with the encoder lent to the GPU."""
+        from ti_trainer.backends.sgm_memory import text_encoder_lent
+
         owner, name = self._embedding_owners[key]
-        with injector_installed(self._injectors[key], owner, name), self.compute_context():
+        encoder = self._clip_l if key == "clip_l" else self._bigg
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(injector_installed(self._injectors[key], owner, name))
+            if self._placement is not None:
+                stack.enter_context(text_encoder_lent(encoder, self.device))
+            stack.enter_context(self.compute_context())
             return encode()
 
     def _clip_l_chunk(self, tokens: torch.Tensor) -> tuple[torch.Tensor, None]:
