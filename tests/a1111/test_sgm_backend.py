@@ -451,3 +451,46 @@ def test_a_lent_text_encoder_computes_on_the_device_and_keeps_its_ram_storage():
         assert module[0].weight.data_ptr() == storage["0.weight"]
     model = types.SimpleNamespace(model=torch.nn.Linear(1, 1), conditioner=module)
     assert SdxlTrainingPlacement(model, "cpu").parts_on_device == [model.model]
+
+
+def test_the_vram_estimate_reads_the_webuis_sdxl_as_sdxl(webui_sdxl):
+    from ti_trainer.vram.architectures import architecture_of_backend
+
+    assert architecture_of_backend(a1111.get_backend()).name == "sdxl"
+
+
+def test_create_and_train_through_the_api_on_the_webuis_sdxl(sdxl_run):
+    import time
+
+    from test_api import client_for
+
+    webui, _ = sdxl_run
+    client = client_for(webui)
+    created = client.post(
+        "/ti-trainer/v1/create", json={"name": "apixl", "init_text": "a dog", "num_vectors": 1}
+    )
+    assert created.status_code == 200, created.text
+    assert set(webui.db.word_embeddings["apixl"].vec) == {"clip_l", "clip_g"}
+    before = model_fingerprint(webui.model)
+    settings = {
+        "embedding_name": "apixl",
+        "data_dir": str(webui.data_dir),
+        "template": "subject_filewords.txt",
+        "max_steps": 2,
+        "width": 64,
+        "height": 64,
+        "preview_every": 0,
+        "validate_every": 0,
+    }
+    job_id = client.post("/ti-trainer/v1/train", json=settings).json()["id"]
+    progress = {}
+    for _ in range(1200):
+        progress = client.get(f"/ti-trainer/v1/progress/{job_id}").json()
+        if progress["status"] in ("finished", "failed", "interrupted"):
+            break
+        time.sleep(0.05)
+    assert progress["status"] == "finished", progress
+    assert progress["embedding_path"] == str(webui.embeddings_dir / "apixl.safetensors")
+    assert_same_fingerprint(before, model_fingerprint(webui.model))
+    assert load_embedding(webui.embeddings_dir / "apixl.safetensors").step == 2
+    assert webui.db.word_embeddings["apixl"].vectors == 1 and not webui.db.load_errors
