@@ -192,12 +192,17 @@ def test_the_webuis_model_is_matched_to_its_named_architecture():
 
     from ti_trainer.vram.architectures import architecture_of_backend
 
-    def ldm(width: int, parameterization: str):  # what an ldm backend exposes: no diffusers configs
-        return SimpleNamespace(text_width=width, schedule=SimpleNamespace(parameterization=parameterization))
+    def ldm(width: int, parameterization: str, family: str = "sd2"):  # a WebUI backend: no diffusers configs
+        return SimpleNamespace(
+            text_width=width,
+            schedule=SimpleNamespace(parameterization=parameterization),
+            family=SimpleNamespace(name=family),
+        )
 
     assert architecture_of_backend(ldm(1024, "v")).unet["sample_size"] == 96  # SD 2.1-768-v
     assert architecture_of_backend(ldm(1024, "eps")).unet["sample_size"] == 64  # SD 2.1-base
     assert architecture_of_backend(ldm(768, "eps")).text_encoders[0]["hidden_size"] == 768  # SD 1.x
+    assert architecture_of_backend(ldm(80, "eps", "sdxl")).name == "sdxl"  # the WebUI's SDXL, at any width
 
 
 def test_estimate_probe_wants_a_gpu_and_says_so(capsys):

@@ -428,3 +428,25 @@ def test_fp8_for_sdxl_stores_linear_and_conv_weights_outside_the_vae_and_still_g
     assert bigg(model).model.transformer.resblocks[0].attn.in_proj_weight.dtype == torch.float32
     p = processing.StableDiffusionProcessingTxt2Img(prompt="a cat", steps=2, width=64, height=64, seed=1)
     assert processing.process_images(p).images[0].size == (64, 64)
+
+
+def test_an_sdxl_pt_with_other_keys_fails_to_load_as_in_a1111(webui_sdxl):
+    # A1111 v1.10.1 takes every value of an SDXL dict for a tensor (`v.detach()` on each): a name or step
+    # beside clip_l/clip_g breaks the load. A .safetensors header's metadata is not part of the dict.
+    rows_l, rows_g = torch.zeros(1, CLIP_L_WIDTH), torch.zeros(1, BIGG_WIDTH)
+    from ti_trainer.embeddings.files import torch_save_for_a1111  # archives A1111's safe loader admits
+
+    torch_save_for_a1111(
+        {"clip_l": rows_l, "clip_g": rows_g, "name": "extra"}, webui_sdxl.embeddings_dir / "extra.pt"
+    )
+    torch_save_for_a1111({"clip_l": rows_l, "clip_g": rows_g}, webui_sdxl.embeddings_dir / "plain.pt")
+    safetensors.torch.save_file(
+        {"clip_l": rows_l, "clip_g": rows_g},
+        webui_sdxl.embeddings_dir / "header.safetensors",
+        metadata={"name": "header", "step": "5"},
+    )
+    reload_embeddings(webui_sdxl)
+    assert "extra" not in webui_sdxl.db.word_embeddings
+    (error,) = webui_sdxl.db.load_errors
+    assert "extra.pt" in error and "detach" in error
+    assert {"plain", "header"} <= set(webui_sdxl.db.word_embeddings), webui_sdxl.db.load_errors

@@ -41,14 +41,22 @@ CHECKPOINT_FLAGS = {
     "ResBlock": "use_checkpoint",
     "AttentionBlock": None,
 }
-LOWVRAM_SETUP = "setup_for_low_vram"  # A1111's lowvram.py defines its hooks and wrappers inside this function
+LOWVRAM_SETUP = "setup_for_low_vram"
+# The packages whose blocks these levers know: ldm (SD 1.x/2.x) and sgm (SDXL: the same block classes and
+# attributes under its own package).
+MODEL_PACKAGES = ("ldm.", "sgm.")
+# Arguments sgm's CrossAttention takes beside ldm's, and the values with which they change nothing.
+NEUTRAL_SGM_ARGUMENTS = {
+    "additional_tokens": None,
+    "n_times_crossframe_attn_in_self": 0,
+}  # A1111's lowvram.py defines its hooks and wrappers inside this function
 
 ContextHook = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _is_ldm(module: torch.nn.Module, names: tuple[str, ...] | dict) -> bool:
     cls = type(module)
-    return cls.__name__ in names and cls.__module__.startswith("ldm.")
+    return cls.__name__ in names and cls.__module__.startswith(MODEL_PACKAGES)
 
 
 @contextlib.contextmanager
@@ -74,6 +82,11 @@ def _cross_attention_forward(module, kind: str, upcast: bool, context_hook: Cont
     fallback = module.forward  # what the WebUI runs now (its class patch), for masks, which SD never passes
 
     def forward(x, context=None, mask=None, **kwargs):
+        kwargs = {
+            key: value
+            for key, value in kwargs.items()
+            if key not in NEUTRAL_SGM_ARGUMENTS or value != NEUTRAL_SGM_ARGUMENTS[key]
+        }
         if mask is not None or kwargs:
             return fallback(x, context=context, mask=mask, **kwargs)
         context = x if context is None else context

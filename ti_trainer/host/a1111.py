@@ -1,7 +1,7 @@
 """The WebUI host: the only module of ti_trainer that imports the WebUI's `modules.*`.
 
 It gives the panels, the API and the training loop what the WebUI has: its folders (embeddings, templates),
-its loaded model (as an LdmBackend, trained in place), previews through its own txt2img processing, its queue,
+its loaded model (an LdmBackend for SD 1.x/2.x, an SgmBackend for SDXL; trained in place), previews through its own txt2img processing, its queue,
 progress bar and Interrupt, its captioners, and our defaults on its Settings page. scripts/ti_trainer_tab.py
 calls register_callbacks() when the WebUI loads the extension.
 """
@@ -20,6 +20,8 @@ from PIL import Image
 
 from ti_trainer.backends.contract import PreviewRequest
 from ti_trainer.backends.ldm_backend import LdmBackend
+from ti_trainer.backends.sgm_backend import SgmBackend
+from ti_trainer.embeddings.vectors import Vectors
 from ti_trainer.errors import UserError
 from ti_trainer.host import api, webui_settings
 from ti_trainer.host.base import HostServices
@@ -96,13 +98,15 @@ def setting(field: str):
     return webui_settings.setting(shared, field)
 
 
-def get_backend() -> LdmBackend:
+def get_backend() -> LdmBackend | SgmBackend:
     """The loaded model, trained in place (no second copy in memory)."""
     model = shared.sd_model
     if model is None:
         raise UserError(
             "No Stable Diffusion model is loaded. Pick one in the checkpoint list at the top of the WebUI."
         )
+    if getattr(model, "is_sdxl", False):
+        return sdxl_backend(model)
     checkpoint = getattr(model, "sd_checkpoint_info", None)
     return LdmBackend(
         model,
@@ -116,6 +120,25 @@ def get_backend() -> LdmBackend:
             getattr(shared.cmd_opts, "medvram", False) or getattr(shared.cmd_opts, "lowvram", False)
         ),
         context_hook=hypernetwork_context_hook(),
+    )
+
+
+def sdxl_backend(model) -> SgmBackend:
+    """The loaded SDXL with the WebUI's generation-time text and size settings, its placement (--medvram-sdxl
+    and the like: `sd_model.lowvram`) and, with FP8 weight storage on, its autocast around every forward."""
+    checkpoint = getattr(model, "sd_checkpoint_info", None)
+    opts = shared.opts
+    return SgmBackend(
+        model,
+        devices.device,
+        rules=TextRules(opts.emphasis, int(opts.comma_padding_backtrack)),
+        # "Clip skip SDXL": CLIP-L's layer counted from the end, as the WebUI's wrapper takes it.
+        clip_l_layer_from_end=int(opts.CLIP_stop_at_last_layers) if opts.sdxl_clip_l_skip is True else None,
+        crop_top_left=(int(opts.sdxl_crop_top), int(opts.sdxl_crop_left)),
+        model_name=getattr(checkpoint, "model_name", "") or "",
+        model_hash=getattr(checkpoint, "shorthash", None),
+        low_vram=bool(getattr(model, "lowvram", False)),
+        compute_context=devices.autocast if getattr(devices, "fp8", False) else None,
     )
 
 
@@ -161,20 +184,33 @@ def render_preview(request: PreviewRequest) -> Image.Image | None:
 
 
 @contextlib.contextmanager
-def registered_embeddings(vectors: dict[str, torch.Tensor], model) -> Iterator[None]:
+def registered_embeddings(vectors: dict[str, Vectors], model) -> Iterator[None]:
     """Register embeddings in the WebUI's database for a while, then give each name back what it had."""
     database = sd_hijack.model_hijack.embedding_db
     previous = {name: database.word_embeddings.get(name) for name in vectors}
     try:
         for name, values in vectors.items():
-            embedding = WebUIEmbedding(values.detach().to(devices.device, torch.float32), name)
-            # The WebUI fills these when it loads a file; its prompt parser reserves `vectors` positions.
-            embedding.vectors, embedding.shape = int(values.shape[0]), int(values.shape[-1])
-            database.register_embedding_by_name(embedding, model, name)
+            database.register_embedding_by_name(webui_embedding(name, values), model, name)
         yield
     finally:
         for name, embedding in previous.items():
             database.register_embedding_by_name(embedding, model, name)  # None unregisters
+
+
+def webui_embedding(name: str, values: Vectors) -> WebUIEmbedding:
+    """An embedding as the WebUI holds one it loaded: fp32 on its device; an SDXL one as its dict of
+    `clip_l`/`clip_g` tensors, whose `vectors` are clip_g's rows and `shape` the widths' sum (A1111's
+    create_embedding_from_data)."""
+    if isinstance(values, dict):
+        vec = {key: tensor.detach().to(devices.device, torch.float32) for key, tensor in values.items()}
+        count, width = vec["clip_g"].shape[0], sum(tensor.shape[-1] for tensor in vec.values())
+    else:
+        vec = values.detach().to(devices.device, torch.float32)
+        count, width = vec.shape[0], vec.shape[-1]
+    embedding = WebUIEmbedding(vec, name)
+    # The WebUI fills these when it loads a file; its prompt parser reserves `vectors` positions.
+    embedding.vectors, embedding.shape = int(count), int(width)
+    return embedding
 
 
 def refresh_embeddings() -> None:

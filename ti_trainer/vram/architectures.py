@@ -142,7 +142,8 @@ def named_architecture(name: str) -> Architecture:
 
 def architecture_of_backend(backend: Backend) -> Architecture:
     """The architecture of a loaded backend: its own configs for a diffusers model (the tiny one included);
-    for the WebUI's ldm model, the named architecture it matches (by text width and parameterization)."""
+    for the WebUI's ldm model, the named architecture it matches (by text width and parameterization); for
+    its SDXL, SDXL's."""
     from ti_trainer.backends.diffusers_backend import DiffusersBackend
     from ti_trainer.backends.diffusers_xl_backend import DiffusersXLBackend
 
@@ -170,6 +171,8 @@ def architecture_of_backend(backend: Backend) -> Architecture:
         )
     v = backend.schedule.parameterization == "v"
     guessed = {768: "sd15", 1024: "sd21-768" if v else "sd21-base"}.get(backend.text_width, "sd15")
+    if backend.family.name == "sdxl":  # the WebUI's sgm SDXL (backends/sgm_backend.py)
+        guessed = "sdxl"
     return replace(ARCHITECTURES[guessed], title=f"{ARCHITECTURES[guessed].title} (as the loaded model)")
 
 

@@ -70,12 +70,10 @@ def create_embedding_from_data(data, name, filename="unknown embedding file", fi
         params = getattr(params, "_parameters", params)
         assert len(params) == 1, "embedding file has multiple terms in it"
         vec = next(iter(params.values())).detach().to(devices.device, dtype=torch.float32)
-    elif isinstance(data, dict) and "clip_g" in data and "clip_l" in data:
-        vec = {
-            k: v.detach().to(devices.device, dtype=torch.float32)
-            for k, v in data.items()
-            if torch.is_tensor(v)
-        }
+    elif type(data) is dict and "clip_g" in data and "clip_l" in data:
+        # Every value is taken for a tensor, as A1111 v1.10.1 does: a .pt with other keys beside clip_l and
+        # clip_g (a name, a step) fails to load there, and so here.
+        vec = {k: v.detach().to(devices.device, dtype=torch.float32) for k, v in data.items()}
     elif isinstance(data, dict) and torch.is_tensor(next(iter(data.values()))):
         assert len(data) == 1, "embedding file has multiple terms in it"
         emb = next(iter(data.values()))
