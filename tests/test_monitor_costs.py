@@ -53,8 +53,11 @@ def test_the_vectors_are_copied_off_the_device_only_to_save_or_preview(backend, 
     hooks = TrainingHooks(
         on_message=lambda text: None, on_step=lambda report: seen_at_step.append(len(copies))
     )
-    train(make_config(max_steps=5, save_every=0), backend, hooks)
-    assert seen_at_step[-1] == seen_at_step[0], "a copy of the vectors between steps with nothing to save"
+    train(make_config(vectors=3, max_steps=5, save_every=0), backend, hooks)
+    vectors_shape = (3, backend.text_width)
+    between = copies[seen_at_step[0] : seen_at_step[-1]]
+    assert vectors_shape not in between, "a copy of the vectors between steps with nothing to save"
+    assert vectors_shape in copies[seen_at_step[-1] :], "the end of the run saves them"
 
 
 # --- the per-image report from the training passes --------------------------------------------------------

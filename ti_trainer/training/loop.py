@@ -252,8 +252,8 @@ def _loop(
             group["lr"] = learn_rate
         optimizer.zero_grad(set_to_none=True)
 
-        # The loss stays on the device and is read once per step: a read per micro-batch would stall the GPU.
-        loss_sum, first_prompt = torch.zeros((), dtype=torch.float64, device=device), ""
+        # The losses stay on the device and are read once per step: a read per micro-batch would stall the GPU.
+        micro_losses, first_prompt = [], ""
         for micro in range(accumulation):
             micro_index = step_index * accumulation + micro
             generator, batch, prompts = _micro_batch(run, data, micro_index)
@@ -269,7 +269,7 @@ def _loop(
             loss = loss / accumulation
             before = _gradient_so_far(vectors) if pass_monitors else None
             (scaler.scale(loss) if scaler else loss).backward()
-            loss_sum += loss.detach()
+            micro_losses.append(loss.detach())
             if pass_monitors:
                 done = TrainingPass(
                     step_index + 1,
@@ -279,7 +279,7 @@ def _loop(
                 )
                 for monitor in pass_monitors:
                     monitor.after_pass(done)
-        loss_value = float(loss_sum)
+        loss_value = sum(torch.stack(micro_losses).cpu().tolist())  # in float64, as the CSV always had it
 
         if scaler:
             scaler.unscale_(optimizer)  # clip thresholds are in true gradient units, unlike A1111's
