@@ -84,4 +84,6 @@ def test_config_checks_the_early_stopping_settings():
         TrainConfig(early_stop_threshold=1.5).validate()
     with pytest.raises(UserError, match="window"):
         TrainConfig(early_stop_window=0).validate()
-    assert TrainConfig().early_stopping and TrainConfig().validate_every == 10
+    defaults = TrainConfig()
+    # Validation at the copies' cadence: each point of the curve is a step with a copy (analysis/monitors.py).
+    assert defaults.early_stopping and defaults.validate_every == defaults.save_every == 50

@@ -44,3 +44,20 @@ def test_tiny_benchmark_report_structure(tmp_path):
 
     table = (tmp_path / "bench.md").read_text()
     assert bench.TABLE_HEADER in table and table.count("| tiny |") == len(rows)
+
+
+MONITORS_SCRIPT = SCRIPT.parent / "bench_monitors.py"
+
+
+def test_tiny_monitor_benchmark_runs_both_ways_and_prints_the_ratio(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_monitors", MONITORS_SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+
+    report = bench.main(["--tiny", "--json", str(tmp_path / "monitors.json")])
+
+    assert json.loads((tmp_path / "monitors.json").read_text()) == report
+    assert len(report["seconds_on"]) == len(report["seconds_off"]) == 1
+    assert report["ratio"] > 0 and report["preview_in_training_steps"] > 0
+    assert "monitor-overhead ratio" in capsys.readouterr().out

@@ -147,8 +147,11 @@ class TrainConfig:
         label="Save a copy of embedding to log directory every N steps, 0 to disable",
         help="save a copy every N steps (0: off)",
     )
+    # A preview costs about 15 training steps at batch 1 (20 sampler steps, each a UNet pass over the prompt
+    # and the negative prompt, and a VAE decode): every 500 steps (A1111's default) keeps it near 3%. The
+    # comparison grid renders every saved copy side by side after the run (docs/monitors.md).
     preview_every: int = setting(
-        50,
+        500,
         label="Save an image to log directory every N steps, 0 to disable",
         help="render a preview every N steps (0: off)",
     )
@@ -237,9 +240,10 @@ class TrainConfig:
     # reference/peers.md §4), and the DVAR stopping rule on it. The window is in steps; the threshold is
     # Var(loss over the window) / Var(loss over the whole run). 200 steps / 0.15 are the DVAR repository's
     # defaults. Stopping is on: the rule waits for the loss to level off, the saved copies stay, and a stopped
-    # run resumes from its last save (see analysis/early_stopping.py for why this default).
+    # run resumes from its last save (see analysis/early_stopping.py for why this default). Every 50 steps, as
+    # save_every: each point of the curve is a step with a copy, and it costs ~2% (analysis/monitors.py).
     validate_every: int = setting(
-        10,
+        50,
         label="Validation loss every N steps, 0 to disable",
         help="fixed-batch validation loss every N steps (0: no validation loss, no early stopping)",
     )

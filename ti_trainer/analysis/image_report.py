@@ -1,13 +1,26 @@
-"""Which image dominates: each image's loss on the probe batch and its share of the gradient.
+"""Which image dominates: each image's loss and its share of the gradient.
 
 An image the embedding fits worst keeps a high loss; an image that "asserts itself over the others" (the seeds'
 tree branches that appeared everywhere) pulls hardest on the vectors. The share is the length of that image's
 gradient over the sum of all images' lengths, so shares add up to 100% and an even set gives each about 1/N.
+
+Two ways to measure it, one meaning:
+
+- from the training passes (`PassTally`), while a run trains at batch size 1 (the default): each micro-batch
+  then holds one image, so its loss and its gradient are that image's alone, computed anyway. The report is
+  free: each image's loss and gradient length are averaged over its latest `REPORT_PASSES` passes (random
+  timesteps and noise, averaged out over the passes). The first report comes once every image has had that
+  many passes (step ~6 x images at batch 1), the last at the end of the run.
+- on the probe batch (`image_rows`): every image at the same fixed timesteps and noise, with the gradient of
+  each sample alone. It costs a forward and backward pass per image and timestep (about 2.6 training steps per
+  image), so a run pays it only at a batch size above 1, whose micro-batches mix images, at the start and the
+  end; the results panel and `report_for_step` measure any saved step this way on demand.
 """
 
 from __future__ import annotations
 
 import statistics
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,6 +57,9 @@ if TYPE_CHECKING:
 # An image pulling 1.5 times as hard as the typical (median) image is worth a look. The median, not the even
 # share 1/N, because a dominant image lowers everyone else's share. It is a hint to look, not a verdict.
 DOMINANT_FACTOR = 1.5
+# Passes per image in a report from the training passes: enough that one odd timestep does not decide an
+# image's share, few enough that the first report comes early (step ~6 x images at batch 1).
+REPORT_PASSES = 6
 
 
 @dataclass
@@ -75,6 +91,40 @@ def image_rows(
         ImageRow(Path(image.source).name, image.caption, float(per_image_loss[i]), float(lengths[i]) / total)
         for i, image in enumerate(images)
     ]
+
+
+class PassTally:
+    """Each image's latest `REPORT_PASSES` training passes (loss and gradient length), kept on the device as
+    they come and read once, when a report is written."""
+
+    def __init__(self, images: list[TrainingImage]):
+        self.images = images
+        self.passes: list[deque] = [deque(maxlen=REPORT_PASSES) for _ in images]
+
+    def add(self, image_index: int, loss: torch.Tensor, gradient: torch.Tensor) -> None:
+        self.passes[image_index].append(
+            torch.stack([loss.detach().float(), gradient.detach().float().norm()])
+        )
+
+    def has_passes(self, count: int) -> bool:
+        """Every image has had at least `count` passes (of the latest `REPORT_PASSES`)."""
+        return all(len(kept) >= min(count, REPORT_PASSES) for kept in self.passes)
+
+    def rows(self) -> list[ImageRow]:
+        """Each image's mean loss and mean gradient length over its kept passes, the lengths as shares. A pass
+        whose loss or gradient was not finite (a step the run skipped) is left out."""
+        losses, lengths = [], []
+        for kept in self.passes:
+            values = torch.stack(list(kept)).double().cpu()
+            values = values[torch.isfinite(values).all(dim=1)]
+            mean = values.mean(dim=0) if len(values) else torch.full((2,), float("nan"), dtype=torch.float64)
+            losses.append(float(mean[0]))
+            lengths.append(float(mean[1]))
+        total = sum(length for length in lengths if length == length) or 1.0
+        return [
+            ImageRow(Path(image.source).name, image.caption, loss, length / total)
+            for image, loss, length in zip(self.images, losses, lengths)
+        ]
 
 
 def dominant(shares: dict[str, float]) -> list[str]:

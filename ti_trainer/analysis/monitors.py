@@ -4,6 +4,19 @@ They watch through `TrainingHooks.monitors` (training/loop.py): `start(context)`
 vectors) -> stop?` at every step boundary, `finish(step)`. They only read the run and write their own files in
 its log folder; every random draw they make comes from their own seeded generators, so a run with monitors
 trains exactly the vectors it would train without them.
+
+What they cost, and the cadences that keep it small (with default settings they add under 5% to a run's
+time: benchmarks/bench_monitors.py, docs/monitors.md):
+
+- validation loss: one forward pass of a fixed batch of 4-8 samples, under no_grad, in the run's precision,
+  every `validate_every` steps (default 50, the `save_every` default: each point of the curve is then a step
+  with a saved copy to choose, and the DVAR window of 200 steps still holds 5 points). When the run trains
+  without gradient checkpointing, the whole batch goes through the UNet in one call: a forward pass without
+  gradients holds far less than the activations a training batch keeps for its backward pass.
+- vector norms: a length per vector, read from the device every `NORM_EVERY_STEPS` steps (or the validation
+  cadence, if shorter): the overbake rule's streak of 3 checks then spans 30 steps.
+- per-image report: from the training passes themselves at batch size 1 (free); on the probe batch at the
+  start and end otherwise (image_report.py says why).
 """
 
 from __future__ import annotations
@@ -20,7 +33,14 @@ from ti_trainer.analysis.fixed_batch import (
     validation_batch,
     validation_sample_count,
 )
-from ti_trainer.analysis.image_report import dominant, image_rows, write_image_report
+from ti_trainer.analysis.image_report import (
+    REPORT_PASSES,
+    ImageRow,
+    PassTally,
+    dominant,
+    image_rows,
+    write_image_report,
+)
 from ti_trainer.analysis.run_files import (
     IMAGE_REPORT_CSV,
     NORMS_CSV,
@@ -39,22 +59,29 @@ from ti_trainer.embeddings.vectors import Vectors, detached_copy, map_vectors
 from ti_trainer.training import outputs
 
 if TYPE_CHECKING:
-    from ti_trainer.training.loop import RunContext
+    from ti_trainer.training.loop import RunContext, TrainingPass
 
 Message = Callable[[str], None]
 ValidationPoint = Callable[[int, float], None]
+
+# A norm check is a few numbers and one read from the device: often enough that the overbake rule's streak of
+# CONSECUTIVE_CHECKS (3) checks spans 30 steps, whatever the validation cadence.
+NORM_EVERY_STEPS = 10
 
 
 def monitors_for(
     config: TrainConfig, on_message: Message = print, on_validation_loss: ValidationPoint | None = None
 ) -> list:
-    """The monitors this config asks for: validation loss (with the DVAR rule) and the vector norms.
-    `on_validation_loss(step, loss)` hears every point of the validation curve, a resumed run's history too."""
-    monitors: list = [NormMonitor(config.validate_every or config.save_every or 10, on_message)]
+    """The monitors this config asks for: the vector norms, and with validation on, the validation loss (with
+    the DVAR rule) and the per-image report. `on_validation_loss(step, loss)` hears every point of the
+    validation curve, a resumed run's history too."""
+    cadences = (config.validate_every, config.save_every, NORM_EVERY_STEPS)
+    monitors: list = [NormMonitor(min(every for every in cadences if every > 0), on_message)]
     if config.validate_every > 0:
         monitors.append(
             ValidationMonitor(stopping_rule(config), config.early_stopping, on_message, on_validation_loss)
         )
+        monitors.append(ImageReportMonitor(on_message))
     return monitors
 
 
@@ -66,8 +93,8 @@ def stopping_rule(config: TrainConfig) -> early_stopping.StoppingRule:
 
 
 class ValidationMonitor:
-    """The loss on a fixed batch every `rule.every_steps` steps, the DVAR rule on it, and at the start and the
-    end of the run the per-image report (loss and gradient share of every image)."""
+    """The loss on a fixed batch every `rule.every_steps` steps (and at the start and the end), and the DVAR
+    rule on it."""
 
     def __init__(
         self,
@@ -96,8 +123,7 @@ class ValidationMonitor:
         self.batch = validation_batch(
             images, prompts, context.embedding_name, context.seed, num_timesteps, count
         )
-        self.probe = probe_batch(images, prompts, context.embedding_name, context.seed, num_timesteps)
-        self.max_batch = context.data.batch_size
+        self.max_batch = evaluation_batch(context, count)
         self.precision = context.precision
         self.log = CsvLog(context.folders.root / VALIDATION_CSV, VALIDATION_COLUMNS, context.initial_step)
         for row in read_rows(self.log.path):  # a resumed run continues its history
@@ -120,8 +146,6 @@ class ValidationMonitor:
         initial = _initial_vectors(context)
         if initial is not None and context.initial_step not in self.steps:
             self._evaluate(context.initial_step, initial)
-        if initial is not None and context.initial_step == 0:
-            self._report_images(0, initial)
 
     def after_step(self, step: int, vectors: Vectors) -> bool:
         self._vectors = vectors
@@ -150,10 +174,8 @@ class ValidationMonitor:
         return True
 
     def finish(self, step: int) -> None:
-        if self._vectors is not None:
-            if step not in self.steps:
-                self._evaluate(step, self._vectors)
-            self._report_images(step, self._vectors)
+        if self._vectors is not None and step not in self.steps:
+            self._evaluate(step, self._vectors)
 
     def _evaluate(self, step: int, vectors: Vectors) -> early_stopping.StoppingCheck:
         losses = sample_losses(self.context.backend, self.batch, vectors, self.max_batch, self.precision)
@@ -166,21 +188,82 @@ class ValidationMonitor:
         self.log.write([step, number(loss), ratio])
         return verdict
 
-    def _report_images(self, step: int, vectors: Vectors) -> None:
-        rows = image_rows(
-            self.context.backend,
-            self.probe,
-            self.context.data.images,
-            vectors,
-            self.max_batch,
-            self.precision,
+
+def evaluation_batch(context: RunContext, count: int) -> int:
+    """How many fixed samples go through the UNet in one no_grad call: all `count` when the run trains
+    without checkpointing (its training batch keeps every activation for the backward pass, far more than a
+    forward pass of a few samples holds at once), else the training batch, which the memory plan made fit."""
+    if context.memory_plan.checkpointing == "off":
+        return max(count, context.data.batch_size)
+    return context.data.batch_size
+
+
+class ImageReportMonitor:
+    """The per-image report (loss and gradient share of every image). At batch size 1 it is read off the
+    training passes: once every image has had `REPORT_PASSES` of them, and at the end. At a larger batch,
+    whose passes mix images, it is measured on the probe batch at the start and the end (image_report.py)."""
+
+    def __init__(self, on_message: Message = print):
+        self.on_message = on_message
+        self.tally: PassTally | None = None
+        self.reported: list[int] = []
+        self._latest: tuple[int, Vectors] | None = None
+
+    def start(self, context: RunContext) -> None:
+        self.context = context
+        images = context.data.images
+        if context.data.batch_size == 1:
+            self.tally = PassTally(images)
+            return
+        prompts = fixed_prompts(
+            context.config, context.embedding_name, [image.caption for image in images], context.seed
         )
+        num_timesteps = context.backend.schedule.num_timesteps
+        self.probe = probe_batch(images, prompts, context.embedding_name, context.seed, num_timesteps)
+        initial = _initial_vectors(context)
+        if initial is not None and context.initial_step == 0:
+            self._write(0, self._probe_rows(initial))
+
+    def after_pass(self, done: TrainingPass) -> None:
+        if self.tally is not None:
+            for image in done.images:
+                self.tally.add(image, done.loss, done.gradient)
+
+    def after_step(self, step: int, vectors: Vectors) -> bool:
+        self._latest = (step, vectors)
+        if self.tally is not None and not self.reported and self.tally.has_passes(REPORT_PASSES):
+            self._write(step, self.tally.rows())
+        return False
+
+    def finish(self, step: int) -> None:
+        if step in self.reported:
+            return
+        if self.tally is not None:
+            if self.tally.has_passes(1):  # a run shorter than an epoch has images it never saw
+                self._write(step, self.tally.rows())
+        elif self._latest is not None and self._latest[0] == step:
+            self._write(step, self._probe_rows(self._latest[1]))
+
+    def _probe_rows(self, vectors: Vectors) -> list[ImageRow]:
+        context = self.context
+        return image_rows(
+            context.backend,
+            self.probe,
+            context.data.images,
+            vectors,
+            context.data.batch_size,
+            context.precision,
+        )
+
+    def _write(self, step: int, rows: list[ImageRow]) -> None:
         write_image_report(self.context.folders.root / IMAGE_REPORT_CSV, step, rows)
+        first = not self.reported
+        self.reported.append(step)
         heavy = dominant({row.image: row.gradient_share for row in rows})
-        if heavy and step == 0:
+        if heavy and first:
             self.on_message(
-                f"{', '.join(heavy)} pull(s) on the embedding much harder than the other images (gradient "
-                "share). If one image's look takes over the results, consider culling it."
+                f"Step {step}: {', '.join(heavy)} pull(s) on the embedding much harder than the other images "
+                "(gradient share). If one image's look takes over the results, consider culling it."
             )
 
 

@@ -3,7 +3,8 @@
 Beside A1111's files, a run folder holds:
 - `validation_loss.csv`: step, loss on the fixed validation batch, DVAR variance ratio;
 - `embedding_norms.csv`: step and the length of each of the embedding's vectors;
-- `image_report.csv`: per image and step, its loss on the image probe and its share of the gradient;
+- `image_report.csv`: per image and step, its loss and its share of the gradient (from the training passes at
+  batch 1, on the image probe otherwise: image_report.py);
 - `analysis.json`: the ordinary token-norm range, the suggested step, whether the run stopped early;
 - `compare_settings.json` and `compare/`: the comparison prompts of this run and the grids rendered.
 """

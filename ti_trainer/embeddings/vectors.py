@@ -33,7 +33,7 @@ def map_vectors(vectors: Vectors, function: Callable[[torch.Tensor], torch.Tenso
 
 def detached_copy(vectors: Vectors) -> Vectors:
     """A float32 CPU copy, cut from any graph: what an `Embedding` keeps and a file receives."""
-    return map_vectors(vectors, lambda tensor: tensor.detach().to("cpu", torch.float32).clone().contiguous())
+    return map_vectors(vectors, lambda tensor: tensor.detach().float().cpu().clone().contiguous())
 
 
 def vector_count(vectors: Vectors) -> int:

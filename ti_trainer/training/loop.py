@@ -69,9 +69,21 @@ class RunContext:
         return self.memory_plan.precision
 
 
+@dataclass
+class TrainingPass:
+    """One micro-batch as training computed it, for a monitor that learns from the passes themselves (the
+    per-image report): values on the run's device, never synced by the loop, to be read and not changed."""
+
+    step: int  # the step the pass belongs to (as `after_step` numbers it)
+    images: list[int]  # indices into `RunContext.data.images`
+    loss: torch.Tensor  # the micro-batch's mean loss, 0-dim
+    gradient: torch.Tensor  # d loss / d vectors of this micro-batch alone, in true units (loss scale undone)
+
+
 class TrainingMonitor(Protocol):
     """Watches a run (validation loss, early stopping, norms...). `after_step` returns True to ask the run
-    to stop at this step boundary; the run then saves as on Interrupt."""
+    to stop at this step boundary; the run then saves as on Interrupt. A monitor may also define
+    `after_pass(TrainingPass)`, called after every micro-batch's backward pass."""
 
     def start(self, context: RunContext) -> None: ...
 
@@ -229,8 +241,11 @@ def _loop(
         return optimizer.state_dict() if config.save_optimizer_state else None
 
     def sync_embedding(step: int) -> None:
+        # A copy to the CPU waits for the GPU: made only when the vectors are saved or previewed.
         embedding.vectors = detached_copy(vectors)
         embedding.step = step
+
+    pass_monitors = [monitor for monitor in hooks.monitors if hasattr(monitor, "after_pass")]
 
     _render_missed_preview(run, backend, hooks, folders, data)
     step, skipped, bad_in_a_row, interrupted, loss_value = run.initial_step, [], 0, False, float("nan")
@@ -245,7 +260,8 @@ def _loop(
             group["lr"] = learn_rate
         optimizer.zero_grad(set_to_none=True)
 
-        loss_value, first_prompt = 0.0, ""
+        # The losses stay on the device and are read once per step: a read per micro-batch would stall the GPU.
+        micro_losses, first_prompt = [], ""
         for micro in range(accumulation):
             micro_index = step_index * accumulation + micro
             generator, batch, prompts = _micro_batch(run, data, micro_index)
@@ -259,8 +275,19 @@ def _loop(
             )
             # Averaged over the accumulation group, so the step's loss is the mean of its micro-batches.
             loss = loss / accumulation
+            before = _gradient_so_far(vectors) if pass_monitors else None
             (scaler.scale(loss) if scaler else loss).backward()
-            loss_value += loss.item()
+            micro_losses.append(loss.detach())
+            if pass_monitors:
+                done = TrainingPass(
+                    step_index + 1,
+                    batch.indices,
+                    loss.detach() * accumulation,
+                    _pass_gradient(vectors, before, scaler) * accumulation,
+                )
+                for monitor in pass_monitors:
+                    monitor.after_pass(done)
+        loss_value = sum(torch.stack(micro_losses).cpu().tolist())  # in float64, as the CSV always had it
 
         if scaler:
             scaler.unscale_(optimizer)  # clip thresholds are in true gradient units, unlike A1111's
@@ -308,7 +335,6 @@ def _loop(
                     f"vectors were saved to {run.embedding_path}. Lower the learning rate, or train in fp32/bf16."
                 )
         step = step_index + 1
-        sync_embedding(step)
         epoch, _ = outputs.epoch_of(step, data.steps_per_epoch)
         hooks.on_step(
             StepReport(
@@ -318,6 +344,7 @@ def _loop(
         if config.write_csv_every and step % config.write_csv_every == 0 and finite:
             loss_log.write(step, loss_value, learn_rate)
         if config.save_every and step % config.save_every == 0:
+            sync_embedding(step)
             hooks.on_saved(
                 outputs.save_step_copy(
                     folders, embedding, optimizer_state(), resume_state, config.save_format
@@ -327,6 +354,7 @@ def _loop(
                 embedding, run.embedding_path, optimizer_state(), resume_state, run.source_path
             )
         if config.preview_every and step % config.preview_every == 0:
+            sync_embedding(step)
             _preview(run, backend, hooks, folders, first_prompt)
         watched = map_vectors(vectors, torch.Tensor.detach)
         stop_requests = [monitor.after_step(step, watched) for monitor in hooks.monitors]
@@ -347,6 +375,31 @@ def _loop(
     return TrainResult(
         run.embedding_path, folders.root, step, interrupted, skipped, loss_value, stopped_by_monitor
     )
+
+
+def _flat_gradient(vectors: Vectors) -> torch.Tensor | None:
+    """The vectors' gradient so far, fp32: one set's as it is shaped, or every encoder's flattened into one
+    (in `vector_tensors` order: the per-image report only compares gradients' directions and lengths)."""
+    grads = [tensor.grad for tensor in vector_tensors(vectors)]
+    if any(grad is None for grad in grads):
+        return None
+    if len(grads) == 1:
+        return grads[0].detach().float().clone()
+    return torch.cat([grad.detach().float().flatten() for grad in grads])
+
+
+def _gradient_so_far(vectors: Vectors) -> torch.Tensor | None:
+    return _flat_gradient(vectors)
+
+
+def _pass_gradient(vectors: Vectors, before: torch.Tensor | None, scaler) -> torch.Tensor:
+    """What the last backward pass added to the vectors' gradient (flattened over every encoder's vectors),
+    with the loss scale undone (on the device: the scale is read as a tensor, so nothing waits for the GPU)."""
+    added = _flat_gradient(vectors) - (0 if before is None else before)
+    if scaler is None:
+        return added
+    scale = scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else scaler.get_scale()
+    return added / scale
 
 
 def _micro_batch(run: PreparedRun, data: TrainingData, micro_index: int):

@@ -168,10 +168,11 @@ def _table_note(step: int | None, rows: list[list]) -> str:
     if step is None:
         return note(
             "info",
-            "No per-image report yet: it is measured at the start and end of a run with validation on.",
+            "No per-image report yet: a run with validation on writes one early and at its end.",
         )
     text = (
-        f"At step {step}. Validation loss: how badly the embedding fits the image (fixed noise and timesteps). "
+        f"At step {step}. Loss: how badly the embedding fits the image (at batch 1, averaged over its latest "
+        "training passes; otherwise at fixed noise and timesteps). "
         "Gradient share: how hard the image pulls on the embedding; an even set gives each "
         f"{100 / max(1, len(rows)):.0f}%."
     )
