@@ -9,6 +9,7 @@ from pathlib import Path
 import gradio as gr
 import pytest
 import torch
+from gradio_events import events
 
 from ti_trainer.config import TrainConfig
 from ti_trainer.embeddings.files import load_embedding
@@ -210,9 +211,8 @@ def test_the_tab_refreshes_both_lists_when_a_page_opens(services):
     from ti_trainer.ui.tab import build_tab
 
     tab = build_tab(services)
-    loads = [dep for dep in tab.config["dependencies"] if dep["trigger"] == "load"]
-    ids = {block._id: block.elem_id for block in tab.blocks.values()}
-    refreshed = {ids.get(output) for dep in loads for output in dep["outputs"]}
+    loads = [event for event in events(tab) if any(trigger == "load" for _, trigger in event.triggers)]
+    refreshed = {output.elem_id for event in loads for output in event.outputs}
     assert {"ti_trainer_train_embedding_name", "ti_trainer_progress", "ti_trainer_results_run"} <= refreshed
 
 

@@ -96,15 +96,16 @@ def page_style() -> str:
 def build_app(services: HostServices):
     import gradio as gr
 
+    from ti_trainer.ui.compat import queue_options, run_js_on_load
     from ti_trainer.ui.tab import build_tab
 
     tab = build_tab(services)  # built outside the app's context, then rendered into it, as the WebUI does
     theme = gr.themes.Default(font=LOCAL_FONTS, font_mono=LOCAL_MONO_FONTS)
     with gr.Blocks(title="ti_trainer", theme=theme, css=page_style(), analytics_enabled=False) as app:
         tab.render()
-        app.load(None, None, None, _js=page_script())
+        run_js_on_load(app, page_script())
     # Training holds one worker for its whole run; progress polls and live checks need others beside it.
-    app.queue(concurrency_count=4)
+    app.queue(**queue_options(4))
     return app
 
 

@@ -34,15 +34,11 @@ from ti_trainer.prepare.report import build_report
 from ti_trainer.prepare.report_format import lint_text, report_html
 from ti_trainer.text.templates import BUILTIN_TEMPLATES_DIR, list_templates, read_template
 from ti_trainer.ui.common import note, template_names
+from ti_trainer.ui.compat import update as _update
 
 PAGE_SIZE = 12  # caption slots on one page of the editor: Gradio 3 cannot add components at run time
 _COLUMNS = 4
 _POLL_SECONDS = 0.5
-
-
-def _update(**changes) -> dict:
-    """What `gr.update(**changes)` returns in Gradio 3.41 (and 4), built without importing Gradio."""
-    return {"__type__": "update", **changes}
 
 
 # --- preparing ---------------------------------------------------------------------------------------------

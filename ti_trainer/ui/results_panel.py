@@ -17,14 +17,10 @@ from pathlib import Path
 from ti_trainer.errors import UserError
 from ti_trainer.host.base import HostServices
 from ti_trainer.ui.common import REFRESH_LABEL, PageLoad, note, notes
+from ti_trainer.ui.compat import update as _update
 
 TABLE_HEADERS = ["image", "caption", "validation loss", "gradient share %", "note"]
 NO_RUN = "Pick a run: the runs under the log directory are listed, newest first."
-
-
-def _update(**changes) -> dict:
-    """What `gr.update(**changes)` returns in Gradio 3.41 (and 4), built without importing Gradio."""
-    return {"__type__": "update", **changes}
 
 
 def _table(rows: list[list]) -> dict:
