@@ -46,7 +46,8 @@ def events(blocks: gr.Blocks) -> list[Event]:
             function.fn,
             function.inputs,
             function.outputs,
-            [(block_id, dependency["trigger"]) for block_id in dependency["targets"]],
+            # Gradio 3's page load has no target: it belongs to the page.
+            [(block_id, dependency["trigger"]) for block_id in dependency["targets"] or [None]],
             dependency.get("trigger_after"),
             dependency.get("js"),
         )

@@ -2,8 +2,8 @@
 version check of their own, so one set of panels runs in both WebUIs and in the standalone app.
 
 What differs, and where it is handled:
-- updates: `update()` builds the dictionary both versions read as a property update (`gr.update` returns
-  the same in both), so handlers need no Gradio at import;
+- updates: `update()` builds a dictionary both versions read as a property update (Gradio 3's `gr.update`
+  marks it "generic_update", 4's "update"; each reads both), so handlers need no Gradio at import;
 - a browser function before an event: `_js=` in Gradio 3, `js=` in 4 (`js_event`, `run_js_on_load`);
 - the queue's workers: `concurrency_count` in Gradio 3, a default limit per event in 4 (`queue_options`);
 - LinePlot: Gradio 3 draws it with Vega-Lite's options (tooltip, legend position, size); 4.40's native plot
@@ -34,7 +34,7 @@ def is_gradio_4() -> bool:
 
 
 def update(**changes) -> dict:
-    """What `gr.update(**changes)` returns in Gradio 3.41 and 4.x alike, built without importing Gradio."""
+    """A property update that Gradio 3.41 and 4.x both apply (what 4's `gr.update` returns), without Gradio."""
     return {"__type__": "update", **changes}
 
 
