@@ -217,3 +217,18 @@ def test_inside_the_webui_the_script_uses_its_helpers(app_url, page):
     assert message.strip()  # which check fails first depends on the form the page opened with
     assert message not in page.inner_text("#ti_trainer_train_result")
     assert page.evaluate("window.progressRequests") == [["task(webui-like)", "ti_trainer_train_result"]]
+
+
+def test_an_even_split_fills_batch_size_and_accumulation(app_url, page, workspace):
+    """The planner's splits are a Dataset whose samples an update replaced: Gradio 3 and 4 send a click on
+    them differently (Gradio 4 looks the sample up on the server, in the page's own copy of the Dataset)."""
+    dataset = make_dataset(workspace / "split-dataset", count=6, size=64)
+    page.goto(app_url)
+    page.locator("#ti_trainer_tabs button", has_text="Train").first.click()
+    fill(page, "ti_trainer_train_data_dir", str(dataset))
+    page.wait_for_selector("#ti_trainer_plan >> text=6 images")
+    first_split = page.locator("#ti_trainer_plan_splits tbody tr").first
+    assert [cell.strip() for cell in first_split.locator("td").all_inner_texts()] == ["3", "2", "1"]
+    first_split.click()
+    page.wait_for_function("document.querySelector('#ti_trainer_train_batch_size input').value === '3'")
+    assert page.input_value("#ti_trainer_train_gradient_accumulation input") == "2"

@@ -236,7 +236,7 @@ def test_planner_view_follows_the_dataset_folder(services, dataset):
     assert all(4 % (b * a) == 0 for b, a, _ in splits["samples"])
     empty_html, empty = train_handlers.plan_view(str(dataset / "nothing"), 1, 1, 100, 50, 0, 4)
     assert "is not a folder" in empty_html and not empty["visible"]
-    assert train_handlers.use_combination([2, 2, 1]) == (2, 2)
+    assert train_handlers.use_combination(1, [[4, 1, 1], [2, 2, 1]]) == (2, 2)
     # 4 images, batch 2: two steps per epoch; 103 steps -> 104, every 5 -> 6 (nearest), previews off stay off.
     assert train_handlers.align_to_epochs(str(dataset), 2, 1, 103, 7, 0) == (104, 8, 0)
 

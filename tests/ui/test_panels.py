@@ -202,3 +202,20 @@ def test_prepare_writes_the_dataset_and_opens_its_captions(services, dataset, tm
     page.fire(report)
     (shown,) = page.outputs_of(report)
     assert f"4 images in {prepared}" in page.value(shown)
+
+
+def test_a_click_on_an_even_split_fills_the_batch_fields(services, dataset):
+    page = Page(build_tab(services))
+    data_dir = page.by_id("ti_trainer_train_data_dir")
+    splits = page.by_id("ti_trainer_plan_splits")
+
+    page.set(data_dir, str(dataset))
+    page.fire(data_dir, "change")
+    page.set(splits, 1)  # what the browser sends for a click on the second row (type="index")
+    page.fire(splits)
+
+    batch, accumulation = (
+        page.by_id("ti_trainer_train_batch_size"),
+        page.by_id("ti_trainer_train_gradient_accumulation"),
+    )
+    assert (page.value(batch), page.value(accumulation)) == (2, 2)  # 4 images: 4x1, then 2x2

@@ -26,6 +26,7 @@ from ti_trainer.ui.train_handlers import (
     learn_rate_status,
     open_page,
     plan_view,
+    plan_with_splits,
     poll,
     refresh_lists,
     request_interrupt,
@@ -115,8 +116,10 @@ def build_train_panel(services: HostServices, live: LiveRun | None = None) -> Tr
                     samples=plan_splits["samples"],
                     visible=plan_splits["visible"],
                     label="Even splits of this dataset (click one to use it)",
+                    type="index",
                     elem_id="ti_trainer_plan_splits",
                 )
+                shown_splits = gr.State(plan_splits["samples"])
                 with gr.Row(elem_id="ti_trainer_plan_tools"):
                     max_batch = gr.Number(
                         DEFAULT_MAX_BATCH,
@@ -252,8 +255,13 @@ def build_train_panel(services: HostServices, live: LiveRun | None = None) -> Tr
         max_batch,
     ]
     for source in plan_inputs:
-        source.change(plan_view, plan_inputs, [plan_info, splits], queue=False)
-    splits.click(use_combination, [splits], [form["batch_size"], form["gradient_accumulation"]], queue=False)
+        source.change(plan_with_splits, plan_inputs, [plan_info, splits, shown_splits], queue=False)
+    splits.click(
+        use_combination,
+        [splits, shown_splits],
+        [form["batch_size"], form["gradient_accumulation"]],
+        queue=False,
+    )
     align.click(
         align_to_epochs,
         plan_inputs[:-1],
