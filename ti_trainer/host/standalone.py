@@ -84,7 +84,7 @@ def standalone_services(workspace: str | Path, model: str = "tiny", device: str 
 
 
 def page_script() -> str:
-    """Our javascript/ file as a Gradio 3 load-time function (A1111 injects the file itself)."""
+    """Our javascript/ file as a Gradio load-time function (the WebUIs inject the file themselves)."""
     source = SCRIPT_FILE.read_text(encoding="utf-8") if SCRIPT_FILE.is_file() else ""
     return f"() => {{\n{source}\n}}"
 
@@ -114,7 +114,7 @@ def serve(workspace: str | Path, model: str = "tiny", port: int = 7861, device: 
         import gradio  # noqa: F401
     except ImportError as error:
         raise UserError(
-            "The app needs Gradio 3.41 (the version the WebUI uses): pip install gradio==3.41.2"
+            "The app needs Gradio, A1111's version or Forge's: pip install gradio==3.41.2 (or gradio==4.40.0)"
         ) from error
     services = standalone_services(workspace, model, device)
     print(f"Workspace: {Path(workspace).resolve()}\nLoading the model ({model})...")

@@ -1,7 +1,7 @@
 """The "Results" panel: pick a run, see its curves and warnings, compare its steps, use the winner.
 
-Gradio is imported only inside `build_results_panel`, and only Gradio 3.41-compatible calls are made (the
-version A1111 pins). Every handler is a plain module-level function over plain values, so it is tested
+Gradio is imported only inside `build_results_panel`, and only calls that Gradio 3.41 (A1111's) and 4.40
+(Forge's) both take are made (ui/compat.py where they differ). Every handler is a plain module-level function over plain values, so it is tested
 without a browser; updates are returned as Gradio's update dictionaries. The work itself is done by
 ti_trainer.analysis: this module holds no analysis.
 """
