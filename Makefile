@@ -1,6 +1,7 @@
 # Every target does its own set-up: virtual environments in the checkout, with the pinned CPU torch.
 #   .venv        the core, the CLI and the demo (current diffusers/transformers)
 #   .venv-a1111  everything A1111-facing, under the WebUI's pins (gradio 3.41.2, transformers 4.30.2, ldm)
+#   .venv-forge  the panels under Forge's pins (gradio 4.40.0, transformers 4.46.1, diffusers 0.31.0)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,8 +12,15 @@ A1111_STAMP := $(A1111_VENV)/.installed-stamp
 # Tests that need the WebUI's pins live here and run in .venv-a1111 only. tests/forge runs in a pytest process
 # of its own: its Forge stand-in's `modules` package and A1111's share a name.
 A1111_TESTS := tests/a1111 tests/ui tests/forge
+FORGE_VENV := .venv-forge
+FORGE_BIN := $(FORGE_VENV)/bin
+FORGE_STAMP := $(FORGE_VENV)/.installed-stamp
+# The panels run in both WebUIs' Gradio: tests/ui runs again under Forge's pins.
+FORGE_TESTS := tests/ui
+# Debian's chromium for the browser test (tests/ui/test_browser.py): Playwright drives it, downloads no browser.
+CHROMIUM_INSTALL := test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
-.PHONY: demo test test-core test-a1111 lint format clean
+.PHONY: demo test test-core test-a1111 test-forge lint format clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,14 +39,21 @@ $(A1111_STAMP): pyproject.toml requirements-a1111.txt
 	# open_clip pulls a torchvision built for CUDA torch, which cannot load here; the tests shim it.
 	$(A1111_BIN)/python -m pip uninstall -q -y torchvision || true
 	$(A1111_BIN)/python -m pip install -q --no-deps -e .
-	# Debian's chromium for the browser test (tests/ui/test_browser.py): Playwright drives it, downloads no browser.
-	test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+	$(CHROMIUM_INSTALL)
 	touch $(A1111_STAMP)
+
+$(FORGE_STAMP): pyproject.toml requirements-forge.txt
+	test -x $(FORGE_BIN)/python || $(PYTHON) -m venv $(FORGE_VENV)
+	$(FORGE_BIN)/python -m pip install -q torch==2.13.0
+	$(FORGE_BIN)/python -m pip install -q -r requirements-forge.txt
+	$(FORGE_BIN)/python -m pip install -q --no-deps -e .
+	$(CHROMIUM_INSTALL)
+	touch $(FORGE_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m ti_trainer demo --out runs/demo
 
-test: lint test-core test-a1111
+test: lint test-core test-a1111 test-forge
 
 test-core: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 tests $(addprefix --ignore=,$(A1111_TESTS))
@@ -46,6 +61,9 @@ test-core: $(STAMP)
 test-a1111: $(A1111_STAMP)
 	$(A1111_BIN)/python -m pytest -q -n 2 $(wildcard $(filter-out tests/forge,$(A1111_TESTS)))
 	$(A1111_BIN)/python -m pytest -q -n 2 tests/forge
+
+test-forge: $(FORGE_STAMP)
+	$(FORGE_BIN)/python -m pytest -q -n 2 $(wildcard $(FORGE_TESTS))
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -55,4 +73,4 @@ format: $(STAMP)
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) $(A1111_VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(A1111_VENV) $(FORGE_VENV) runs .pytest_cache .ruff_cache

@@ -1,8 +1,9 @@
 // ti_trainer: tooltips for every option in words an artist uses, and the live view of a training run.
 //
-// The WebUI loads this file like every extension's javascript/; the standalone app runs it through Gradio's
-// load-time `_js`. It needs nothing from the WebUI, and uses the WebUI's helpers (gradioApp, onUiUpdate,
-// randomId, requestProgress) when they are there.
+// The WebUI (A1111 or Forge) loads this file like every extension's javascript/; the standalone app runs it
+// through Gradio's load-time `_js` (`js` in Gradio 4). It needs nothing from the WebUI, and uses the WebUI's
+// helpers (gradioApp, onUiUpdate, randomId, requestProgress) when they are there. Its selectors find the
+// same markup in Gradio 3.41 and 4.40 (tests/ui/test_browser.py runs under both).
 (function () {
     "use strict";
 

@@ -131,9 +131,11 @@ def test_create_then_train_in_the_browser(app_url, page, workspace):
     assert "Step 4 / 4" in page.inner_text("#ti_trainer_progress")
     page.wait_for_selector("#ti_trainer_previews img")
     assert page.locator("#ti_trainer_previews img").count() >= 2
-    assert "browser-style.pt" in page.inner_text("#ti_trainer_last_saved")
+    # Gradio 4 shows a file's stem and suffix in separate boxes, on two lines of inner text.
+    assert "browser-style.pt" in "".join(page.inner_text("#ti_trainer_last_saved").split())
     page.wait_for_selector("#ti_trainer_train_embedding_status >> text=Already trained 4 steps")
     page.screenshot(path=str(workspace / "after-training.png"), full_page=True)
+    check_what_gradio_lays_out_differently(page)
 
     saved = load_embedding(workspace / "workspace" / "embeddings" / "browser-style.pt")
     assert saved.step == 4 and saved.vectors.shape[0] == 2
@@ -155,6 +157,36 @@ def test_create_then_train_in_the_browser(app_url, page, workspace):
     run_choice = page.input_value("#ti_trainer_results_run input")
     assert run_choice.endswith("/browser-style"), run_choice
     page.screenshot(path=str(workspace / "fresh-page-results.png"), full_page=True)
+
+
+# Gradio 3.41 fades the wrapper of an HTML box to 0.2 while its event is pending (4.40 leaves it).
+PROGRESS_OPACITY_WHILE_PENDING = """async () => {
+    const wrapper = document.querySelector('#ti_trainer_progress .prose').parentElement;
+    wrapper.classList.add('pending');
+    await new Promise((resolve) => setTimeout(resolve, 500));  // past Gradio's fade transition
+    const opacity = getComputedStyle(wrapper).opacity;
+    wrapper.classList.remove('pending');
+    return opacity;
+}"""
+
+
+def check_what_gradio_lays_out_differently(page) -> None:
+    """The page's parts whose markup Gradio 3.41 and 4.40 build differently, after a run."""
+    # Tooltips where the script finds them by Gradio's markup: the sub-tabs' buttons, an accordion's header.
+    assert "Train an embedding" in page.locator(
+        "#ti_trainer_tabs button", has_text="Train"
+    ).first.get_attribute("title")
+    assert "preview pictures" in page.get_attribute("#ti_trainer_train_previews .label-wrap", "title")
+    # The loss plot's box holds the whole chart, its legend included (Gradio 4's height is the box's).
+    page.wait_for_selector("#ti_trainer_loss_plot canvas")
+    page.wait_for_timeout(500)  # the chart is laid out after it appears
+    cut_off = page.evaluate(
+        "(() => { const box = document.querySelector('#ti_trainer_loss_plot');"
+        " return box.scrollHeight - box.clientHeight; })()"
+    )
+    assert cut_off <= 1, f"the loss plot's box cuts off {cut_off}px of the chart"
+    # Polled every second while a run goes, the progress box must not fade each time (style.css).
+    assert page.evaluate(PROGRESS_OPACITY_WHILE_PENDING) == "1"
 
 
 # Just enough of the WebUI's page helpers (script.js, ui.js, progressbar.js) to see our script use them.
@@ -185,3 +217,18 @@ def test_inside_the_webui_the_script_uses_its_helpers(app_url, page):
     assert message.strip()  # which check fails first depends on the form the page opened with
     assert message not in page.inner_text("#ti_trainer_train_result")
     assert page.evaluate("window.progressRequests") == [["task(webui-like)", "ti_trainer_train_result"]]
+
+
+def test_an_even_split_fills_batch_size_and_accumulation(app_url, page, workspace):
+    """The planner's splits are a Dataset whose samples an update replaced: Gradio 3 and 4 send a click on
+    them differently (Gradio 4 looks the sample up on the server, in the page's own copy of the Dataset)."""
+    dataset = make_dataset(workspace / "split-dataset", count=6, size=64)
+    page.goto(app_url)
+    page.locator("#ti_trainer_tabs button", has_text="Train").first.click()
+    fill(page, "ti_trainer_train_data_dir", str(dataset))
+    page.wait_for_selector("#ti_trainer_plan >> text=6 images")
+    first_split = page.locator("#ti_trainer_plan_splits tbody tr").first
+    assert [cell.strip() for cell in first_split.locator("td").all_inner_texts()] == ["3", "2", "1"]
+    first_split.click()
+    page.wait_for_function("document.querySelector('#ti_trainer_train_batch_size input').value === '3'")
+    assert page.input_value("#ti_trainer_train_gradient_accumulation input") == "2"

@@ -9,6 +9,7 @@ from pathlib import Path
 import gradio as gr
 import pytest
 import torch
+from gradio_events import events
 
 from ti_trainer.config import TrainConfig
 from ti_trainer.embeddings.files import load_embedding
@@ -210,9 +211,8 @@ def test_the_tab_refreshes_both_lists_when_a_page_opens(services):
     from ti_trainer.ui.tab import build_tab
 
     tab = build_tab(services)
-    loads = [dep for dep in tab.config["dependencies"] if dep["trigger"] == "load"]
-    ids = {block._id: block.elem_id for block in tab.blocks.values()}
-    refreshed = {ids.get(output) for dep in loads for output in dep["outputs"]}
+    loads = [event for event in events(tab) if any(trigger == "load" for _, trigger in event.triggers)]
+    refreshed = {output.elem_id for event in loads for output in event.outputs}
     assert {"ti_trainer_train_embedding_name", "ti_trainer_progress", "ti_trainer_results_run"} <= refreshed
 
 
@@ -236,7 +236,7 @@ def test_planner_view_follows_the_dataset_folder(services, dataset):
     assert all(4 % (b * a) == 0 for b, a, _ in splits["samples"])
     empty_html, empty = train_handlers.plan_view(str(dataset / "nothing"), 1, 1, 100, 50, 0, 4)
     assert "is not a folder" in empty_html and not empty["visible"]
-    assert train_handlers.use_combination([2, 2, 1]) == (2, 2)
+    assert train_handlers.use_combination(1, [[4, 1, 1], [2, 2, 1]]) == (2, 2)
     # 4 images, batch 2: two steps per epoch; 103 steps -> 104, every 5 -> 6 (nearest), previews off stay off.
     assert train_handlers.align_to_epochs(str(dataset), 2, 1, 103, 7, 0) == (104, 8, 0)
 

@@ -12,6 +12,7 @@ import inspect
 from pathlib import Path
 
 import gradio as gr
+from gradio_events import Event, events
 from PIL import Image
 
 from ti_trainer.prepare.preprocess import CROP_MODES
@@ -45,6 +46,7 @@ class Page:
         self.tab = tab
         self.values = {key: getattr(block, "value", None) for key, block in tab.blocks.items()}
         self.choices = {key: getattr(block, "choices", None) for key, block in tab.blocks.items()}
+        self.events = events(tab)
 
     def panel(self, name: str) -> list:
         (tab,) = [b for b in self.tab.blocks.values() if isinstance(b, gr.Tab) and b.elem_id == PANELS[name]]
@@ -76,35 +78,29 @@ class Page:
 
     def handled_events(self, block) -> list[str]:
         return [
-            d["trigger"]
-            for d in self.tab.dependencies
-            if block._id in d["targets"] and d["trigger"] != "then"
+            trigger
+            for event in self.events
+            for target, trigger in event.triggers
+            if target == block._id and trigger != "then"
         ]
+
+    def listener(self, block, event: str) -> Event:
+        (found,) = [e for e in self.events if (block._id, event) in e.triggers]
+        return found
 
     def outputs_of(self, block, event: str = "click") -> list:
-        (function,) = [
-            self.tab.fns[index]
-            for index, d in enumerate(self.tab.dependencies)
-            if block._id in d["targets"] and d["trigger"] == event
-        ]
-        return function.outputs
+        return self.listener(block, event).outputs
 
     def fire(self, block, event: str = "click") -> None:
-        (first,) = [
-            index
-            for index, d in enumerate(self.tab.dependencies)
-            if block._id in d["targets"] and d["trigger"] == event
-        ]
-        self._run(first)
+        self._run(self.listener(block, event))
 
-    def _run(self, index: int) -> None:
-        function = self.tab.fns[index]
-        result = function.fn(*(self.values[b._id] for b in function.inputs))
+    def _run(self, event: Event) -> None:
+        result = event.fn(*(self.values[b._id] for b in event.inputs))
         if inspect.isgenerator(result):
             *_, result = result  # the page ends showing the last value a generator yields
-        outputs = function.outputs
+        outputs = event.outputs
         results = [result] if len(outputs) == 1 else list(result or [None] * len(outputs))
-        assert len(results) == len(outputs), f"{function.name} gave {len(results)} values for {len(outputs)}"
+        assert len(results) == len(outputs), f"{event.name} gave {len(results)} values for {len(outputs)}"
         for block, value in zip(outputs, results):
             if isinstance(value, dict) and value.get("__type__") in ("update", "generic_update"):
                 if "choices" in value:
@@ -113,8 +109,8 @@ class Page:
                     self.values[block._id] = value["value"]
             else:
                 self.values[block._id] = value
-        for after, d in enumerate(self.tab.dependencies):
-            if d.get("trigger_after") == index:
+        for after in self.events:
+            if after.after == event.key:
                 self._run(after)
 
 
@@ -224,3 +220,20 @@ def test_the_train_panel_estimates_gpu_memory_for_its_settings(services, train_v
     most = page.value(page.by_id("ti_trainer_plan_max_batch"))
     assert isinstance(most, int) and most >= 2  # the tiny model fits many 64 px images in 7.5 GiB
     assert f"The most that fits at this size: batch {most}." in shown
+
+
+def test_a_click_on_an_even_split_fills_the_batch_fields(services, dataset):
+    page = Page(build_tab(services))
+    data_dir = page.by_id("ti_trainer_train_data_dir")
+    splits = page.by_id("ti_trainer_plan_splits")
+
+    page.set(data_dir, str(dataset))
+    page.fire(data_dir, "change")
+    page.set(splits, 1)  # what the browser sends for a click on the second row (type="index")
+    page.fire(splits)
+
+    batch, accumulation = (
+        page.by_id("ti_trainer_train_batch_size"),
+        page.by_id("ti_trainer_train_gradient_accumulation"),
+    )
+    assert (page.value(batch), page.value(accumulation)) == (2, 2)  # 4 images: 4x1, then 2x2

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import gradio as gr
 import pytest
+from gradio_events import events
 
 from ti_trainer.cli.main import build_parser
 from ti_trainer.config import field_info
@@ -59,7 +60,7 @@ def test_every_control_has_a_tooltip_in_plain_words(services):
     controls = {
         block.elem_id
         for block in tab.blocks.values()
-        if isinstance(block, gr.components.IOComponent | gr.Button | gr.Dataset | gr.Accordion)
+        if isinstance(block, gr.components.Component | gr.Accordion)
         and not isinstance(block, gr.HTML)  # messages, not controls
         and (block.elem_id or "").startswith("ti_trainer_")
         and block.elem_id not in NOT_CONTROLS
@@ -115,7 +116,7 @@ def test_the_app_serves_the_tab_with_our_script_and_style(services):
     assert {"ti_trainer_tabs", "ti_trainer_train_button", "ti_trainer_create_button"} <= ids
     # The tab is rendered once (built outside the app's context, like the WebUI does).
     assert sum(1 for block in app.blocks.values() if block.elem_id == "ti_trainer_train_button") == 1
-    loads = [dep for dep in app.config["dependencies"] if dep.get("js") and "TITLES" in dep["js"]]
+    loads = [event for event in events(app) if event.js and "TITLES" in event.js]
     assert len(loads) == 1
 
 

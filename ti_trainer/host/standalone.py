@@ -84,7 +84,7 @@ def standalone_services(workspace: str | Path, model: str = "tiny", device: str 
 
 
 def page_script() -> str:
-    """Our javascript/ file as a Gradio 3 load-time function (A1111 injects the file itself)."""
+    """Our javascript/ file as a Gradio load-time function (the WebUIs inject the file themselves)."""
     source = SCRIPT_FILE.read_text(encoding="utf-8") if SCRIPT_FILE.is_file() else ""
     return f"() => {{\n{source}\n}}"
 
@@ -96,15 +96,16 @@ def page_style() -> str:
 def build_app(services: HostServices):
     import gradio as gr
 
+    from ti_trainer.ui.compat import queue_options, run_js_on_load
     from ti_trainer.ui.tab import build_tab
 
     tab = build_tab(services)  # built outside the app's context, then rendered into it, as the WebUI does
     theme = gr.themes.Default(font=LOCAL_FONTS, font_mono=LOCAL_MONO_FONTS)
     with gr.Blocks(title="ti_trainer", theme=theme, css=page_style(), analytics_enabled=False) as app:
         tab.render()
-        app.load(None, None, None, _js=page_script())
+        run_js_on_load(app, page_script())
     # Training holds one worker for its whole run; progress polls and live checks need others beside it.
-    app.queue(concurrency_count=4)
+    app.queue(**queue_options(4))
     return app
 
 
@@ -113,7 +114,7 @@ def serve(workspace: str | Path, model: str = "tiny", port: int = 7861, device: 
         import gradio  # noqa: F401
     except ImportError as error:
         raise UserError(
-            "The app needs Gradio 3.41 (the version the WebUI uses): pip install gradio==3.41.2"
+            "The app needs Gradio, A1111's version or Forge's: pip install gradio==3.41.2 (or gradio==4.40.0)"
         ) from error
     services = standalone_services(workspace, model, device)
     print(f"Workspace: {Path(workspace).resolve()}\nLoading the model ({model})...")

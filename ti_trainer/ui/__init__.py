@@ -1,2 +1,3 @@
-"""Gradio 3.41 panels (the version A1111 pins), built from the host's services; the same for the WebUI tab
-and the standalone app. No torch at import: model work happens inside handlers."""
+"""Gradio panels, built from the host's services; the same for the WebUI tab (A1111's Gradio 3.41, Forge's
+4.40) and the standalone app. Where the two Gradios differ they go through compat.py. No torch at import:
+model work happens inside handlers."""

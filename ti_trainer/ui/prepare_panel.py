@@ -1,7 +1,7 @@
 """The "Prepare dataset" panel: prepare images, edit captions, lint them, and the dataset report.
 
-Gradio is imported only inside `build_prepare_panel`, and only Gradio 3.41-compatible calls are made (the
-version A1111 pins). Every handler is a plain module-level function over plain values, so it is tested
+Gradio is imported only inside `build_prepare_panel`, and only calls that Gradio 3.41 (A1111's) and 4.40
+(Forge's) both take are made (ui/compat.py where they differ). Every handler is a plain module-level function over plain values, so it is tested
 without a browser; updates are returned as Gradio's update dictionaries. The work itself is done by
 ti_trainer.prepare: this module holds no image logic.
 """
@@ -34,15 +34,11 @@ from ti_trainer.prepare.report import build_report
 from ti_trainer.prepare.report_format import lint_text, report_html
 from ti_trainer.text.templates import BUILTIN_TEMPLATES_DIR, list_templates, read_template
 from ti_trainer.ui.common import note, template_names
+from ti_trainer.ui.compat import update as _update
 
 PAGE_SIZE = 12  # caption slots on one page of the editor: Gradio 3 cannot add components at run time
 _COLUMNS = 4
 _POLL_SECONDS = 0.5
-
-
-def _update(**changes) -> dict:
-    """What `gr.update(**changes)` returns in Gradio 3.41 (and 4), built without importing Gradio."""
-    return {"__type__": "update", **changes}
 
 
 # --- preparing ---------------------------------------------------------------------------------------------

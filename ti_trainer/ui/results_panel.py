@@ -1,7 +1,7 @@
 """The "Results" panel: pick a run, see its curves and warnings, compare its steps, use the winner.
 
-Gradio is imported only inside `build_results_panel`, and only Gradio 3.41-compatible calls are made (the
-version A1111 pins). Every handler is a plain module-level function over plain values, so it is tested
+Gradio is imported only inside `build_results_panel`, and only calls that Gradio 3.41 (A1111's) and 4.40
+(Forge's) both take are made (ui/compat.py where they differ). Every handler is a plain module-level function over plain values, so it is tested
 without a browser; updates are returned as Gradio's update dictionaries. The work itself is done by
 ti_trainer.analysis: this module holds no analysis.
 """
@@ -17,14 +17,10 @@ from pathlib import Path
 from ti_trainer.errors import UserError
 from ti_trainer.host.base import HostServices
 from ti_trainer.ui.common import REFRESH_LABEL, PageLoad, note, notes
+from ti_trainer.ui.compat import update as _update
 
 TABLE_HEADERS = ["image", "caption", "validation loss", "gradient share %", "note"]
 NO_RUN = "Pick a run: the runs under the log directory are listed, newest first."
-
-
-def _update(**changes) -> dict:
-    """What `gr.update(**changes)` returns in Gradio 3.41 (and 4), built without importing Gradio."""
-    return {"__type__": "update", **changes}
 
 
 def _table(rows: list[list]) -> dict:

@@ -60,9 +60,22 @@ def _markdown_bold(line: str) -> str:
     return "".join(f"<strong>{part}</strong>" if i % 2 else part for i, part in enumerate(parts))
 
 
-def use_combination(sample: list) -> tuple[int, int]:
-    """A click on an even split: (batch size, gradient accumulation)."""
-    return int(sample[0]), int(sample[1])
+def plan_with_splits(data_dir: str, batch, accumulation, max_steps, save_every, preview_every, max_batch):
+    """`plan_view`, and the splits it shows once more for the page's State (what `use_combination` reads)."""
+    html_text, splits = plan_view(
+        data_dir, batch, accumulation, max_steps, save_every, preview_every, max_batch
+    )
+    return html_text, splits, splits["samples"]
+
+
+def use_combination(index: int, shown: list[list[int]]) -> tuple[int, int]:
+    """A click on an even split, by its row: (batch size, gradient accumulation).
+
+    The rows come from the page's State, not from the Dataset: Gradio 3.41 looks a clicked sample up in the
+    samples the Dataset was built with (none before a folder is chosen), not in those an update showed.
+    """
+    batch, accumulation, _ = shown[int(index)]
+    return int(batch), int(accumulation)
 
 
 def align_to_epochs(data_dir: str, batch, accumulation, max_steps, save_every, preview_every):

@@ -14,6 +14,7 @@ import gradio as gr
 from ti_trainer.config import field_info
 from ti_trainer.progress import LiveRun
 from ti_trainer.ui.common import REFRESH_LABEL, PageLoad, embedding_names, note, template_names
+from ti_trainer.ui.compat import js_event, line_plot_look
 from ti_trainer.ui.live_run import progress_html
 from ti_trainer.ui.train_form import form_fields, form_values, initial_config
 from ti_trainer.ui.train_handlers import (
@@ -26,6 +27,7 @@ from ti_trainer.ui.train_handlers import (
     memory_estimate_view,
     open_page,
     plan_view,
+    plan_with_splits,
     poll,
     refresh_lists,
     request_interrupt,
@@ -130,8 +132,10 @@ def build_train_panel(services: HostServices, live: LiveRun | None = None) -> Tr
                     samples=plan_splits["samples"],
                     visible=plan_splits["visible"],
                     label="Even splits of this dataset (click one to use it)",
+                    type="index",
                     elem_id="ti_trainer_plan_splits",
                 )
+                shown_splits = gr.State(plan_splits["samples"])
                 with gr.Row(elem_id="ti_trainer_plan_tools"):
                     max_batch = gr.Number(
                         DEFAULT_MAX_BATCH,
@@ -237,15 +241,11 @@ def build_train_panel(services: HostServices, live: LiveRun | None = None) -> Tr
                 y="loss",
                 color="curve",
                 title="Loss",
-                tooltip=["step", "loss", "curve"],
-                color_legend_position="bottom",
-                color_legend_title=" ",
-                width=360,
-                height=200,
                 visible=False,
                 label="Loss",
                 show_label=False,
                 elem_id="ti_trainer_loss_plot",
+                **line_plot_look(legend_title=" ", tooltip=["step", "loss", "curve"], width=360, height=200),
             )
             gallery = gr.Gallery(
                 label="Previews",
@@ -271,8 +271,13 @@ def build_train_panel(services: HostServices, live: LiveRun | None = None) -> Tr
         max_batch,
     ]
     for source in plan_inputs:
-        source.change(plan_view, plan_inputs, [plan_info, splits], queue=False)
-    splits.click(use_combination, [splits], [form["batch_size"], form["gradient_accumulation"]], queue=False)
+        source.change(plan_with_splits, plan_inputs, [plan_info, splits, shown_splits], queue=False)
+    splits.click(
+        use_combination,
+        [splits, shown_splits],
+        [form["batch_size"], form["gradient_accumulation"]],
+        queue=False,
+    )
     estimate_button.click(
         lambda *values: memory_estimate_view(services, names, *values),
         [form[name] for name in names],
@@ -314,7 +319,7 @@ def build_train_panel(services: HostServices, live: LiveRun | None = None) -> Tr
         services.wrap_job(train_job),
         [id_task, *form.values()],
         [result, extra],
-        _js="ti_trainer_start_training",
+        **js_event("ti_trainer_start_training"),
         show_progress="hidden",  # the progress box is the indicator
     ).then(
         lambda e, t: refresh_lists(services, e, t), list_outputs, list_outputs, show_progress="hidden"
