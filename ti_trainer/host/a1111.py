@@ -9,8 +9,7 @@ calls register_callbacks() when the WebUI loads the extension.
 from __future__ import annotations
 
 import contextlib
-import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from ti_trainer.errors import UserError
 from ti_trainer.host import api, webui_settings
 from ti_trainer.host.base import HostServices
 from ti_trainer.host.jobs import JobRegistry
+from ti_trainer.host.webui_jobs import WebuiJobs
 from ti_trainer.text.conditioning import TextRules
 from ti_trainer.text.templates import BUILTIN_TEMPLATES_DIR
 
@@ -217,50 +217,12 @@ def refresh_embeddings() -> None:
     sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
 
 
-def wrap_job(handler: Callable) -> Callable:
-    """A panel handler as a WebUI GPU job: the queue lock, shared.state, and the progress bar's task id.
-
-    Not `call_queue.wrap_gradio_gpu_call`: that one appends timing HTML to the last output and answers an
-    exception with one output more than the handler has, which only fits the built-in Train tab's outputs.
-    """
-
-    @functools.wraps(handler)
-    def job(*args, **kwargs):
-        task = args[0] if args and isinstance(args[0], str) and args[0].startswith("task(") else None
-        if task:
-            progress.add_task_to_queue(task)
-        with call_queue.queue_lock:
-            shared.state.begin(job="ti-trainer")
-            progress.start_task(task)
-            try:
-                return handler(*args, **kwargs)
-            finally:
-                progress.finish_task(task)
-                shared.state.end()
-
-    return job
-
-
-def run_exclusive(run: Callable[[], None]) -> None:
-    """One GPU job at a time, as the WebUI's own jobs: its queue lock, and shared.state begun and ended."""
-    with call_queue.queue_lock:
-        shared.state.begin(job="ti-trainer")
-        try:
-            run()
-        finally:
-            shared.state.end()
-
-
-def report_progress(done: int, total: int, text: str) -> None:
-    """Feed the WebUI's progress bar (it reads job_no / job_count) and its status text."""
-    shared.state.job_count = total
-    shared.state.job_no = done
-    shared.state.sampling_step = 0
-    shared.state.textinfo = text
-
-
-def caption_with_blip(image: Image.Image) -> str:
-    return shared.interrogator.interrogate(image.convert("RGB"))
+# The queue lock, shared.state, the progress bar and the BLIP captioner, as A1111 and Forge share them.
+_jobs = WebuiJobs(shared, call_queue, progress)
+wrap_job = _jobs.wrap_job
+run_exclusive = _jobs.run_exclusive
+report_progress = _jobs.report_progress
+caption_with_blip = _jobs.caption_with_blip
 
 
 def caption_with_deepbooru(image: Image.Image) -> str:

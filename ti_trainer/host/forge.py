@@ -12,8 +12,7 @@ there so it is usable at once. scripts/ti_trainer_tab.py calls register_callback
 from __future__ import annotations
 
 import contextlib
-import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from ti_trainer.errors import UserError
 from ti_trainer.host import api, webui_settings
 from ti_trainer.host.base import HostServices
 from ti_trainer.host.jobs import JobRegistry
+from ti_trainer.host.webui_jobs import WebuiJobs
 from ti_trainer.text.templates import BUILTIN_TEMPLATES_DIR
 
 TAB_TITLE = "TI Trainer"
@@ -171,47 +171,12 @@ def refresh_embeddings() -> None:
         engine.embeddings.load_textual_inversion_embeddings()
 
 
-def wrap_job(handler: Callable) -> Callable:
-    """A panel handler as a Forge GPU job: the queue lock, shared.state, and the progress bar's task id (as
-    `call_queue.wrap_gradio_gpu_call`, without its extra HTML output)."""
-
-    @functools.wraps(handler)
-    def job(*args, **kwargs):
-        task = args[0] if args and isinstance(args[0], str) and args[0].startswith("task(") else None
-        if task:
-            progress.add_task_to_queue(task)
-        with call_queue.queue_lock:
-            shared.state.begin(job="ti-trainer")
-            progress.start_task(task)
-            try:
-                return handler(*args, **kwargs)
-            finally:
-                progress.finish_task(task)
-                shared.state.end()
-
-    return job
-
-
-def run_exclusive(run: Callable[[], None]) -> None:
-    """One GPU job at a time, as Forge's own API jobs: its queue lock, and shared.state begun and ended."""
-    with call_queue.queue_lock:
-        shared.state.begin(job="ti-trainer")
-        try:
-            run()
-        finally:
-            shared.state.end()
-
-
-def report_progress(done: int, total: int, text: str) -> None:
-    """Feed Forge's progress bar (it reads job_no / job_count) and its status text."""
-    shared.state.job_count = total
-    shared.state.job_no = done
-    shared.state.sampling_step = 0
-    shared.state.textinfo = text
-
-
-def caption_with_blip(image: Image.Image) -> str:
-    return shared.interrogator.interrogate(image.convert("RGB"))
+# The queue lock, shared.state, the progress bar and the BLIP captioner, as A1111 and Forge share them.
+_jobs = WebuiJobs(shared, call_queue, progress)
+wrap_job = _jobs.wrap_job
+run_exclusive = _jobs.run_exclusive
+report_progress = _jobs.report_progress
+caption_with_blip = _jobs.caption_with_blip
 
 
 def caption_with_deepbooru(image: Image.Image) -> str:
