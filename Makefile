@@ -9,9 +9,11 @@ STAMP := $(VENV)/.installed-stamp
 A1111_VENV := .venv-a1111
 A1111_BIN := $(A1111_VENV)/bin
 A1111_STAMP := $(A1111_VENV)/.installed-stamp
-# Tests that need the WebUI's pins live here and run in .venv-a1111 only. tests/forge runs in a pytest process
-# of its own: its Forge stand-in's `modules` package and A1111's share a name.
-A1111_TESTS := tests/a1111 tests/ui tests/forge
+# Tests that need a WebUI's pins: never in the core venv. tests/a1111 and tests/ui run under A1111's pins;
+# tests/ui again and tests/forge under Forge's, tests/forge in a pytest process of its own (its stand-in's
+# `modules` package and A1111's share a name).
+WEBUI_TESTS := tests/a1111 tests/ui tests/forge
+A1111_TESTS := tests/a1111 tests/ui
 FORGE_VENV := .venv-forge
 FORGE_BIN := $(FORGE_VENV)/bin
 FORGE_STAMP := $(FORGE_VENV)/.installed-stamp
@@ -56,14 +58,14 @@ demo: $(STAMP)
 test: lint test-core test-a1111 test-forge
 
 test-core: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 tests $(addprefix --ignore=,$(A1111_TESTS))
+	$(BIN)/python -m pytest -q -n 2 tests $(addprefix --ignore=,$(WEBUI_TESTS))
 
 test-a1111: $(A1111_STAMP)
-	$(A1111_BIN)/python -m pytest -q -n 2 $(wildcard $(filter-out tests/forge,$(A1111_TESTS)))
-	$(A1111_BIN)/python -m pytest -q -n 2 tests/forge
+	$(A1111_BIN)/python -m pytest -q -n 2 $(wildcard $(A1111_TESTS))
 
 test-forge: $(FORGE_STAMP)
 	$(FORGE_BIN)/python -m pytest -q -n 2 $(wildcard $(FORGE_TESTS))
+	$(FORGE_BIN)/python -m pytest -q -n 2 tests/forge
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
