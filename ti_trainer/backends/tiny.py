@@ -21,7 +21,7 @@ TINY_SEED = 1234
 def build_tiny_components(
     parameterization: str = "v", seed: int = TINY_SEED, text_width: int = TINY_WIDTH, family: str = "sd2"
 ):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = tiny_tokenizer()
@@ -40,17 +40,7 @@ def build_tiny_components(
         upcast_attention=family == "sd2",
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-    )
+    vae = tiny_vae()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=tokenizer.vocab_size,
@@ -70,6 +60,25 @@ def build_tiny_components(
     for module in (unet, vae, text_encoder):
         make_random_init_informative(module, generator)
     return unet, vae, text_encoder, tokenizer
+
+
+def tiny_vae(**config):
+    """The tiny models' VAE: SD's architecture (8x down, 4 latent channels) at toy widths; `config` adds to
+    diffusers' defaults (SDXL's scaling factor)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        **config,
+    )
 
 
 def make_random_init_informative(module: torch.nn.Module, generator: torch.Generator) -> None:

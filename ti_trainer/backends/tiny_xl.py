@@ -15,7 +15,7 @@ import torch
 
 from ti_trainer.backends.clip_bpe import tiny_tokenizer
 from ti_trainer.backends.diffusers_xl_backend import SDXL_LATENT_SCALE, DiffusersXLBackend
-from ti_trainer.backends.tiny import TINY_SEED, make_random_init_informative
+from ti_trainer.backends.tiny import TINY_SEED, make_random_init_informative, tiny_vae
 from ti_trainer.diffusion import scaled_linear_schedule
 from ti_trainer.text.conditioning import TextRules, TokenIds
 
@@ -26,7 +26,7 @@ SIZE_EMBEDDING_WIDTH = 8  # SDXL: 256 per number
 
 def build_tiny_xl_components(seed: int = TINY_SEED):
     """UNet, VAE, CLIP-L-like and bigG-like text encoders, and the tokenizer they share."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = tiny_tokenizer()
@@ -49,18 +49,7 @@ def build_tiny_xl_components(seed: int = TINY_SEED):
         projection_class_embeddings_input_dim=CLIP_G_WIDTH + 6 * SIZE_EMBEDDING_WIDTH,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=SDXL_LATENT_SCALE,
-    )
+    vae = tiny_vae(scaling_factor=SDXL_LATENT_SCALE)
 
     def text_config(width: int, activation: str) -> CLIPTextConfig:
         return CLIPTextConfig(

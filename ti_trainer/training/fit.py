@@ -143,6 +143,12 @@ def smaller_sizes(latent_hw: tuple[int, int], vae_scale_factor: int) -> list[tup
     return sizes
 
 
+def size_px(backend: Backend, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) in image pixels of a latent size `(height, width)` on `backend`'s model."""
+    factor = backend.family.vae_scale_factor
+    return latent_hw[1] * factor, latent_hw[0] * factor
+
+
 def px(latent_hw: tuple[int, int], vae_scale_factor: int) -> str:
     return f"{latent_hw[1] * vae_scale_factor}x{latent_hw[0] * vae_scale_factor}"
 
@@ -227,16 +233,7 @@ def _levels_from_estimate(
     budget = gpu_budget_bytes(backend.device)
     if budget is None:
         return levels
-    factor = backend.family.vae_scale_factor
-    start = least_fitting_level(
-        plan,
-        backend,
-        latent_hw[1] * factor,
-        latent_hw[0] * factor,
-        batch,
-        num_vectors,
-        budget,
-    )
+    start = least_fitting_level(plan, backend, *size_px(backend, latent_hw), batch, num_vectors, budget)
     return levels[levels.index(start) :] if start in levels else levels
 
 
@@ -290,10 +287,9 @@ def memory_for_training(
     release_memory()
     from ti_trainer.vram.for_config import estimate_note
 
-    factor = backend.family.vae_scale_factor
     raise UserError(
         _advice(backend, plan, batch, accumulation, latent_hw, num_vectors, "Training ran out of GPU memory")
-        + estimate_note(plan, backend, latent_hw[1] * factor, latent_hw[0] * factor, batch, num_vectors)
+        + estimate_note(plan, backend, *size_px(backend, latent_hw), batch, num_vectors)
         + " The embedding keeps its last saved step; start again to resume from it."
     ) from None
 
@@ -303,15 +299,9 @@ def _estimate_line(
 ) -> str:
     from ti_trainer.vram.for_config import run_estimate_line
 
-    factor = backend.family.vae_scale_factor
+    width, height = size_px(backend, latent_hw)
     return run_estimate_line(
-        plan,
-        backend,
-        latent_hw[1] * factor,
-        latent_hw[0] * factor,
-        batch,
-        num_vectors,
-        gpu_budget_bytes(backend.device),
+        plan, backend, width, height, batch, num_vectors, gpu_budget_bytes(backend.device)
     )
 
 
