@@ -31,6 +31,7 @@ from types import ModuleType
 
 import torch
 
+from ti_trainer.backends.borrowed_model import SessionDepth
 from ti_trainer.backends.contract import LatentDistribution, PreviewRequest, sd_family
 from ti_trainer.backends.forge_memory import (
     TrainableWeights,
@@ -118,7 +119,7 @@ class ForgeBackend:
             vae_scale_factor=self.vae.downscale_ratio,
         )
         self.text_width = self.family.text_width
-        self._sessions = 0
+        self._sessions = SessionDepth()
         self._weights: TrainableWeights | None = None
         self._checkpointing = "off"
         self._requested: int | None = (
@@ -137,13 +138,11 @@ class ForgeBackend:
         """Make Forge's model trainable for a run and give it back as found, however the block ends: its
         weights the inference tensors they were (the same storage, frozen values), requires_grad, gradients
         and train/eval flags, the engine's pending fixes, and the models Forge had loaded. Re-entrant."""
-        if self._sessions:
-            self._sessions += 1
-            try:
-                yield self
-            finally:
-                self._sessions -= 1
-            return
+        with self._sessions.enter(self._borrowed):
+            yield self
+
+    @contextlib.contextmanager
+    def _borrowed(self) -> Iterator[None]:
         parts = [self.unet_patcher.model, self.clip.cond_stage_model]
         with contextlib.ExitStack() as stack:
             # Unwound in reverse: the loaded models go back while the weights are still ordinary tensors
@@ -157,11 +156,11 @@ class ForgeBackend:
             stack.callback(self._end_session)
             for part in parts:
                 part.requires_grad_(False)
-            self._sessions, self._requested = 1, None
-            yield self
+            self._requested = None
+            yield
 
     def _end_session(self) -> None:
-        self._sessions, self._weights, self._requested = 0, None, None
+        self._weights, self._requested = None, None
 
     def _ready_for_step(self, latent_shape: torch.Size | None) -> None:
         """Ask Forge for the UNet and the text encoder together, with room for the backward pass of the largest

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from ti_trainer.backends.borrowed_model import SessionDepth, frozen_as_found
 from ti_trainer.backends.contract import LatentDistribution, PreviewRequest, sd_family
 from ti_trainer.diffusion import NoiseSchedule
 from ti_trainer.errors import UserError
@@ -90,7 +91,7 @@ class LdmBackend:
             vae_scale_factor=2 ** (first_stage.encoder.num_resolutions - 1),
         )
         self.text_width = self.family.text_width
-        self._sessions = 0
+        self._sessions = SessionDepth()
         self.low_vram = low_vram
         self.context_hook = context_hook
         self._placement = None
@@ -104,31 +105,9 @@ class LdmBackend:
         Re-entrant: only the outermost session records and restores. Frozen weights mean no weight gradients
         are computed or stored (the WebUI leaves its UNet trainable); only the embedding's vectors learn.
         """
-        if self._sessions:
-            self._sessions += 1
-            try:
-                yield self
-            finally:
-                self._sessions -= 1
-            return
-        parameters = list(self.model.parameters())
-        requires_grad = [parameter.requires_grad for parameter in parameters]
-        had_grad = [parameter.grad is not None for parameter in parameters]
-        modes = [(module, module.training) for module in self.model.modules()]
-        token_embedding = getattr(self._embedding_owner, self._embedding_attribute)
-        self.model.requires_grad_(False)
-        self._sessions = 1
-        try:
+        owner = [(self._embedding_owner, self._embedding_attribute)]
+        with self._sessions.enter(lambda: frozen_as_found(self.model, owner)):
             yield self
-        finally:
-            self._sessions = 0
-            setattr(self._embedding_owner, self._embedding_attribute, token_embedding)
-            for parameter, flag, had in zip(parameters, requires_grad, had_grad):
-                parameter.requires_grad_(flag)
-                if not had:
-                    parameter.grad = None
-            for module, training in modes:
-                module.training = training
 
     # --- memory (memory/plan.py chooses the plan) ------------------------------------------------------------
 

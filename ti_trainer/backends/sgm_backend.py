@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from ti_trainer.backends.borrowed_model import SessionDepth, frozen_as_found
 from ti_trainer.backends.contract import LatentDistribution, PreviewRequest, sdxl_family
 from ti_trainer.diffusion import NoiseSchedule
 from ti_trainer.errors import UserError
@@ -113,7 +114,7 @@ class SgmBackend:
             vae_scale_factor=2 ** (first_stage.encoder.num_resolutions - 1),
         )
         self.text_width = self.family.text_width
-        self._sessions = 0
+        self._sessions = SessionDepth()
         self._placement = None
 
     # --- the borrowed model -------------------------------------------------------------------------------
@@ -122,32 +123,9 @@ class SgmBackend:
     def training_session(self) -> Iterator[SgmBackend]:
         """Freeze every weight for a run, then put back requires_grad, gradients, train/eval flags and the
         token-embedding layers (whatever wraps them). Re-entrant: only the outermost session records."""
-        if self._sessions:
-            self._sessions += 1
-            try:
-                yield self
-            finally:
-                self._sessions -= 1
-            return
-        parameters = list(self.model.parameters())
-        requires_grad = [parameter.requires_grad for parameter in parameters]
-        had_grad = [parameter.grad is not None for parameter in parameters]
-        modes = [(module, module.training) for module in self.model.modules()]
-        layers = {key: getattr(owner, name) for key, (owner, name) in self._embedding_owners.items()}
-        self.model.requires_grad_(False)
-        self._sessions = 1
-        try:
+        owners = list(self._embedding_owners.values())
+        with self._sessions.enter(lambda: frozen_as_found(self.model, owners)):
             yield self
-        finally:
-            self._sessions = 0
-            for key, (owner, name) in self._embedding_owners.items():
-                setattr(owner, name, layers[key])
-            for parameter, flag, had in zip(parameters, requires_grad, had_grad):
-                parameter.requires_grad_(flag)
-                if not had:
-                    parameter.grad = None
-            for module, training in modes:
-                module.training = training
 
     # --- memory (memory/plan.py chooses the plan) ------------------------------------------------------------
 
