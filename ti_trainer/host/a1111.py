@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from modules import call_queue, devices, processing, progress, script_callbacks, sd_hijack, shared
@@ -25,12 +24,15 @@ from ti_trainer.errors import UserError
 from ti_trainer.host import api, webui_settings
 from ti_trainer.host.base import HostServices
 from ti_trainer.host.jobs import JobRegistry
-from ti_trainer.host.webui_jobs import WebuiJobs
+from ti_trainer.host.webui_host import WebuiHost
 from ti_trainer.text.conditioning import TextRules
-from ti_trainer.text.templates import BUILTIN_TEMPLATES_DIR
 
 TAB_TITLE = "TI Trainer"  # not "Train": that is the WebUI's own tab, which may or may not be there
 TAB_ID = "ti_trainer"
+
+# What this WebUI shares with the other (host/webui_host.py): jobs, progress, folders, flags, BLIP.
+_webui = WebuiHost(shared, call_queue, progress)
+run_exclusive = _webui.run_exclusive
 
 
 def register_callbacks() -> None:
@@ -58,44 +60,20 @@ def add_api_routes(demo, app) -> None:
     The WebUI adds its API only with --api, or with --nowebui (API only); otherwise `/sdapi/v1/*` answers
     404, and so must ours: a WebUI behind --gradio-auth alone guards its pages, not routes added here.
     """
-    if not webui_serves_api():
+    if not _webui.serves_api():
         return
     services = host_services()
     jobs = JobRegistry(services, run_exclusive=run_exclusive)
     api.add_routes(app, services, jobs, api.parse_credentials(shared.cmd_opts.api_auth))
 
 
-def webui_serves_api() -> bool:
-    """Whether the WebUI registered its own API routes (webui.py: `--api`, or `--nowebui`)."""
-    flags = shared.cmd_opts
-    return bool(getattr(flags, "api", False) or getattr(flags, "nowebui", False))
-
-
 # --- host services -------------------------------------------------------------------------------------------
 
 
 def host_services() -> HostServices:
-    return HostServices(
-        name="a1111",
-        embeddings_dir=Path(shared.cmd_opts.embeddings_dir),
-        templates_dirs=[Path(shared.cmd_opts.textual_inversion_templates_dir), BUILTIN_TEMPLATES_DIR],
-        log_dir=Path(shared.data_path, setting("log_dir")),
-        models_dir=Path(shared.models_path),
-        get_backend=get_backend,
-        render_preview=render_preview,
-        refresh_embeddings=refresh_embeddings,
-        captioners={"BLIP (WebUI)": caption_with_blip, "deepbooru": caption_with_deepbooru},
-        defaults=webui_settings.SettingsDefaults(shared),
-        wrap_job=wrap_job,
-        job_progress=report_progress,
-        interrupt_requested=lambda: bool(shared.state.interrupted),
-        request_interrupt=lambda: shared.state.interrupt(),
+    return _webui.host_services(
+        "a1111", get_backend, render_preview, refresh_embeddings, caption_with_deepbooru
     )
-
-
-def setting(field: str):
-    """Our default for a TrainConfig field from the Settings page, in the field's type."""
-    return webui_settings.setting(shared, field)
 
 
 def get_backend() -> LdmBackend | SgmBackend:
@@ -215,14 +193,6 @@ def webui_embedding(name: str, values: Vectors) -> WebUIEmbedding:
 
 def refresh_embeddings() -> None:
     sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
-
-
-# The queue lock, shared.state, the progress bar and the BLIP captioner, as A1111 and Forge share them.
-_jobs = WebuiJobs(shared, call_queue, progress)
-wrap_job = _jobs.wrap_job
-run_exclusive = _jobs.run_exclusive
-report_progress = _jobs.report_progress
-caption_with_blip = _jobs.caption_with_blip
 
 
 def caption_with_deepbooru(image: Image.Image) -> str:

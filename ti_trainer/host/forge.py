@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from backend import memory_management
@@ -27,11 +26,14 @@ from ti_trainer.errors import UserError
 from ti_trainer.host import api, webui_settings
 from ti_trainer.host.base import HostServices
 from ti_trainer.host.jobs import JobRegistry
-from ti_trainer.host.webui_jobs import WebuiJobs
-from ti_trainer.text.templates import BUILTIN_TEMPLATES_DIR
+from ti_trainer.host.webui_host import WebuiHost
 
 TAB_TITLE = "TI Trainer"
 TAB_ID = "ti_trainer"
+
+# What this WebUI shares with the other (host/webui_host.py): jobs, progress, folders, flags, BLIP.
+_webui = WebuiHost(shared, call_queue, progress)
+run_exclusive = _webui.run_exclusive
 
 
 def register_callbacks() -> None:
@@ -55,34 +57,19 @@ def add_settings() -> None:
 
 def add_api_routes(demo, app) -> None:
     """Our routes where Forge serves its own API (--api, or --nowebui), behind the same --api-auth."""
-    flags = shared.cmd_opts
-    if not (getattr(flags, "api", False) or getattr(flags, "nowebui", False)):
+    if not _webui.serves_api():
         return
     services = host_services()
     jobs = JobRegistry(services, run_exclusive=run_exclusive)
-    api.add_routes(app, services, jobs, api.parse_credentials(flags.api_auth))
+    api.add_routes(app, services, jobs, api.parse_credentials(shared.cmd_opts.api_auth))
 
 
 # --- host services -------------------------------------------------------------------------------------------
 
 
 def host_services() -> HostServices:
-    # Forge removed its training templates folder but kept the flag; a folder the user made is still read.
-    return HostServices(
-        name="forge",
-        embeddings_dir=Path(shared.cmd_opts.embeddings_dir),
-        templates_dirs=[Path(shared.cmd_opts.textual_inversion_templates_dir), BUILTIN_TEMPLATES_DIR],
-        log_dir=Path(shared.data_path, webui_settings.setting(shared, "log_dir")),
-        models_dir=Path(shared.models_path),
-        get_backend=get_backend,
-        render_preview=render_preview,
-        refresh_embeddings=refresh_embeddings,
-        captioners={"BLIP (WebUI)": caption_with_blip, "deepbooru": caption_with_deepbooru},
-        defaults=webui_settings.SettingsDefaults(shared),
-        wrap_job=wrap_job,
-        job_progress=report_progress,
-        interrupt_requested=lambda: bool(shared.state.interrupted),
-        request_interrupt=lambda: shared.state.interrupt(),
+    return _webui.host_services(
+        "forge", get_backend, render_preview, refresh_embeddings, caption_with_deepbooru
     )
 
 
@@ -169,14 +156,6 @@ def refresh_embeddings() -> None:
         return  # not loaded yet: the files are read when it loads
     for engine in text_engines(model):
         engine.embeddings.load_textual_inversion_embeddings()
-
-
-# The queue lock, shared.state, the progress bar and the BLIP captioner, as A1111 and Forge share them.
-_jobs = WebuiJobs(shared, call_queue, progress)
-wrap_job = _jobs.wrap_job
-run_exclusive = _jobs.run_exclusive
-report_progress = _jobs.report_progress
-caption_with_blip = _jobs.caption_with_blip
 
 
 def caption_with_deepbooru(image: Image.Image) -> str:
