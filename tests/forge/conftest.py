@@ -45,13 +45,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
-    """Tiny checkpoints on disk: SD 2.x v-prediction and SD 1.x epsilon, written once per test process."""
+    """Tiny checkpoints on disk: SD 2.x v-prediction, SD 1.x and SDXL epsilon, written once per test process."""
     import tiny_forge
 
     folder = tmp_path_factory.mktemp("checkpoints")
     return {
         "sd2": tiny_forge.write_tiny_checkpoint(folder / "sd2", "sd2", "v_prediction"),
         "sd1": tiny_forge.write_tiny_checkpoint(folder / "sd1", "sd1", "epsilon"),
+        "sdxl": tiny_forge.write_tiny_checkpoint(folder / "sdxl", "sdxl", "epsilon"),
     }
 
 
@@ -75,6 +76,14 @@ class Forge:
     @property
     def engine(self):
         return self.model.text_processing_engine
+
+    @property
+    def engines(self):
+        """The text engines, each with its embedding database: SD 1.x/2.x's one, SDXL's clip_l and clip_g."""
+        model = self.model
+        if getattr(model, "is_sdxl", False):
+            return [model.text_processing_engine_l, model.text_processing_engine_g]
+        return [model.text_processing_engine]
 
     def load(self):
         """Load the checkpoint as Forge's first generation does."""
@@ -129,6 +138,12 @@ def forge(tmp_path, tiny_checkpoints, monkeypatch):
 def forge_sd1(tmp_path, tiny_checkpoints, monkeypatch):
     """A fresh stand-in Forge with the tiny SD 1.x epsilon model loaded."""
     yield from forge_session(tmp_path, monkeypatch, tiny_checkpoints["sd1"])
+
+
+@pytest.fixture
+def forge_xl(tmp_path, tiny_checkpoints, monkeypatch):
+    """A fresh stand-in Forge with the tiny SDXL (epsilon) loaded."""
+    yield from forge_session(tmp_path, monkeypatch, tiny_checkpoints["sdxl"])
 
 
 @pytest.fixture

@@ -2,11 +2,13 @@
 
 `process_images(p)` loads the checkpoint if needed (`forge_model_reload`, l.804), then, in inference mode
 (l.911): sets clip skip from the settings, takes the base model's objects (`forge_objects_original`, l.937),
-computes the conditioning with `get_learned_conditioning` (the engine, with its embedding database), asks the
-memory manager for the UNet (`load_models_gpu([unet], memory_required=...)`, as sampling_prepare does), samples
+computes the conditioning with `get_learned_conditioning` (the engine, with its embedding database) of
+`SdConditioning` prompts carrying the image's width and height (the negative one marked negative: l.490-492),
+asks the memory manager for the UNet (`load_models_gpu([unet], memory_required=...)`, as sampling_prepare does), samples
 and decodes through the VAE patcher. A plain Euler sampler over the predictor's sigmas with classifier-free
-guidance stands in for Forge's k-diffusion samplers; it stops at an Interrupt. The infotext names the
-embeddings the engine used ("TI: name").
+guidance stands in for Forge's k-diffusion samplers; it stops at an Interrupt. SDXL's dict conditioning reaches
+the UNet as Forge's `compile_conditions` hands it on (backend/sampling/condition.py): `crossattn` as
+`c_crossattn`, `vector` as `y`. The infotext names the embeddings the engines used ("TI: name").
 """
 
 from dataclasses import dataclass, field
@@ -18,8 +20,9 @@ from backend.text_processing import classic_engine
 from PIL import Image
 
 from modules import sd_models, shared
+from modules.prompt_parser import SdConditioning
 
-# Test probe (not in Forge): the conditioning of every prompt processed, as (prompt, tensor).
+# Test probe (not in Forge): the conditioning of every prompt processed, as (prompt, tensor or SDXL's dict).
 conditioning_log = []
 
 
@@ -49,6 +52,13 @@ class Processed:
     infotexts: list = field(default_factory=list)
 
 
+def _model_conds(cond):
+    """Forge's compile_conditions: a tensor is the cross-attention; SDXL's dict gives it and `y`."""
+    if isinstance(cond, torch.Tensor):
+        return {"c_crossattn": cond}
+    return {"c_crossattn": cond["crossattn"], "y": cond["vector"]}
+
+
 def _euler(unet_patcher, cond, uncond, p, generator):
     model = unet_patcher.model
     predictor = model.predictor
@@ -57,8 +67,8 @@ def _euler(unet_patcher, cond, uncond, p, generator):
     x = torch.randn((1, 4, p.height // 8, p.width // 8), generator=generator) * sigmas[0]
     for index in range(p.steps):
         sigma = sigmas[index].view(1)
-        with_text = model.apply_model(x, sigma, c_crossattn=cond)
-        without_text = model.apply_model(x, sigma, c_crossattn=uncond)
+        with_text = model.apply_model(x, sigma, **_model_conds(cond))
+        without_text = model.apply_model(x, sigma, **_model_conds(uncond))
         denoised = without_text + p.cfg_scale * (with_text - without_text)
         x = x + (x - denoised) / sigma * (sigmas[index + 1] - sigma)
         shared.state.sampling_step = index + 1
@@ -76,9 +86,14 @@ def process_images(p):
     with torch.inference_mode():
         model.set_clip_skip(int(shared.opts.CLIP_stop_at_last_layers))
         model.forge_objects = model.forge_objects_original.shallow_copy()
-        cond = model.get_learned_conditioning([p.prompt])
-        uncond = model.get_learned_conditioning([p.negative_prompt])
-        conditioning_log.append((p.prompt, cond.clone()))
+        prompts = SdConditioning([p.prompt], width=p.width, height=p.height)
+        negative_prompts = SdConditioning(
+            [p.negative_prompt], width=p.width, height=p.height, is_negative_prompt=True
+        )
+        cond = model.get_learned_conditioning(prompts)
+        uncond = model.get_learned_conditioning(negative_prompts)
+        logged = {k: v.clone() for k, v in cond.items()} if isinstance(cond, dict) else cond.clone()
+        conditioning_log.append((p.prompt, logged))
         unet = model.forge_objects.unet
         shape = [2, 4, p.height // 8, p.width // 8]
         memory_management.load_models_gpu([unet], memory_required=unet.memory_required(shape))

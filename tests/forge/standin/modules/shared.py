@@ -40,6 +40,8 @@ def default_options():
         {
             "emphasis": OptionInfo("Original", "Emphasis mode"),
             "CLIP_stop_at_last_layers": OptionInfo(1, "Clip skip"),
+            "sdxl_crop_top": OptionInfo(0, "crop top coordinate"),
+            "sdxl_crop_left": OptionInfo(0, "crop left coordinate"),
             "samples_format": OptionInfo("png", "File format for images"),
             "forge_inference_memory": OptionInfo(1024, "GPU memory kept for computation (MB)"),
             "forge_async_loading": OptionInfo("Queue", "Swap method"),

@@ -6,7 +6,11 @@ Kept as Forge has it: the module names and key layout (`time_embed`, `input_bloc
 `Downsample`, `Upsample`), `forward(x, timesteps, context, y=None, control=None, transformer_options={})`, the
 transformer block's in-place residual adds (`x += n` after attn1 and attn2, which autograd refuses once a norm
 has saved `x` for the backward), and `checkpoint(...)` that raises when asked for (Forge has no gradient
-checkpointing). Not here: label embedding (SDXL), ControlNet, block modifiers and attention patches.
+checkpointing), and SDXL's label embedding: with `num_classes="sequential"` a `label_emb` (Linear-SiLU-Linear,
+nested as Forge nests it) takes the `adm_in_channels`-wide vector `y` and is added to the time embedding.
+`Timestep(dim)` is the sinusoidal embedder SDXL's engine builds its size and crop conditioning with. Not here:
+integer and "continuous" classes, per-level transformer depths, ControlNet, block modifiers and attention
+patches.
 """
 
 # ruff: noqa: B006  (Forge's signatures take `transformer_options={}`, and its UNet writes into it: kept as is)
@@ -143,6 +147,15 @@ class TimestepBlock(nn.Module):
     pass
 
 
+class Timestep(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t):
+        return timestep_embedding(t, self.dim)
+
+
 class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
     def forward(self, x, emb, context=None, transformer_options={}, output_shape=None):
         for layer in self:
@@ -213,14 +226,24 @@ class IntegratedUNet2DConditionModel(nn.Module):
         context_dim=None,
         use_linear_in_transformer=True,
         use_checkpoint=False,
+        num_classes=None,
+        adm_in_channels=None,
     ):
         super().__init__()
         self.in_channels, self.model_channels, self.out_channels = in_channels, model_channels, out_channels
-        self.num_classes = None
+        self.num_classes = num_classes
         time_width = model_channels * 4
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, time_width), nn.SiLU(), nn.Linear(time_width, time_width)
         )
+        if num_classes is not None:
+            if num_classes != "sequential":
+                raise ValueError("Bad ADM")  # the stand-in has SDXL's kind only
+            self.label_emb = nn.Sequential(
+                nn.Sequential(
+                    nn.Linear(adm_in_channels, time_width), nn.SiLU(), nn.Linear(time_width, time_width)
+                )
+            )
 
         def transformer(channels):
             heads = channels // num_head_channels
@@ -268,6 +291,9 @@ class IntegratedUNet2DConditionModel(nn.Module):
         transformer_options["transformer_index"] = 0
         assert (y is not None) == (self.num_classes is not None)
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
+        if self.num_classes is not None:
+            assert y.shape[0] == x.shape[0]
+            emb = emb + self.label_emb(y)
         hs, h = [], x
         for index, module in enumerate(self.input_blocks):
             transformer_options["block"] = ("input", index)

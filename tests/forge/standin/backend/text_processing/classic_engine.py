@@ -11,9 +11,12 @@ ti_trainer/text/conditioning.py (the parity tests compare the two).
 - `process_tokens`: when pad != EOS (SD 2.x) everything after the first EOS becomes pad; `encode_with_transformers`
   (position and token embeddings in fp32, `hidden_states[-max(clip_skip, minimal_clip_skip)]`, then
   `final_layer_norm` if set); emphasis from `opts.emphasis`, re-read at each call.
+- SDXL's engines: with `return_pooled` the transformer's `pooler_output` (its final-norm output at the first end
+  token), through the text model's `text_projection` when `text_projection` is set and the key is not
+  clip_l, rides on z as `z.pooled`, kept aside from the emphasis; `__call__` then returns `(z, pooled of the
+  first chunk)`.
 - `__call__(texts)` encodes chunk by chunk and `hstack`s them; it prints the embeddings used and records them
-  in `last_extra_generation_params["TI"]` (the infotext).
-Not here: pooled outputs and text projection (SDXL).
+  in `last_extra_generation_params["TI"]` (the infotext; each SDXL engine adds the names again).
 """
 
 import math
@@ -92,8 +95,10 @@ class ClassicTextProcessingEngine:
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.emphasis = emphasis.get_current_option(opts.emphasis)()
+        self.text_projection = text_projection
         self.minimal_clip_skip = minimal_clip_skip
         self.clip_skip = clip_skip
+        self.return_pooled = return_pooled
         self.final_layer_norm = final_layer_norm
         self.chunk_length = chunk_length
         self.id_start = tokenizer.bos_token_id
@@ -127,6 +132,11 @@ class ClassicTextProcessingEngine:
         z = outputs.hidden_states[-max(self.clip_skip, self.minimal_clip_skip)]
         if self.final_layer_norm:
             z = self.text_encoder.transformer.text_model.final_layer_norm(z)
+        if self.return_pooled:
+            pooled = outputs.pooler_output
+            if self.text_projection and self.embedding_key != "clip_l":
+                pooled = self.text_encoder.transformer.text_projection(pooled)
+            z.pooled = pooled
         return z
 
     def tokenize_line(self, line):
@@ -213,6 +223,8 @@ class ClassicTextProcessingEngine:
                 names.append(name.replace(":", "").replace(",", ""))
             previous = last_extra_generation_params.get("TI")
             last_extra_generation_params["TI"] = ", ".join(([previous] if previous else []) + names)
+        if self.return_pooled:
+            return torch.hstack(zs), zs[0].pooled
         return torch.hstack(zs)
 
     def process_tokens(self, batch_tokens, batch_multipliers):
@@ -222,8 +234,12 @@ class ClassicTextProcessingEngine:
                 first_end = row_tokens.index(self.id_end)
                 tokens[row, first_end + 1 :] = self.id_pad
         z = self.encode_with_transformers(tokens)
+        pooled = getattr(z, "pooled", None)
         self.emphasis.tokens = batch_tokens
         self.emphasis.multipliers = torch.asarray(batch_multipliers).to(z)
         self.emphasis.z = z
         self.emphasis.after_transformers()
-        return self.emphasis.z
+        z = self.emphasis.z
+        if pooled is not None:
+            z.pooled = pooled
+        return z

@@ -6,8 +6,9 @@ backend/text_processing/textual_inversion.py), in our own words.
 `expected_shape` goes to `skipped_embeddings`. `register_embedding(e)` / `register_embedding_by_name(e, name)`
 (None removes) index names by their first token id, longest first; `find_embedding_at_position`; `fixes` is
 what the engine hands the token-embedding wrapper for the chunk being encoded. Files: `.pt`/`.bin` (torch.load,
-as Forge: no weights_only argument) and `.safetensors`, with A1111's `string_to_param` or one-tensor dicts.
-Not here: PNG/WebP embeddings, SDXL dicts.
+as Forge: no weights_only argument) and `.safetensors`, with A1111's `string_to_param`, SDXL's dict holding
+`clip_g` and `clip_l` (every value taken as a tensor; `shape` is the two widths summed, `vectors` the rows of
+`clip_g`) or one-tensor dicts. Not here: PNG/WebP embeddings.
 """
 
 import os
@@ -102,6 +103,8 @@ def create_embedding_from_data(data, name, filename="unknown embedding file", fi
         parameters = data["string_to_param"]
         assert len(parameters) == 1, "embedding file has multiple terms in it"
         vec = next(iter(parameters.values())).detach().to(dtype=torch.float32)
+    elif type(data) is dict and "clip_g" in data and "clip_l" in data:
+        vec = {key: value.detach().to(dtype=torch.float32) for key, value in data.items()}
     elif isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), torch.Tensor):
         vec = next(iter(data.values()))
         vec = (vec.unsqueeze(0) if vec.dim() == 1 else vec).detach().to(dtype=torch.float32)
@@ -113,7 +116,11 @@ def create_embedding_from_data(data, name, filename="unknown embedding file", fi
     embedding.step = data.get("step", None)
     embedding.sd_checkpoint = data.get("sd_checkpoint", None)
     embedding.sd_checkpoint_name = data.get("sd_checkpoint_name", None)
-    embedding.vectors, embedding.shape = vec.shape[0], vec.shape[-1]
+    if isinstance(vec, dict):
+        embedding.vectors = data["clip_g"].shape[0]
+        embedding.shape = data["clip_g"].shape[-1] + data["clip_l"].shape[-1]
+    else:
+        embedding.vectors, embedding.shape = vec.shape[0], vec.shape[-1]
     if filepath:
         embedding.filename = filepath
     return embedding
