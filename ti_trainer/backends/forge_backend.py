@@ -1,6 +1,7 @@
 """Forge's backend: training on the model Forge has loaded (reference/forge.md), in place, with no copy.
 
-SD 1.x and SD 2.x. Forge's model object keeps its parts in `forge_objects` (the base model's in
+SD 1.x and SD 2.x here; SDXL in backends/forge_xl_backend.py, which shares this loan of Forge's model and
+differs in its text and the UNet's vector input. Forge's model object keeps its parts in `forge_objects` (the base model's in
 `forge_objects_original`): the UNet's patcher (`unet.model` is a KModel: `diffusion_model` and `predictor`),
 the text encoder's (`clip.patcher`) and the VAE (`vae`). What this backend uses of each:
 
@@ -93,11 +94,29 @@ class ForgeBackend:
         `memory_management` is Forge's `backend.memory_management`; `emphasis` and `clip_skip` are its
         "Emphasis mode" and "Clip skip" settings, as its txt2img applies them."""
         _check_supported(model)
+        self.engine = model.text_processing_engine
+        self._borrow(model, memory_management, [self.engine], clip_skip, model_name, model_hash)
+        engine = self.engine
+        # The fixes adapter stands where conditioning.py's own injector would: Forge's wrapper injects.
+        self.prompt_encoder = PromptEncoder(
+            engine_chunker(engine, emphasis), EngineFixes(engine.embeddings), self._encode_chunk, self.device
+        )
+        self.family = sd_family(
+            "sd2" if model.is_sd2 else "sd1",
+            text_width=token_table(engine).weight.shape[1],
+            latent_channels=self.vae.latent_channels,
+            vae_scale_factor=self.vae.downscale_ratio,
+        )
+        self.text_width = self.family.text_width
+
+    def _borrow(self, model, memory_management: ModuleType, engines: list, clip_skip, model_name, model_hash):
+        """What every Forge model lends a run, whatever its text: its patchers, schedule, text engines (whose
+        pending fixes a session gives back), and the bookkeeping of sessions and memory requests."""
         objects = model.forge_objects_original or model.forge_objects
         self.model = model
         self.memory_management = memory_management
         self.unet_patcher, self.clip, self.vae = objects.unet, objects.clip, objects.vae
-        self.engine = model.text_processing_engine
+        self.engines = engines
         self.device = torch.device(memory_management.get_torch_device())
         self.model_name, self.model_hash = model_name, model_hash
         self.clip_skip = max(1, int(clip_skip))
@@ -105,20 +124,6 @@ class ForgeBackend:
         self.schedule = NoiseSchedule(
             predictor.alphas_cumprod.detach().double().cpu(), PARAMETERIZATIONS[predictor.prediction_type]
         )
-        engine = self.engine
-        ids = TokenIds(start=engine.id_start, end=engine.id_end, pad=engine.id_pad, comma=engine.comma_token)
-        chunker = PromptChunker(engine.tokenize, ids, TextRules(emphasis, FORGE_COMMA_BACKTRACK))
-        # The fixes adapter stands where conditioning.py's own injector would: Forge's wrapper injects.
-        self.prompt_encoder = PromptEncoder(
-            chunker, EngineFixes(engine.embeddings), self._encode_chunk, self.device
-        )
-        self.family = sd_family(
-            "sd2" if model.is_sd2 else "sd1",
-            text_width=self._token_embedding().weight.shape[1],
-            latent_channels=self.vae.latent_channels,
-            vae_scale_factor=self.vae.downscale_ratio,
-        )
-        self.text_width = self.family.text_width
         self._sessions = SessionDepth()
         self._weights: TrainableWeights | None = None
         self._checkpointing = "off"
@@ -147,9 +152,8 @@ class ForgeBackend:
         with contextlib.ExitStack() as stack:
             # Unwound in reverse: the loaded models go back while the weights are still ordinary tensors
             # (Forge moves them outside inference mode), then the weights become inference tensors again.
-            stack.callback(
-                _restore_flags, parts, _flags(parts), self.engine.embeddings, self.engine.embeddings.fixes
-            )
+            databases = [engine.embeddings for engine in self.engines]
+            stack.callback(_restore_flags, parts, _flags(parts), [(db, db.fixes) for db in databases])
             self._weights = stack.enter_context(TrainableWeights(parts))
             stack.callback(restore_loaded, self.memory_management, loaded_state(self.memory_management))
             stack.enter_context(in_place_safe(self.unet))
@@ -213,14 +217,12 @@ class ForgeBackend:
     # --- what the training loop uses ------------------------------------------------------------------------
 
     def token_vectors(self, text: str) -> torch.Tensor:
-        ids = self.engine.tokenize([text])[0]
-        weight = self._token_embedding().weight
-        return weight[torch.tensor(ids, dtype=torch.long, device=weight.device)].detach().float().cpu()
+        return token_rows(self.engine, self.engine.tokenize([text])[0])
 
     def token_embedding_weight(self, encoder: str) -> torch.Tensor:
         """The text model's token-embedding matrix, under Forge's textual-inversion wrapper."""
         self.family.encoder(encoder)
-        return self._token_embedding().weight
+        return token_table(self.engine).weight
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> LatentDistribution:
@@ -237,13 +239,20 @@ class ForgeBackend:
     def predict(
         self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor
     ) -> torch.Tensor:
+        return self._unet_forward(noisy_latents, timesteps, cond)
+
+    def _unet_forward(
+        self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, **conditioning
+    ) -> torch.Tensor:
+        """The UNet's raw output, in Forge's computation dtype, its inputs (`y=` for SDXL) cast to it."""
         self._ready_for_step(noisy_latents.shape)
         dtype = self.unet_patcher.model.computation_dtype
         return self.unet(
             noisy_latents.to(self.device, dtype),
             timesteps.to(self.device).float(),
-            context=cond.to(self.device, dtype),
+            context=context.to(self.device, dtype),
             transformer_options={},  # a fresh dict: Forge's UNet writes into the one it is given
+            **{key: value.to(self.device, dtype) for key, value in conditioning.items()},
         )
 
     def render(self, request: PreviewRequest) -> None:
@@ -252,22 +261,38 @@ class ForgeBackend:
 
     # --- text ------------------------------------------------------------------------------------------------
 
-    def _token_embedding(self) -> torch.nn.Embedding:
-        layer = self.engine.text_encoder.transformer.text_model.embeddings.token_embedding
-        while not isinstance(layer, torch.nn.Embedding):
-            layer = layer.wrapped
-        return layer
-
     def _encode_chunk(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The engine's transformer pass over `[B, 77]` ids, at the "Clip skip" generation uses (Forge's
+        return self._engine_forward(self.engine, tokens)
+
+    def _engine_forward(self, engine, tokens: torch.Tensor) -> torch.Tensor:
+        """`engine`'s transformer pass over `[B, 77]` ids, at the "Clip skip" generation uses (Forge's
         txt2img sets it on the engine from the setting; it is put back as it was)."""
         self._ready_for_step(None)
-        engine = self.engine
         clip_skip, engine.clip_skip = engine.clip_skip, self.clip_skip
         try:
             return engine.encode_with_transformers(tokens)
         finally:
             engine.clip_skip = clip_skip
+
+
+def engine_chunker(engine, emphasis: str) -> PromptChunker:
+    """Our chunker over a Forge text engine's tokenizer and ids, with its fixed comma back-off."""
+    ids = TokenIds(start=engine.id_start, end=engine.id_end, pad=engine.id_pad, comma=engine.comma_token)
+    return PromptChunker(engine.tokenize, ids, TextRules(emphasis, FORGE_COMMA_BACKTRACK))
+
+
+def token_table(engine) -> torch.nn.Embedding:
+    """The plain token-embedding table of an engine's text model, under Forge's textual-inversion wrapper."""
+    layer = engine.text_encoder.transformer.text_model.embeddings.token_embedding
+    while not isinstance(layer, torch.nn.Embedding):
+        layer = layer.wrapped
+    return layer
+
+
+def token_rows(engine, ids: list[int]) -> torch.Tensor:
+    """The rows of an engine's token table for `ids`, fp32 on the CPU."""
+    weight = token_table(engine).weight
+    return weight[torch.tensor(ids, dtype=torch.long, device=weight.device)].detach().float().cpu()
 
 
 def _flags(parts: list[torch.nn.Module]) -> dict:
@@ -284,7 +309,7 @@ def _flags(parts: list[torch.nn.Module]) -> dict:
     }
 
 
-def _restore_flags(parts, flags: dict, database, fixes) -> None:
+def _restore_flags(parts, flags: dict, pending_fixes: list) -> None:
     for owner, name, requires_grad, had_grad in flags["parameters"]:
         parameter = owner._parameters.get(name)
         if parameter is None or parameter.is_inference():  # given back by TrainableWeights with its flag
@@ -294,20 +319,23 @@ def _restore_flags(parts, flags: dict, database, fixes) -> None:
             parameter.grad = None
     for module, training in flags["modes"]:
         module.training = training
-    database.fixes = fixes
+    for database, fixes in pending_fixes:
+        database.fixes = fixes
 
 
 def _check_supported(model) -> None:
+    if getattr(model, "is_sdxl", False):  # host/forge.py hands SDXL to ForgeXLBackend
+        raise ValueError("ForgeBackend trains Forge's SD 1.x / 2.x; SDXL takes ForgeXLBackend")
     if getattr(model, "forge_objects", None) is None or not hasattr(model, "text_processing_engine"):
-        if getattr(model, "is_sdxl", False):
-            raise UserError(
-                "The loaded model is SDXL. In Forge this trainer trains embeddings for SD 1.x and SD 2.x: load "
-                "one of those in the checkpoint list at the top of the page."
-            )
         raise UserError(
-            "The loaded model is not one Forge's SD 1.x / SD 2.x classes built (a Flux, SD3 or other model, or "
-            "none). Load an SD 1.x or SD 2.x checkpoint at the top of the page and try again."
+            "The loaded model is not one Forge's SD 1.x / SD 2.x / SDXL classes built (a Flux, SD3 or other "
+            "model, or none). Load an SD 1.x, SD 2.x or SDXL checkpoint at the top of the page and try again."
         )
+    check_trainable(model)
+
+
+def check_trainable(model) -> None:
+    """Refuse, with a message, what no Forge backend trains: inpainting models and other predictions."""
     if getattr(model, "is_inpaint", False):
         raise UserError(
             "The loaded model is an inpainting model. Train on the base model it was made from: embeddings "

@@ -4,9 +4,10 @@ that import the WebUI's `modules.*` (and here Forge's `backend.*`).
 What Forge keeps of A1111's extension API (reference/forge.md §6) is used the same way: `script_callbacks` for
 the tab, the Settings page and the routes; `shared.state` for the progress bar and Interrupt; `call_queue`'s
 lock for one GPU job at a time; `processing` for previews. What differs is the model: Forge's own classes
-(`backend/diffusion_engine`), trained through backends/forge_backend.py under Forge's memory management, and a
-text engine with its own embedding database, filled once when the model loads: a new embedding is registered
-there so it is usable at once. scripts/ti_trainer_tab.py calls register_callbacks() when it finds Forge.
+(`backend/diffusion_engine`), trained through backends/forge_backend.py (SD 1.x / 2.x) or
+backends/forge_xl_backend.py (SDXL) under Forge's memory management, and text engines (SDXL: one per text
+encoder) each with its own embedding database, filled once when the model loads: a new embedding is registered
+in each so it is usable at once. scripts/ti_trainer_tab.py calls register_callbacks() when it finds Forge.
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-import torch
 from backend import memory_management
 from backend.text_processing.textual_inversion import Embedding as ForgeEmbedding
 from modules import call_queue, processing, progress, script_callbacks, sd_models, shared
 from PIL import Image
 
-from ti_trainer.backends.contract import PreviewRequest
+from ti_trainer.backends.contract import CLIP_G, PreviewRequest
 from ti_trainer.backends.forge_backend import ForgeBackend
+from ti_trainer.backends.forge_xl_backend import ForgeXLBackend
+from ti_trainer.embeddings.vectors import Vectors
 from ti_trainer.errors import UserError
 from ti_trainer.host import api, webui_settings
 from ti_trainer.host.base import HostServices
@@ -85,22 +87,29 @@ def loaded_model():
 
 
 def get_backend() -> ForgeBackend:
-    """The loaded model, trained in place through Forge's memory management (no second copy)."""
+    """The loaded model, trained in place through Forge's memory management (no second copy): SDXL by
+    ForgeXLBackend (with Forge's crop settings), SD 1.x / 2.x by ForgeBackend."""
     model = loaded_model()
     checkpoint = getattr(model, "sd_checkpoint_info", None)
-    return ForgeBackend(
-        model,
-        memory_management,
+    settings = dict(
         emphasis=str(shared.opts.emphasis),
         clip_skip=int(shared.opts.CLIP_stop_at_last_layers),
         model_name=getattr(checkpoint, "model_name", "") or "",
         model_hash=getattr(checkpoint, "shorthash", None),
     )
+    if getattr(model, "is_sdxl", False):
+        crop = (int(shared.opts.sdxl_crop_top), int(shared.opts.sdxl_crop_left))
+        return ForgeXLBackend(model, memory_management, crop_top_left=crop, **settings)
+    return ForgeBackend(model, memory_management, **settings)
+
+
+TEXT_ENGINES = ("text_processing_engine", "text_processing_engine_l", "text_processing_engine_g")
 
 
 def text_engines(model) -> list:
-    """The model's text engines, each with its own embedding database (SD 1.x / 2.x: one)."""
-    return [engine for engine in [getattr(model, "text_processing_engine", None)] if engine is not None]
+    """The model's text engines, each with its own embedding database (SD 1.x / 2.x: one; SDXL: clip_l's and
+    clip_g's)."""
+    return [getattr(model, name) for name in TEXT_ENGINES if getattr(model, name, None) is not None]
 
 
 def render_preview(request: PreviewRequest) -> Image.Image | None:
@@ -130,22 +139,33 @@ def render_preview(request: PreviewRequest) -> Image.Image | None:
 
 
 @contextlib.contextmanager
-def registered_embeddings(vectors: dict[str, torch.Tensor], engines: list) -> Iterator[None]:
+def registered_embeddings(vectors: dict[str, Vectors], engines: list) -> Iterator[None]:
     """Register embeddings in each engine's database for a while, then give each name back what it had."""
     databases = [engine.embeddings for engine in engines]
     previous = [{name: db.word_embeddings.get(name) for name in vectors} for db in databases]
     try:
         for db in databases:
             for name, values in vectors.items():
-                embedding = ForgeEmbedding(values.detach().float().cpu(), name)
-                # Forge fills these when it loads a file; the engine reserves `vectors` positions in a prompt.
-                embedding.vectors, embedding.shape = int(values.shape[0]), int(values.shape[-1])
-                db.register_embedding(embedding)
+                db.register_embedding(forge_embedding(name, values))
         yield
     finally:
         for db, before in zip(databases, previous):
             for name, embedding in before.items():
                 db.register_embedding_by_name(embedding, name)  # None unregisters
+
+
+def forge_embedding(name: str, values: Vectors) -> ForgeEmbedding:
+    """Vectors as Forge's loader makes an embedding of them: a tensor, or SDXL's dict (each engine takes its
+    key's part); `vectors` is the positions it takes in a prompt (clip_g's rows), `shape` its width (summed)."""
+    if isinstance(values, dict):
+        vec = {key: tensor.detach().float().cpu() for key, tensor in values.items()}
+        rows, width = vec[CLIP_G].shape[0], sum(tensor.shape[-1] for tensor in vec.values())
+    else:
+        vec = values.detach().float().cpu()
+        rows, width = vec.shape[0], vec.shape[-1]
+    embedding = ForgeEmbedding(vec, name)
+    embedding.vectors, embedding.shape = int(rows), int(width)
+    return embedding
 
 
 def refresh_embeddings() -> None:
