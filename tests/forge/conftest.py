@@ -152,16 +152,25 @@ def forge_unloaded(tmp_path, tiny_checkpoints, monkeypatch):
     yield from forge_session(tmp_path, monkeypatch, tiny_checkpoints["sd2"], load=False)
 
 
+def write_dataset(folder: Path) -> Path:
+    """Three 64x64 images with caption files in `folder`."""
+    rng = np.random.default_rng(0)
+    for index, caption in enumerate(["a red square", "a blue circle", "green stripes"]):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+        (folder / f"{index}.txt").write_text(caption, encoding="utf-8")
+    return folder
+
+
 @pytest.fixture
 def dataset(forge):
     """Three 64x64 images with caption files, in the session's data folder."""
-    rng = np.random.default_rng(0)
-    for index, caption in enumerate(["a red square", "a blue circle", "green stripes"]):
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
-            forge.data_dir / f"{index}.png"
-        )
-        (forge.data_dir / f"{index}.txt").write_text(caption, encoding="utf-8")
-    return forge.data_dir
+    return write_dataset(forge.data_dir)
+
+
+@pytest.fixture
+def dataset_xl(forge_xl):
+    """The same images in the SDXL session's data folder."""
+    return write_dataset(forge_xl.data_dir)
 
 
 def pytest_configure(config):
