@@ -50,3 +50,18 @@ def memory_state():
     return [
         loaded.model for loaded in memory_management.current_loaded_models
     ], memory_management.current_inference_memory
+
+
+def recorded_loads(monkeypatch) -> list:
+    """Every `load_models_gpu` call from now on, as (patchers, memory_required), still carried out."""
+    from backend import memory_management
+
+    calls = []
+    real = memory_management.load_models_gpu
+
+    def spy(models, memory_required=0, hard_memory_preservation=0):
+        calls.append((list(models), memory_required))
+        return real(models, memory_required, hard_memory_preservation)
+
+    monkeypatch.setattr(memory_management, "load_models_gpu", spy)
+    return calls

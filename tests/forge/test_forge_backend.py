@@ -3,7 +3,13 @@ through Forge's memory management, and the model and memory manager given back a
 
 import pytest
 import torch
-from forge_state import assert_same_fingerprint, memory_state, model_fingerprint, model_parts
+from forge_state import (
+    assert_same_fingerprint,
+    memory_state,
+    model_fingerprint,
+    model_parts,
+    recorded_loads,
+)
 
 from ti_trainer.backends.contract import Backend
 from ti_trainer.backends.forge_backend import ForgeBackend
@@ -129,14 +135,7 @@ def test_both_traps_are_real_on_the_stand_in_and_the_session_gets_past_them(forg
 def test_a_step_asks_forge_for_unet_and_text_encoder_with_room_for_the_backward(forge, monkeypatch):
     from backend import memory_management
 
-    calls = []
-    real = memory_management.load_models_gpu
-
-    def spy(models, memory_required=0, hard_memory_preservation=0):
-        calls.append((list(models), memory_required))
-        return real(models, memory_required, hard_memory_preservation)
-
-    monkeypatch.setattr(memory_management, "load_models_gpu", spy)
+    calls = recorded_loads(monkeypatch)
     backend = backend_for(forge)
     budget = memory_management.current_inference_memory
     vectors = backend.token_vectors("red circle").requires_grad_(True)

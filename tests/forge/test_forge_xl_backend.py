@@ -6,7 +6,13 @@ import types
 
 import pytest
 import torch
-from forge_state import assert_same_fingerprint, memory_state, model_fingerprint, model_parts
+from forge_state import (
+    assert_same_fingerprint,
+    memory_state,
+    model_fingerprint,
+    model_parts,
+    recorded_loads,
+)
 
 from ti_trainer.backends.contract import Backend
 from ti_trainer.backends.forge_xl_backend import ForgeXLBackend
@@ -187,16 +193,8 @@ def test_the_gradient_reaches_both_encoders_vectors_and_the_pooled_path(forge_xl
 
 
 def test_a_step_asks_forge_for_unet_and_both_text_encoders_with_room_for_the_backward(forge_xl, monkeypatch):
-    from backend import memory_management
 
-    calls = []
-    real = memory_management.load_models_gpu
-
-    def spy(models, memory_required=0, hard_memory_preservation=0):
-        calls.append((list(models), memory_required))
-        return real(models, memory_required, hard_memory_preservation)
-
-    monkeypatch.setattr(memory_management, "load_models_gpu", spy)
+    calls = recorded_loads(monkeypatch)
     backend = backend_for(forge_xl)
     with backend.training_session(), backend.memory_levers(MemoryPlan(checkpointing="off")):
         one_step(backend, trainable(backend), batch=2)

@@ -1,9 +1,9 @@
 """Forge's backend: training on the model Forge has loaded (reference/forge.md), in place, with no copy.
 
 SD 1.x and SD 2.x here; SDXL in backends/forge_xl_backend.py, which shares this loan of Forge's model and
-differs in its text and the UNet's vector input. Forge's model object keeps its parts in `forge_objects` (the base model's in
-`forge_objects_original`): the UNet's patcher (`unet.model` is a KModel: `diffusion_model` and `predictor`),
-the text encoder's (`clip.patcher`) and the VAE (`vae`). What this backend uses of each:
+differs in its text and the UNet's vector input. Forge's model object keeps its parts in `forge_objects` (the
+base model's in `forge_objects_original`): the UNet's patcher (`unet.model` is a KModel: `diffusion_model` and
+`predictor`), the text encoder's (`clip.patcher`) and the VAE (`vae`). What this backend uses of each:
 
 - Text: Forge's own text engine (`text_processing_engine`), so conditioning is what Forge computes at
   generation time. Prompts are chunked by conditioning.py's chunker over the engine's tokenizer and ids
@@ -95,7 +95,7 @@ class ForgeBackend:
         "Emphasis mode" and "Clip skip" settings, as its txt2img applies them."""
         _check_supported(model)
         self.engine = model.text_processing_engine
-        self._borrow(model, memory_management, [self.engine], clip_skip, model_name, model_hash)
+        self._borrow_parts(model, memory_management, [self.engine], clip_skip, model_name, model_hash)
         engine = self.engine
         # The fixes adapter stands where conditioning.py's own injector would: Forge's wrapper injects.
         self.prompt_encoder = PromptEncoder(
@@ -109,7 +109,9 @@ class ForgeBackend:
         )
         self.text_width = self.family.text_width
 
-    def _borrow(self, model, memory_management: ModuleType, engines: list, clip_skip, model_name, model_hash):
+    def _borrow_parts(
+        self, model, memory_management: ModuleType, engines: list, clip_skip, model_name, model_hash
+    ):
         """What every Forge model lends a run, whatever its text: its patchers, schedule, text engines (whose
         pending fixes a session gives back), and the bookkeeping of sessions and memory requests."""
         objects = model.forge_objects_original or model.forge_objects

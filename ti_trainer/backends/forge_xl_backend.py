@@ -65,7 +65,7 @@ class ForgeXLBackend(ForgeBackend):
         _check_supported(model)
         self.text_engines = {key: getattr(model, name) for key, name in ENGINE_ATTRIBUTES.items()}
         engines = list(self.text_engines.values())
-        self._borrow(model, memory_management, engines, clip_skip, model_name, model_hash)
+        self._borrow_parts(model, memory_management, engines, clip_skip, model_name, model_hash)
         self.crop_top_left = tuple(int(value) for value in crop_top_left)
         paths = [
             EncoderPath(

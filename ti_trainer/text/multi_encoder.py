@@ -33,7 +33,7 @@ EncodeChunk = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 @dataclass
 class EncoderPath:
     key: str  # which vectors of an embedding this encoder takes ("clip_l", "clip_g")
-    injector: InjectingTokenEmbedding
+    injector: InjectingTokenEmbedding  # or what takes `.fixes` alike (Forge: EngineFixes)
     encode_chunk: EncodeChunk
     pad: int  # the id after the first end token (the end token itself: no replacement)
 
