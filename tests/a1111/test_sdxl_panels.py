@@ -154,6 +154,14 @@ def test_train_compare_and_use_step_from_the_panels_through_the_webui(host):
         assert not torch.allclose(logged["vector"], swapped, atol=1e-4), "the size must be (height, width)"
     assert_same_fingerprint(before, model_fingerprint(webui.model))
 
+    # Which image dominates, measured at a saved step with the WebUI's model, which is left as found.
+    table, table_note = services.wrap_job(partial(results_panel.measure_images, services))(
+        str(services.log_dir), label, "4"
+    )
+    assert "At step 4" in table_note and len(table["data"]) == 3
+    assert sum(row[3] for row in table["data"]) == pytest.approx(100, abs=0.2)
+    assert_same_fingerprint(before, model_fingerprint(webui.model))
+
     # Use this step: step 2 under a new name, loaded by the WebUI at once with both tensors.
     message = results_panel.use_selected_step(services, str(services.log_dir), label, "2", "xlpicked", False)
     assert "ti-trainer-ok" in message and (webui.embeddings_dir / "xlpicked.safetensors").is_file()

@@ -27,9 +27,9 @@ def xl_services(tmp_path_factory):
     return standalone_services(tmp_path_factory.mktemp("xl") / "workspace", model="tiny-sdxl", device="cpu")
 
 
-def quick_form(services, data_dir, name: str, **overrides) -> tuple[list[str], list]:
-    """Form values (in form_fields() order) for a quick run of `name` on `services`' model: 4 steps, copies,
-    previews and validation every 2; override by field name."""
+def quick_form(services, name: str, data_dir, **overrides) -> tuple[list[str], list]:
+    """Form values (in form_fields() order) for a quick run of `name` on `services`' model and the images in
+    `data_dir`: 4 steps, copies, previews and validation every 2; override by field name."""
     config = initial_config(services)
     settings = quick_settings(
         embedding_name=name,
@@ -52,7 +52,7 @@ def train_values(services, dataset):
     """`quick_form` on the tiny model and the `dataset` fixture's images."""
 
     def make(name: str, **overrides) -> tuple[list[str], list]:
-        return quick_form(services, dataset, name, **overrides)
+        return quick_form(services, name, **{"data_dir": dataset, **overrides})
 
     return make
 
@@ -62,6 +62,6 @@ def xl_train_values(xl_services, module_dataset):
     """`quick_form` on the tiny SDXL and the module's images."""
 
     def make(name: str, **overrides) -> tuple[list[str], list]:
-        return quick_form(xl_services, module_dataset, name, **overrides)
+        return quick_form(xl_services, name, **{"data_dir": module_dataset, **overrides})
 
     return make

@@ -130,6 +130,10 @@ def test_the_results_panel_shows_the_run_with_each_encoders_norms(xl_services, t
     assert view.steps["choices"] == ["2", "4"] and view.new_name == f"{NAME}-4"
     assert (view.width, view.height) == (64, 64)
     assert isinstance(view.norm_chart, Image.Image) and len(view.table["data"]) == 4
+    # Which image dominates, measured again at a saved step with the model.
+    table, table_note = results_panel.measure_images(services, str(services.log_dir), label, "2")
+    assert "At step 2" in table_note and len(table["data"]) == 4
+    assert sum(row[3] for row in table["data"]) == pytest.approx(100, abs=0.2)
 
 
 def time_ids_of_each_unet_call(backend) -> tuple[list, object]:
