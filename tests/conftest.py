@@ -42,6 +42,12 @@ def dataset(tmp_path: Path) -> Path:
     return draw_dataset(tmp_path / "data")
 
 
+@pytest.fixture(scope="module")
+def module_dataset(tmp_path_factory) -> Path:
+    """The `dataset` images drawn once for a test module whose tests share a run."""
+    return draw_dataset(tmp_path_factory.mktemp("module") / "data")
+
+
 def quick_config(
     root: Path, backend, name: str = "testemb", vectors: int = 2, create: bool = True, **overrides
 ):

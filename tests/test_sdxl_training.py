@@ -4,10 +4,13 @@ bit-identical, the monitors measure each encoder on its own, and bad input is re
 from __future__ import annotations
 
 import json
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import quick_config
+from PIL import Image
 
 from ti_trainer.analysis.monitors import monitors_for
 from ti_trainer.analysis.norms import token_norm_range
@@ -15,6 +18,7 @@ from ti_trainer.analysis.run_files import NORMS_CSV, SUMMARY_JSON, RunInfo, read
 from ti_trainer.analysis.use_step import use_step
 from ti_trainer.backends.tiny import tiny_backend
 from ti_trainer.backends.tiny_xl import tiny_xl_backend
+from ti_trainer.cli import main as cli_main
 from ti_trainer.embeddings.create import create_embedding, init_text_report, init_token_counts
 from ti_trainer.embeddings.embedding import Embedding, vectors_from_init
 from ti_trainer.embeddings.files import load_embedding, save_embedding
@@ -191,7 +195,7 @@ def test_the_backend_fills_the_contract_and_the_estimate_reads_both_text_encoder
     assert "fits" in summary(estimate_for_config(TrainConfig(embedding_name="x", width=64, height=64), xl, 2))
 
 
-def test_the_demo_trains_the_tiny_sdxl_model_end_to_end(tmp_path):
+def test_the_demo_trains_the_tiny_sdxl_model_end_to_end(tmp_path, capsys):
     from ti_trainer.cli.demo import DEMO_NAME, run_demo
 
     log = run_demo(tmp_path / "demo", steps=10, model="tiny-sdxl")
@@ -202,3 +206,47 @@ def test_the_demo_trains_the_tiny_sdxl_model_end_to_end(tmp_path):
         assert (log / name).is_file(), name
     settings = json.loads(next(log.glob("settings-*.json")).read_text())
     assert settings["model_name"] == "tiny-sdxl"
+    # The next command it suggests works on its run (one prompt and sampling step here, to keep it quick).
+    (suggested,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Next: ")]
+    args = shlex.split(suggested.removeprefix("Next: python -m ti_trainer ").split("   (")[0])
+    assert args[:2] == ["compare", str(log)] and "--model" in args
+    assert cli_main.main([*args, "--prompt", "a cat, [name]", "--sampler-steps", "1"]) == 0
+    assert Path(capsys.readouterr().out.strip().splitlines()[-1]).parent == log / "compare"
+
+
+def test_compare_and_use_step_from_the_cli_on_an_sdxl_run(xl, tmp_path, capsys):
+    """`compare` renders the run's copies with the tiny SDXL (rows = steps, columns = prompts, at the size
+    asked for); `use-step` installs a copy with both tensors; the default model (the tiny SD one) is refused
+    with a message."""
+    run = train(quick_config(tmp_path, xl, max_steps=4, save_format="safetensors"), xl, quiet()).log_folder
+    code = cli_main.main(
+        [
+            "compare", str(run), "--model", "tiny-sdxl", "--device", "cpu", "--steps", "2, 4",
+            "--prompt", "a cat, [name]", "--prompt", "a house, [name]", "--width", "128", "--height", "64",
+            "--sampler-steps", "2",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    grid_path = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert grid_path.parent == run / "compare"
+    with Image.open(grid_path) as grid:
+        info = json.loads(grid.text["ti_trainer_compare"])
+        assert grid.size[0] > 2 * 128 and grid.size[1] > 2 * 64
+    assert info["rows"] == ["step 2", "step 4"] and info["columns"] == ["a cat, testemb", "a house, testemb"]
+    (cells,) = [folder for folder in (run / "compare").iterdir() if folder.is_dir()]
+    sizes = sorted((p.name, Image.open(p).size) for p in cells.glob("*.png"))
+    assert sizes == [
+        (f"step{s}-prompt{p}-seed{info['seeds'][0]}.png", (128, 64)) for s in (2, 4) for p in (1, 2)
+    ]
+
+    assert cli_main.main(["use-step", str(run), "2", "picked"]) == 0
+    installed = tmp_path / "embeddings" / "picked.safetensors"  # the run's embeddings folder
+    assert str(installed) in capsys.readouterr().out
+    chosen, copy = load_embedding(installed), load_embedding(run / "embeddings" / "testemb-2.safetensors")
+    assert chosen.step == 2
+    for key in ("clip_l", "clip_g"):
+        assert torch.equal(chosen.vectors[key], copy.vectors[key]), key
+
+    assert cli_main.main(["compare", str(run), "--steps", "2", "--prompt", "a cat, [name]"]) == 2
+    err = capsys.readouterr().err
+    assert "trained on tiny-sdxl" in err and "testemb-2.safetensors holds 80-wide vectors" in err

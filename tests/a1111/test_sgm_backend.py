@@ -494,3 +494,45 @@ def test_create_and_train_through_the_api_on_the_webuis_sdxl(sdxl_run):
     assert_same_fingerprint(before, model_fingerprint(webui.model))
     assert load_embedding(webui.embeddings_dir / "apixl.safetensors").step == 2
     assert webui.db.word_embeddings["apixl"].vectors == 1 and not webui.db.load_errors
+
+
+def test_an_api_interrupt_stops_an_sdxl_run_which_saves_where_it_stopped(sdxl_run):
+    import time
+
+    from test_api import client_for
+
+    webui, _ = sdxl_run
+    client = client_for(webui)
+    before = model_fingerprint(webui.model)
+    settings = {
+        "embedding_name": NAME,
+        "data_dir": str(webui.data_dir),
+        "template": "subject_filewords.txt",
+        "max_steps": 1000,  # far more than it gets to: the interrupt ends it
+        "width": 64,
+        "height": 64,
+        "save_every": 0,
+        "preview_every": 0,
+        "validate_every": 0,
+    }
+    job_id = client.post("/ti-trainer/v1/train", json=settings).json()["id"]
+    progress = {}
+    for _ in range(1200):
+        progress = client.get(f"/ti-trainer/v1/progress/{job_id}").json()
+        if progress["step"] >= 1 or progress["status"] in ("finished", "failed"):
+            break
+        time.sleep(0.05)
+    assert progress["status"] == "running", progress
+    answer = client.post(f"/ti-trainer/v1/interrupt/{job_id}")
+    assert answer.status_code == 200 and answer.json()["stop_requested"], answer.text
+    for _ in range(1200):
+        progress = client.get(f"/ti-trainer/v1/progress/{job_id}").json()
+        if progress["status"] in ("finished", "failed", "interrupted"):
+            break
+        time.sleep(0.05)
+    assert progress["status"] == "interrupted", progress
+    assert 1 <= progress["step"] < 1000
+    saved = load_embedding(webui.embeddings_dir / f"{NAME}.safetensors")
+    assert saved.step == progress["step"] and set(saved.vectors) == {"clip_l", "clip_g"}
+    assert_same_fingerprint(before, model_fingerprint(webui.model))
+    assert webui.db.word_embeddings[NAME].vectors == 2 and not webui.db.load_errors
