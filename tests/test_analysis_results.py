@@ -202,8 +202,8 @@ def test_panel_shows_a_run(trained):
 
 
 def test_panel_handlers_render_use_and_refuse(trained, tmp_path, backend):
-    # The host renders (render_preview); its model is asked only for its text width, to check the copies.
-    model = SimpleNamespace(text_width=backend.text_width)
+    # The host renders (render_preview); its model is asked only for its family, to check the copies.
+    model = SimpleNamespace(family=backend.family)
     services = services_for(trained, render_preview=solid, embeddings_dir=tmp_path, get_backend=lambda: model)
     log_dir, label = str(services.log_dir), results_panel.run_labels(str(services.log_dir))[0]
 
@@ -347,3 +347,18 @@ def test_the_per_image_report_computes_in_the_precision_the_run_trained_in(
     monkeypatch.setattr(backend, "predict", predict)
     report_for_step(RunInfo.open(copy), backend, 4)
     assert dtypes and set(dtypes) == {torch.float16}
+
+
+def test_compare_needs_the_model_named_for_a_run_on_a_real_checkpoint(trained, tmp_path, capsys):
+    """Without --model, compare renders with the built-in tiny model the run names; a run on another model
+    gets told to name it, before any rendering (a tiny model would only fail on the vectors' width)."""
+    run = shutil.copytree(trained, tmp_path / "run")
+    for settings in run.glob("settings-*.json"):
+        recorded = json.loads(settings.read_text())
+        assert recorded["model_name"].startswith("tiny-")
+        settings.write_text(json.dumps({**recorded, "model_name": "animeXL_v3"}))
+    grids_before = sorted((run / "compare").glob("*.png"))
+    assert cli_main.main(["compare", str(run), "--steps", "2", "--prompt", "a cat, [name]"]) == 2
+    err = capsys.readouterr().err
+    assert "This run was trained on animeXL_v3. Give that model with --model" in err
+    assert sorted((run / "compare").glob("*.png")) == grids_before

@@ -42,10 +42,21 @@ def never_render(request):
 def test_compare_refuses_a_copy_of_another_width_before_rendering(mixed_run, backend):
     settings = compare.CompareSettings(prompts=["a cat, [name]"])
     with pytest.raises(UserError, match=r"emb-6\.pt holds 768-wide vectors \(an SD 1.x embedding\)"):
-        compare.render_grid(mixed_run, settings, never_render, steps=[2, 6], model_width=backend.text_width)
+        compare.render_grid(mixed_run, settings, never_render, steps=[2, 6], family=backend.family)
     # Without the model's width the copies are checked against each other.
     with pytest.raises(UserError, match="the other copies of this run hold"):
         compare.render_grid(mixed_run, settings, never_render, steps=[2, 6])
+
+
+def test_compare_names_an_sdxl_copy_met_by_an_sd_model(tmp_path, backend):
+    from ti_trainer.embeddings.files import save_embedding
+
+    run = fake_run(tmp_path / "run", "emb", {})
+    sdxl = Embedding("emb", {"clip_l": torch.ones(1, 768), "clip_g": torch.ones(1, 1280)}, step=2)
+    save_embedding(sdxl, run.root / "embeddings" / "emb-2.safetensors")
+    settings = compare.CompareSettings(prompts=["a cat, [name]"])
+    with pytest.raises(UserError, match=r"emb-2\.safetensors is an SDXL embedding .*clip_l 768, clip_g 1280"):
+        compare.render_grid(run, settings, never_render, steps=[2], family=backend.family)
 
 
 def test_cli_compare_reports_the_odd_copy_without_a_traceback(mixed_run, capsys):

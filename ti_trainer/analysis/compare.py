@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, PngImagePlugin
 
 from ti_trainer.analysis.charts import font, text_width
 from ti_trainer.analysis.run_files import COMPARE_DIR, COMPARE_SETTINGS_JSON, RunInfo
-from ti_trainer.backends.contract import Backend, PreviewRequest
+from ti_trainer.backends.contract import Backend, ModelFamily, PreviewRequest
 from ti_trainer.config import size_problem
 from ti_trainer.embeddings.files import load_embedding
 from ti_trainer.errors import UserError
@@ -153,13 +153,13 @@ def render_grid(
     steps: list[int] | None = None,
     on_progress: Callable[[int, int], None] = lambda done, total: None,
     should_stop: Callable[[], bool] = lambda: False,
-    model_width: int | None = None,
+    family: ModelFamily | None = None,
 ) -> Grid:
     """Render every (step, prompt, seed) cell with `render` and save the labelled grid in the run's folder.
 
     `render` is the host's txt2img inside the WebUI, or the backend's sampler standalone; it receives the
     step's vectors under the run's embedding name, which the prompts contain. Every step's copy is read and
-    checked against `model_width` (the rendering model's text width, when known) before the first image.
+    checked against `family` (the rendering model's family, when known) before the first image.
     """
     settings.check()
     saved = run.saved_steps()
@@ -194,7 +194,7 @@ def render_grid(
     folder = run.root / COMPARE_DIR
     cells_folder = folder / f"{run.name}-{stamp}"
     cells: dict[tuple[int, int], Image.Image] = {}
-    embeddings = run.step_embeddings(steps, model_width)
+    embeddings = run.step_embeddings(steps, family)
     done = 0
     for row, step in enumerate(steps):
         vectors = embeddings[step].vectors

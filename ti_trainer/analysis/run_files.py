@@ -21,8 +21,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from ti_trainer.backends.contract import ModelFamily
 from ti_trainer.config import TrainConfig
-from ti_trainer.embeddings.checks import require_width
+from ti_trainer.embeddings.checks import require_fits, require_width
 from ti_trainer.embeddings.embedding import Embedding
 from ti_trainer.embeddings.files import load_embedding
 from ti_trainer.errors import UserError
@@ -148,20 +149,21 @@ class RunInfo:
                 found.setdefault(int(match.group(1)), path)
         return dict(sorted(found.items()))
 
-    def step_embedding(self, step: int, model_width: int | None = None) -> Embedding:
+    def step_embedding(self, step: int, family: ModelFamily | None = None) -> Embedding:
         """The copy saved at `step`, checked as `step_embeddings` checks it."""
-        return self.step_embeddings([step], model_width)[step]
+        return self.step_embeddings([step], family)[step]
 
-    def step_embeddings(self, steps: list[int], model_width: int | None = None) -> dict[int, Embedding]:
-        """The copies saved at `steps`, each refused when its vectors are not as wide as the model's
-        (`model_width`, when known) or, without a model, as the other copies of this run: a run of the same
-        name on another model writes into the same dated folder, and its copies must not be mixed with these."""
+    def step_embeddings(self, steps: list[int], family: ModelFamily | None = None) -> dict[int, Embedding]:
+        """The copies saved at `steps`, each refused when the model `family` (when known) cannot take its
+        vectors (an SDXL copy on SD 2.x, one of another width...) or, without a model, when they are not as wide
+        as the other copies of this run: a run of the same name on another model writes into the same dated
+        folder, and its copies must not be mixed with these."""
         saved = self.saved_steps()
         embeddings = {step: load_embedding(saved[step]) for step in steps}
-        run_width = self.vector_width() if model_width is None else None
+        run_width = self.vector_width() if family is None else None
         for step, embedding in embeddings.items():
-            if model_width is not None:
-                require_width(saved[step], embedding.width, model_width)
+            if family is not None:
+                require_fits(saved[step], embedding.vectors, family)
             else:
                 require_width(
                     saved[step],

@@ -1,8 +1,9 @@
-"""CLI verbs for choosing the result: `compare`, `analyze`, `use-step` (wired into ti_trainer/cli.py)."""
+"""CLI verbs for choosing the result: `compare`, `analyze`, `use-step` (wired into cli/main.py)."""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -53,7 +54,10 @@ def add_verbs(verbs) -> None:
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny", help="the model the run was trained on (or 'tiny')")
+    parser.add_argument(
+        "--model",
+        help="the checkpoint or diffusers folder the run was trained on (default: the run's built-in tiny model)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--parameterization", choices=("eps", "v"))
 
@@ -93,8 +97,9 @@ def _compare(run_info, args) -> int:
     settings.check()
     saved = run_info.saved_steps()
     steps = compare.parse_steps(args.steps, list(saved))
-    backend = load_backend(args.model, args.device, args.parameterization)
     trained_on = _trained_model(run_info)
+    model, parameterization = _model_to_render_with(args, trained_on)
+    backend = load_backend(model, args.device, parameterization)
     if trained_on and trained_on != backend.model_name:
         print(
             f"Note: this run was trained on {trained_on}; comparing with {backend.model_name}.",
@@ -106,14 +111,32 @@ def _compare(run_info, args) -> int:
     def progress(done: int, total: int) -> None:
         print(f"\rRendering {done}/{total}", end="", file=sys.stderr, flush=True)
 
-    grid = compare.render_grid(
-        run_info, settings, render, steps, on_progress=progress, model_width=backend.text_width
-    )
+    grid = compare.render_grid(run_info, settings, render, steps, on_progress=progress, family=backend.family)
     print(file=sys.stderr)
     for note in grid.notes:
         print(f"Note: {note}", file=sys.stderr)
     print(grid.path)
     return 0
+
+
+def _model_to_render_with(args, trained_on: str | None) -> tuple[str, str | None]:
+    """The model and parameterization `compare` loads: `--model` when given; else the built-in tiny model the
+    run was trained on (its settings file names it), or the tiny SD model for a run that names none. A run on
+    a real checkpoint needs it named: rendering it with a tiny model would only fail on the vectors' width."""
+    from ti_trainer.backends.loading import TINY, TINY_SDXL
+    from ti_trainer.errors import UserError
+
+    if args.model:
+        return args.model, args.parameterization
+    if trained_on is None or trained_on == TINY_SDXL:
+        return trained_on or TINY, args.parameterization
+    tiny = re.fullmatch(r"tiny-sd[12]-(eps|v)", trained_on)
+    if tiny:
+        return TINY, args.parameterization or tiny.group(1)
+    raise UserError(
+        f"This run was trained on {trained_on}. Give that model with --model (its checkpoint file or diffusers "
+        "folder) to render the comparison with it."
+    )
 
 
 def _trained_model(run_info) -> str | None:

@@ -62,7 +62,7 @@ def make_dataset(folder: Path, count: int = 8, size: int = 128, seed: int = 0) -
 
 def run_demo(out: Path, steps: int = 50, model: str = "tiny") -> Path:
     """`model`: "tiny" (SD 2.x-like) or "tiny-sdxl" (SDXL-like: two text encoders, size conditioning)."""
-    from ti_trainer.backends.loading import TINY, load_backend
+    from ti_trainer.backends.loading import load_backend
 
     started = time.perf_counter()
     out = Path(out)
@@ -102,11 +102,7 @@ def run_demo(out: Path, steps: int = 50, model: str = "tiny") -> Path:
         print(f"  {sub + '/':18} {', '.join(files)}")
     print(f"  {'':18} textual_inversion_loss.csv, settings-*.json")
     print(f"  {'':18} validation_loss.csv, embedding_norms.csv, image_report.csv, analysis.json")
-    # `compare` renders with `--model` (the tiny SD model unless told): name the model the demo trained on.
-    model_option = "" if model == TINY else f" --model {model}"
-    print(
-        f"\nNext: python -m ti_trainer compare {result.log_folder}{model_option}   (a grid of saved steps x prompts)"
-    )
+    print(f"\nNext: python -m ti_trainer compare {result.log_folder}   (a grid of saved steps x prompts)")
     print(f"      python -m ti_trainer analyze {result.log_folder}   (suggested step, warnings, charts)")
     print(
         f"\nDone in {time.perf_counter() - started:.0f} s. The tiny model is random, so previews are noise."

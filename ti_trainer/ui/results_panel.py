@@ -241,7 +241,7 @@ def render_comparison(
             chosen,
             on_progress=progress,
             should_stop=services.interrupt_requested,
-            model_width=services.get_backend().text_width,
+            family=services.get_backend().family,
         )
     except Exception as error:
         return [None, _error(error)]
