@@ -315,3 +315,16 @@ def test_auto_lends_by_need_before_checkpointing_and_off_never_does(xl, tmp_path
         train(config, xl, quiet())
     assert lent_forwards == []
     assert_same_weights(xl, before)
+
+
+def test_the_estimate_verb_estimates_with_the_text_encoders_lent(capsys):
+    from ti_trainer.cli.main import main
+
+    argv = ["estimate", "--model", "tiny-sdxl", "--width", "64", "--batch", "1", "--checkpointing", "all"]
+    assert main([*argv, "--lend-text-encoders"]) == 0
+    lent = capsys.readouterr().out
+    assert "text encoder lent to the GPU for its forward and backward" in lent
+    assert main(argv) == 0
+    resident = capsys.readouterr().out
+    assert "text encoder on the GPU" in resident
+    assert "text encoder lent" not in resident

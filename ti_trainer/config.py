@@ -232,7 +232,7 @@ class TrainConfig:
     )
     # SDXL: its two text encoders (~1.6 GB of fp16 weights) wait in RAM and come to the GPU only for their own
     # forward and backward. auto: off, raised on a GPU only if the batch needs it, before more checkpointing
-    # (fit.py). SD 1.x/2.x and Forge do not lend (memory/plan.py `plan_for` says why).
+    # (fit.py). SD 1.x/2.x and Forge do not lend (memory/plan.py `lending_asked` says why).
     lend_text_encoders: str = setting(
         "auto",
         label="SDXL text encoders on the GPU only for their own work",

@@ -48,8 +48,9 @@ def sgm_memory_levers(model: torch.nn.Module, plan: MemoryPlan, keep_fp8: bool =
 class SdxlTrainingPlacement(TrainingPlacement):
     """`TrainingPlacement` for SDXL under --medvram-sdxl (or --medvram/--lowvram): the UNet on the GPU for the
     run, the VAE and both text encoders in RAM. Each text encoder comes to the GPU for its own forward
-    (memory/plan.py `text_encoder_lent`), and what its backward needs waits in RAM meanwhile, so at the UNet's peak the GPU
-    holds the UNet and its activations alone (bigG is ~1.4 GB of fp16 weights: a sixth of 8 GB)."""
+    (memory/plan.py `text_encoder_lent`), and what its backward needs waits in RAM meanwhile, so at the
+    UNet's peak the GPU holds the UNet and its activations alone (bigG is ~1.4 GB of fp16 weights: a sixth
+    of 8 GB)."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device | str):
         super().__init__(model, device)

@@ -85,13 +85,14 @@ def escalation(plan: MemoryPlan, *, checkpointing: bool, lending: bool) -> list[
     the estimate starts it at the first it says fits. `checkpointing`: the level is "auto" (all levels);
     `lending`: lending the text encoders is "auto" and the model can (both keep `plan`'s own otherwise).
 
-    At each checkpointing level the text encoders are lent before the next level is tried. Lending costs a
-    fixed copy per step whatever the batch: each encoder's weights (~1.6 GB of fp16 for SDXL's two) to the
-    GPU for the forward, and the tensors its backward keeps out to RAM and back, a few tenths of a second on
-    PCIe. Checkpointing costs recomputation that grows with the batch and the image: "all" is one more UNet
-    forward per image (about a third more time per step), seconds at SDXL's 1024 px on an 8 GB card. And on
-    SDXL lending frees about as much (the encoders' weights) as a level: its high-resolution blocks have no
-    attention, so "high-res" frees little."""
+    At each checkpointing level the text encoders are lent before the next level is tried. Lending costs
+    copies whatever the batch: the encoders' weights (~1.6 GB of fp16 for SDXL's two) to the GPU for the
+    forward, then (with the few activations of 77-token prompts) out to RAM and back for the backward: ~5 GB
+    over PCIe per step, a few tenths of a second (not yet measured on a GPU). Checkpointing costs
+    recomputation that grows with the batch and the image: "all" is one more UNet forward per image, about
+    a third more time per step; at SDXL's 1024 px roughly what the copies cost at batch 1 on an 8 GB card's
+    GPU, and more with every image after (arithmetic, not yet measured). And on SDXL lending frees about as
+    much as a level does (its high-resolution blocks have no attention, so "high-res" frees little)."""
     levels = CHECKPOINT_LEVELS if checkpointing else (plan.checkpointing,)
     lent = (False, True) if lending else (plan.text_encoders_lent,)
     return [
@@ -208,8 +209,10 @@ def lending_asked(config: TrainConfig, backend: PlannedModel) -> str:
     Only SDXL's backends lend. SD 1.x/2.x's text encoder is small (0.25 / 0.7 GB in fp16) beside what
     checkpointing frees, so a copy of it every step buys little; Forge places its models itself."""
     choice = config.lend_text_encoders
-    if choice != "on" or backend.lends_text_encoders:
-        return choice if backend.lends_text_encoders else "off"
+    if backend.lends_text_encoders:
+        return choice
+    if choice != "on":
+        return "off"
     raise UserError(
         "'SDXL text encoders on the GPU only for their own work' is on, but the loaded model is not an SDXL "
         "model trained through this trainer's SDXL backends (SD 1.x/2.x's text encoder is small enough to stay "

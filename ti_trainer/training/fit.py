@@ -266,9 +266,10 @@ def memory_for_training(
     """The memory context a run trains in, under the run's `plan` (see the module's docstring); yields the
     plan as applied. `probe_first` (default: on a GPU) runs test steps before the run: with
     `auto_checkpointing` (the config's "auto") checkpointing is raised by need, with `auto_lending` (the
-    config's "auto" on a model that can lend) the text encoders lent by need, in memory/plan.py
-    `escalation`'s order; a batch that cannot fit is reported before any training time is spent. `say_estimate` (default: on a GPU; on the CPU it costs
-    seconds and says nothing about the run) adds the VRAM estimate's line for the plan to the messages."""
+    config's "auto" on a model that can lend) the text encoders are lent by need, in memory/plan.py
+    `escalation`'s order; a batch that cannot fit is reported before any training time is spent.
+    `say_estimate` (default: on a GPU; on the CPU it costs seconds and says nothing about the run) adds the
+    VRAM estimate's line for the plan to the messages."""
     latent_hw = largest_latent_size(data)
     batch, accumulation = data.batch_size, data.gradient_accumulation
     if probe_first is None:

@@ -102,9 +102,15 @@ def largest_batch_for_config(
 
     architecture = architecture_of_backend(backend)
     budget = int(budget_gib * GIB)
+    plans = plans_by_need(config, backend, gpu_plan(config, backend))
+    # Where a level may lend, only its lent plan: it never needs more than the same level unlent (lent, the
+    # encoders' weights are on the GPU only while they compute, never beside the UNet's step), and each plan
+    # here costs several estimates of a few seconds.
+    lent_levels = {plan.checkpointing for plan in plans if plan.text_encoders_lent}
+    plans = [plan for plan in plans if plan.text_encoders_lent or plan.checkpointing not in lent_levels]
     return max(
         largest_batch(architecture, settings_for(config, plan, num_vectors), budget, limit)[0]
-        for plan in plans_by_need(config, backend, gpu_plan(config, backend))
+        for plan in plans
     )
 
 
