@@ -237,12 +237,9 @@ def test_auto_checkpointing_probes_start_where_the_estimate_says_the_batch_fits(
         for level in ("off", "high-res", "all")
     }
     assert estimates["all"] < estimates["off"]
+    candidates = [plan.with_checkpointing(level) for level in ("off", "high-res", "all")]
     monkeypatch.setattr(fit, "gpu_budget_bytes", lambda device: estimates["all"])
-    levels = fit._levels_from_estimate(("off", "high-res", "all"), plan, backend, latent_hw, 2, 1)
-    assert levels == ("all",)
+    left = fit._candidates_from_estimate(candidates, backend, latent_hw, 2, 1)
+    assert left == candidates[2:]
     monkeypatch.setattr(fit, "gpu_budget_bytes", lambda device: estimates["off"] * 2)
-    assert fit._levels_from_estimate(("off", "high-res", "all"), plan, backend, latent_hw, 2, 1) == (
-        "off",
-        "high-res",
-        "all",
-    )
+    assert fit._candidates_from_estimate(candidates, backend, latent_hw, 2, 1) == candidates

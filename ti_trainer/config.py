@@ -20,6 +20,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ATTENTION_CHOICES = ("auto", "sdpa", "xformers", "math")
 CHECKPOINTING_CHOICES = ("auto", "off", "high-res", "all")
 UPCAST_CHOICES = ("auto", "on", "off")
+LENDING_CHOICES = ("auto", "on", "off")
 # Image sizes in pixels, as preprocessing allows them: 4096 px is far past what SD 1.x/2.x were trained on,
 # and a bigger size only ends in a MemoryError while the images are resized.
 MIN_SIZE_PX = 64
@@ -229,6 +230,16 @@ class TrainConfig:
     vae_offload: bool = setting(
         True, label="Keep the VAE in RAM while training", help="move the VAE off the GPU while training"
     )
+    # SDXL: its two text encoders (~1.6 GB of fp16 weights) wait in RAM and come to the GPU only for their own
+    # forward and backward. auto: off, raised on a GPU only if the batch needs it, before more checkpointing
+    # (fit.py). SD 1.x/2.x and Forge do not lend (memory/plan.py `lending_asked` says why).
+    lend_text_encoders: str = setting(
+        "auto",
+        label="SDXL text encoders on the GPU only for their own work",
+        help="SDXL: keep both text encoders in RAM and bring each to the GPU only for its forward and backward "
+        "(saves ~1.5 GB, costs a copy of their weights each step); auto: only if the batch needs it",
+        choices=LENDING_CHOICES,
+    )
     # auto: fp32 attention scores when the model wants them, under fp16
     upcast_attention: str = setting(
         "auto",
@@ -296,6 +307,7 @@ class TrainConfig:
             ("attention", ATTENTION_CHOICES),
             ("gradient_checkpointing", CHECKPOINTING_CHOICES),
             ("upcast_attention", UPCAST_CHOICES),
+            ("lend_text_encoders", LENDING_CHOICES),
         ):
             if getattr(self, name) not in choices:
                 problems.append(f"{name} must be one of {', '.join(choices)} (got {getattr(self, name)!r}).")

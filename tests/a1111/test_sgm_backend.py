@@ -3,6 +3,8 @@ SDXL: conditioning equal to the WebUI's generation path, only the embedding lear
 runs through the host that leave the model exactly as found (also under --medvram-sdxl and with FP8 weight
 storage), previews through its txt2img with the run's vectors, and the result in the WebUI's database."""
 
+import contextlib
+import dataclasses
 import types
 
 import numpy as np
@@ -314,19 +316,33 @@ def test_a_run_trains_in_place_previews_through_txt2img_and_the_webui_loads_the_
 
 @pytest.mark.parametrize("fresh_sdxl_webui", [MEDVRAM_SDXL], indirect=True)
 def test_under_medvram_sdxl_a_run_takes_placement_over_and_gives_it_back(fresh_sdxl_run, monkeypatch):
-    from ti_trainer.backends import sgm_memory
+    from ti_trainer.memory import plan as memory_plan
+    from ti_trainer.training import setup
 
     webui, services = fresh_sdxl_run
     model = webui.model
     assert model.lowvram and lowvram_hooks(model)
     before, hooks_before = model_fingerprint(model), pre_hooks(model)
     vae_wrappers = {name: vars(model.first_stage_model)[name] for name in ("encode", "decode")}
-    during, lent = [], []
-    real_lent = sgm_memory.text_encoder_lent
+    during, lent, depth, open_now = [], [], [], [0]
+    real_lent = memory_plan.text_encoder_lent
+
+    @contextlib.contextmanager
+    def recorded_lent(module, device):
+        lent.append(module)
+        open_now[0] += 1
+        depth.append(open_now[0])  # how many lendings are open, this one included
+        try:
+            with real_lent(module, device):
+                yield
+        finally:
+            open_now[0] -= 1
+
+    monkeypatch.setattr(memory_plan, "text_encoder_lent", recorded_lent)
+    # The plan asks for lending too: the placement lends already, and each forward must be lent once.
+    run_plan = setup.plan_for
     monkeypatch.setattr(
-        sgm_memory,
-        "text_encoder_lent",
-        lambda module, device: lent.append(module) or real_lent(module, device),
+        setup, "plan_for", lambda c, b: dataclasses.replace(run_plan(c, b), text_encoders_lent=True)
     )
     result = train(
         config_for(webui, services, preview_every=2),
@@ -342,6 +358,7 @@ def test_under_medvram_sdxl_a_run_takes_placement_over_and_gives_it_back(fresh_s
     # The text encoders came to the device for each forward, one after the other; the UNet stayed there.
     text_l, text_g = (embedder.wrapped for embedder in model.conditioner.embedders[:2])
     assert lent[:2] == [text_l, text_g] and set(map(id, lent)) == {id(text_l), id(text_g)}
+    assert set(depth) == {1}, "never lent twice over"
     assert pre_hooks(model) == hooks_before, "and back, in order, afterwards"
     assert {name: vars(model.first_stage_model)[name] for name in vae_wrappers} == vae_wrappers
     assert (result.log_folder / "images" / f"{NAME}-4.png").is_file()  # a preview with the WebUI's hooks
@@ -436,7 +453,8 @@ def test_our_sdxl_files_load_in_the_webui_at_their_width(webui_sdxl, suffix):
 
 
 def test_a_lent_text_encoder_computes_on_the_device_and_keeps_its_ram_storage():
-    from ti_trainer.backends.sgm_memory import SdxlTrainingPlacement, text_encoder_lent
+    from ti_trainer.backends.sgm_memory import SdxlTrainingPlacement
+    from ti_trainer.memory.plan import text_encoder_lent
 
     module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     module.register_buffer("scale", torch.ones(4))
@@ -451,6 +469,120 @@ def test_a_lent_text_encoder_computes_on_the_device_and_keeps_its_ram_storage():
         assert module[0].weight.data_ptr() == storage["0.weight"]
     model = types.SimpleNamespace(model=torch.nn.Linear(1, 1), conditioner=module)
     assert SdxlTrainingPlacement(model, "cpu").parts_on_device == [model.model]
+
+
+# --- the text encoders lent outside --medvram-sdxl (the plan's text_encoders_lent) ---------------------------
+
+
+def simulated_gpu(monkeypatch, backend, *modules):
+    """The model's `modules` and the backend "on cuda:0" (only the CPU is here): where each module is, as
+    `device_of` reads it, follows its recorded moves."""
+    from ti_trainer.memory import plan as memory_plan
+
+    gpu = torch.device("cuda", 0)
+    where = {id(module): gpu for module in modules}
+    moves = []
+    real_device_of = memory_plan.device_of
+    monkeypatch.setattr(memory_plan, "device_of", lambda m: where.get(id(m)) or real_device_of(m))
+
+    def move(module, device):
+        where[id(module)] = torch.device(device)
+        moves.append((module, torch.device(device)))
+        return module
+
+    for module in modules:
+        monkeypatch.setattr(module, "to", lambda device, m=module: move(m, device))
+    monkeypatch.setattr(backend, "device", gpu)
+    return where, moves
+
+
+def test_the_plan_keeps_the_text_encoders_in_ram_for_the_run_and_previews_get_them_back(
+    webui_sdxl, monkeypatch
+):
+    from ti_trainer.memory.plan import MemoryPlan
+
+    backend, model = a1111.get_backend(), webui_sdxl.model
+    conditioner, vae = model.conditioner, model.first_stage_model
+    where, moves = simulated_gpu(monkeypatch, backend, conditioner, vae)
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    with backend.memory_levers(MemoryPlan()):
+        assert moves == []
+    with backend.memory_levers(MemoryPlan(text_encoders_lent=True)):
+        assert where[id(conditioner)] == cpu and where[id(vae)] == gpu
+        with backend.previewing():  # the WebUI's txt2img computes its conditioning with them where they are
+            assert where[id(conditioner)] == gpu
+        assert where[id(conditioner)] == cpu
+    assert where[id(conditioner)] == gpu
+    assert [(m is conditioner, d) for m, d in moves] == [(True, cpu), (True, gpu), (True, cpu), (True, gpu)]
+
+
+def test_the_plan_lends_each_text_encoder_for_its_own_forward_only_while_it_holds(webui_sdxl, monkeypatch):
+    """Which encoder is lent, to where, and when; what lending does to an encoder (it computes on the
+    device, its RAM storage kept) is test_a_lent_text_encoder_computes_on_the_device_and_keeps_its_ram_storage.
+    (The meta device cannot stand in for the GPU here: transformers 4.30's CLIP builds its mask with .item().)"""
+    from ti_trainer.memory import plan as memory_plan
+
+    backend, model = a1111.get_backend(), webui_sdxl.model
+    calls = []
+
+    @contextlib.contextmanager
+    def recorded(module, device):
+        calls.append((module, device))
+        yield
+
+    monkeypatch.setattr(memory_plan, "text_encoder_lent", recorded)
+    text_l, text_g = (embedder.wrapped for embedder in model.conditioner.embedders[:2])
+    with backend.memory_levers(memory_plan.MemoryPlan()):
+        backend.prompt_encoder(["a red cat"], {})
+    assert calls == []
+    with backend.memory_levers(memory_plan.MemoryPlan(text_encoders_lent=True)):
+        backend.prompt_encoder(["a red cat"], {})
+    assert calls == [(text_l, backend.device), (text_g, backend.device)]
+    backend.prompt_encoder(["a red cat"], {})
+    assert len(calls) == 2, "not after the run"
+
+
+def test_a_run_with_the_text_encoders_lent_trains_the_same_vectors_and_leaves_the_model_as_found(
+    sdxl_run, monkeypatch
+):
+    """On the CPU nothing moves, but what the encoders' backward keeps goes through save_on_cpu as on a GPU:
+    the vectors must come out bit for bit as without the lever."""
+    from ti_trainer.memory import plan as memory_plan
+    from ti_trainer.training import setup
+
+    webui, services = sdxl_run
+    other = "xlembtwo"
+    create_embedding(services.get_backend(), other, "a cat", 2, services.embeddings_dir)
+    services.refresh_embeddings()
+    before = model_fingerprint(webui.model)
+    quiet = TrainingHooks(on_message=lambda text: None)
+    plain = train(config_for(webui, services), services.get_backend(), quiet)
+
+    lent = []
+    real_lent = memory_plan.text_encoder_lent
+    monkeypatch.setattr(
+        memory_plan,
+        "text_encoder_lent",
+        lambda module, device: lent.append(module) or real_lent(module, device),
+    )
+    run_plan = setup.plan_for
+    monkeypatch.setattr(
+        setup, "plan_for", lambda c, b: dataclasses.replace(run_plan(c, b), text_encoders_lent=True)
+    )
+    messages = []
+    lent_run = train(
+        config_for(webui, services, embedding_name=other),
+        services.get_backend(),
+        TrainingHooks(on_message=messages.append),
+    )
+    assert any(m.startswith("Memory: ") and "text encoders in RAM" in m for m in messages)
+    text_l, text_g = (embedder.wrapped for embedder in webui.model.conditioner.embedders[:2])
+    assert {id(module) for module in lent} == {id(text_l), id(text_g)}
+    a, b = load_embedding(plain.embedding_path), load_embedding(lent_run.embedding_path)
+    assert a.step == b.step == 4
+    for key in ("clip_l", "clip_g"):
+        assert torch.equal(a.vectors[key], b.vectors[key]), key
+    assert_same_fingerprint(before, model_fingerprint(webui.model))
 
 
 def test_the_vram_estimate_reads_the_webuis_sdxl_as_sdxl(webui_sdxl):

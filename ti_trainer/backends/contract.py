@@ -184,6 +184,9 @@ class Backend(Protocol):
         upcasts_attention: the model wants fp32 attention scores (SD 2.x; in fp16, 2.1-768 NaNs without).
         preferred_precision: the half precision its weights already have ("fp16" for the WebUI's model) so a
             run on "auto" precision computes in it instead of converting them; None lets the plan choose.
+        lends_text_encoders: the text encoders can wait in RAM for a run and come to the GPU only for their
+            own forward and backward (the plan's `text_encoders_lent`; SDXL's backends). False where that is
+            not worth it (SD 1.x/2.x's small encoder) or not ours to do (Forge places its models itself).
     """
 
     device: torch.device
@@ -199,6 +202,9 @@ class Backend(Protocol):
 
     @property
     def preferred_precision(self) -> str | None: ...
+
+    @property
+    def lends_text_encoders(self) -> bool: ...
 
     def token_vectors(self, text: str) -> Vectors:
         """Token embeddings (not contextualised) of `text`'s tokens, no start/end: `[tokens, width]`, fp32 CPU;
@@ -227,8 +233,8 @@ class Backend(Protocol):
         ...
 
     def memory_levers(self, plan: MemoryPlan) -> contextlib.AbstractContextManager:
-        """Apply a memory plan (attention, checkpointing, weights' dtype, VAE placement) to the model for
-        the duration of a `with` block, and undo it afterwards (backends/*_memory.py)."""
+        """Apply a memory plan (attention, checkpointing, weights' dtype, VAE placement, lent text encoders) to
+        the model for the duration of a `with` block, and undo it afterwards (backends/*_memory.py)."""
         ...
 
     def previewing(self) -> contextlib.AbstractContextManager:

@@ -89,6 +89,9 @@ class DiffusersBackend:
         """The model wants fp32 attention scores (SD 2.1's config says so)."""
         return bool(getattr(self.unet.config, "upcast_attention", False))
 
+    # SD 1.x/2.x's text encoder is small (0.25 / 0.7 GB in fp16): not worth a copy each step (memory/plan.py).
+    lends_text_encoders = False
+
     def memory_levers(self, plan: MemoryPlan) -> contextlib.AbstractContextManager:
         """Apply a memory plan for the duration of a `with` block (backends/diffusers_memory.py)."""
         from ti_trainer.backends.diffusers_memory import diffusers_memory_levers

@@ -11,7 +11,7 @@ image's (height, width) in pixels, crop (0, 0).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from PIL import Image
@@ -19,7 +19,7 @@ from PIL import Image
 from ti_trainer.backends.contract import LatentDistribution, PreviewRequest, sdxl_family
 from ti_trainer.backends.diffusers_backend import decode_to_image, sample_latents
 from ti_trainer.diffusion import NoiseSchedule
-from ti_trainer.memory.plan import MemoryPlan, on_device, weights_in
+from ti_trainer.memory.plan import MemoryPlan, on_device, text_encoder_lent, weights_in
 from ti_trainer.text.conditioning import (
     InjectingTokenEmbedding,
     PromptChunker,
@@ -83,6 +83,7 @@ class DiffusersXLBackend:
         )
         self.text_width = self.family.text_width
         self.preferred_precision: str | None = None  # fp32 weights: the memory plan chooses
+        self._lending = False  # the text encoders wait in RAM for the run and are lent for each forward
         self._text_models = {
             key: getattr(encoder, "text_model", encoder)  # transformers 4.x nests the layers; 5.x does not
             for key, encoder in zip(("clip_l", "clip_g"), (text_encoder, text_encoder_2))
@@ -111,13 +112,26 @@ class DiffusersXLBackend:
     def upcasts_attention(self) -> bool:
         return bool(getattr(self.unet.config, "upcast_attention", False))
 
-    def memory_levers(self, plan: MemoryPlan) -> contextlib.AbstractContextManager:
+    lends_text_encoders = True  # SDXL's two encoders are ~1.6 GB of fp16 weights: worth lending (plan.py)
+
+    @contextlib.contextmanager
+    def memory_levers(self, plan: MemoryPlan) -> Iterator[None]:
         """The diffusers levers (backends/diffusers_memory.py), with both text encoders in the plan's weights
-        dtype. The VAE is never lowered: SDXL's overflows in fp16 (`encode_images` keeps it in fp32)."""
+        dtype. The VAE is never lowered: SDXL's overflows in fp16 (`encode_images` keeps it in fp32). With the
+        plan's `text_encoders_lent`, both encoders wait in RAM for the run (each put back where it was after)
+        and `_run_encoder` lends each to the GPU for its forward."""
         from ti_trainer.backends.diffusers_memory import diffusers_memory_levers
 
-        text_encoders = torch.nn.ModuleList([self.text_encoder, self.text_encoder_2])
-        return diffusers_memory_levers(self.unet, self.vae, text_encoders, plan)
+        with contextlib.ExitStack() as levers:
+            if plan.text_encoders_lent:
+                # First, so that their half-precision copies (below) are made in RAM, never on the GPU.
+                for encoder in (self.text_encoder, self.text_encoder_2):
+                    levers.enter_context(on_device(encoder, "cpu"))
+            text_encoders = torch.nn.ModuleList([self.text_encoder, self.text_encoder_2])
+            levers.enter_context(diffusers_memory_levers(self.unet, self.vae, text_encoders, plan))
+            self._lending = plan.text_encoders_lent
+            levers.callback(setattr, self, "_lending", False)
+            yield
 
     # --- text -----------------------------------------------------------------------------------------------
 
@@ -136,9 +150,14 @@ class DiffusersXLBackend:
         return vectors
 
     def _run_encoder(self, key: str, tokens: torch.Tensor):
-        # The injector sits in front of the token embedding only while the prompt encodes.
+        # The injector sits in front of the token embedding only while the prompt encodes; a lent encoder
+        # is on the GPU only for this forward (memory_levers).
         encoder = self.text_encoder if key == "clip_l" else self.text_encoder_2
-        with injector_installed(self._injectors[key], self._text_models[key].embeddings, "token_embedding"):
+        lent = text_encoder_lent(encoder, self.device) if self._lending else contextlib.nullcontext()
+        with (
+            injector_installed(self._injectors[key], self._text_models[key].embeddings, "token_embedding"),
+            lent,
+        ):
             return encoder(input_ids=tokens, output_hidden_states=True)
 
     def _clip_l_chunk(self, tokens: torch.Tensor) -> tuple[torch.Tensor, None]:

@@ -197,6 +197,8 @@ class ForgeBackend:
         dtype = self.unet_patcher.model.computation_dtype
         return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype)
 
+    lends_text_encoders = False  # Forge's memory manager places its text encoders itself
+
     @contextlib.contextmanager
     def memory_levers(self, plan: MemoryPlan) -> Iterator[None]:
         """The plan's checkpointing on Forge's UNet (and the room asked for the backward pass sized by it).

@@ -122,6 +122,9 @@ class LdmBackend:
         dtype = next(self.model.model.diffusion_model.parameters()).dtype
         return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype)
 
+    # SD 1.x/2.x's text encoder is small (0.25 / 0.7 GB in fp16): not worth a copy each step (memory/plan.py).
+    lends_text_encoders = False
+
     @contextlib.contextmanager
     def memory_levers(self, plan: MemoryPlan) -> Iterator[None]:
         """The plan's attention, checkpointing, weights and VAE placement on the WebUI's model for a run;

@@ -116,6 +116,7 @@ class SgmBackend:
         self.text_width = self.family.text_width
         self._sessions = SessionDepth()
         self._placement = None
+        self._lending = False  # the text encoders wait in RAM for the run and are lent for each forward
 
     # --- the borrowed model -------------------------------------------------------------------------------
 
@@ -147,27 +148,38 @@ class SgmBackend:
                 return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(parameter.dtype)
         return None
 
+    lends_text_encoders = True  # SDXL's two encoders are ~1.6 GB of fp16 weights: worth lending (plan.py)
+
     @contextlib.contextmanager
     def memory_levers(self, plan: MemoryPlan) -> Iterator[None]:
         """The plan on the WebUI's SDXL for a run (backends/sgm_memory.py), with placement taken over under
         --medvram-sdxl (the UNet on the GPU, the text encoders there only for their forward and backward, the
-        VAE in RAM); all undone afterwards."""
+        VAE in RAM); all undone afterwards. Without it, the plan's `text_encoders_lent` does the same for the
+        text encoders alone."""
         from ti_trainer.backends.sgm_memory import SdxlTrainingPlacement, sgm_memory_levers
 
         with contextlib.ExitStack() as levers:
             if self.low_vram:
                 self._placement = levers.enter_context(SdxlTrainingPlacement(self.model, self.device))
                 levers.callback(setattr, self, "_placement", None)
-                plan = dataclasses.replace(plan, vae_offload=False)  # the placement keeps the VAE in RAM
+                # The placement keeps the VAE and the text encoders in RAM already, and `_run` lends them.
+                plan = dataclasses.replace(plan, vae_offload=False, text_encoders_lent=False)
             levers.enter_context(sgm_memory_levers(self.model, plan, keep_fp8=self.fp8_weights))
+            self._lending = plan.text_encoders_lent
+            levers.callback(setattr, self, "_lending", False)
             yield
 
-    def previewing(self) -> contextlib.AbstractContextManager:
+    @contextlib.contextmanager
+    def previewing(self) -> Iterator[None]:
         """For one preview through the WebUI's txt2img: its own placement back (--medvram-sdxl), or else the
-        VAE back on the GPU to decode."""
+        VAE back on the GPU to decode, and lent text encoders too (its conditioning runs them as they are)."""
         if self._placement is not None:
-            return self._placement.lent_to_host()
-        return on_device(self.model.first_stage_model, self.device)
+            with self._placement.lent_to_host():
+                yield
+            return
+        text = on_device(self.model.conditioner, self.device) if self._lending else contextlib.nullcontext()
+        with on_device(self.model.first_stage_model, self.device), text:
+            yield
 
     # --- text ------------------------------------------------------------------------------------------------
 
@@ -198,14 +210,15 @@ class SgmBackend:
 
     def _run(self, key: str, encode: Callable[[], object]):
         """One text encoder's forward with our injector in front of its token embedding, under the WebUI's
-        autocast when it stores FP8 weights, and (placement taken over) with the encoder lent to the GPU."""
-        from ti_trainer.backends.sgm_memory import text_encoder_lent
+        autocast when it stores FP8 weights, and (placement taken over, or the plan lending them) with the
+        encoder lent to the GPU."""
+        from ti_trainer.memory.plan import text_encoder_lent
 
         owner, name = self._embedding_owners[key]
         encoder = self._clip_l if key == "clip_l" else self._bigg
         with contextlib.ExitStack() as stack:
             stack.enter_context(injector_installed(self._injectors[key], owner, name))
-            if self._placement is not None:
+            if self._placement is not None or self._lending:
                 stack.enter_context(text_encoder_lent(encoder, self.device))
             stack.enter_context(self.compute_context())
             return encode()

@@ -4,7 +4,9 @@ sgm's UNet and VAE are built from the same block classes as ldm's (CrossAttentio
 ResBlock, AttnBlock, with the same attributes), so the levers are ldm_memory's: instance-level attention
 forwards, torch's non-reentrant checkpointing of the chosen UNet blocks, and (--medvram-sdxl) the WebUI's
 placement taken over (`SdxlTrainingPlacement`): the UNet on the GPU for the run, the text encoders there only
-for their own forward and backward, the VAE in RAM.
+for their own forward and backward, the VAE in RAM. Without --medvram-sdxl the plan's `text_encoders_lent`
+does the same for the text encoders: the conditioner waits in RAM for the run (here), and the backend lends
+each encoder for its forward (sgm_backend.py `_run`).
 
 FP8 storage (the WebUI's "FP8 weight" setting) is kept: weights stored in float8 are never converted to the
 plan's half precision (that would make a second, larger copy of them); they compute through the WebUI's
@@ -29,6 +31,9 @@ def sgm_memory_levers(model: torch.nn.Module, plan: MemoryPlan, keep_fp8: bool =
     with contextlib.ExitStack() as levers:
         levers.enter_context(ldm_attention(model, plan.attention, plan.upcast_attention))
         levers.enter_context(ldm_checkpointing(model.model.diffusion_model, plan.checkpointing))
+        if plan.text_encoders_lent:
+            # First, so that their half-precision copies below are made in RAM, never on the GPU.
+            levers.enter_context(on_device(model.conditioner, "cpu"))
         if plan.weights_dtype is not None and not keep_fp8:
             # The VAE is never lowered: SDXL's overflows in fp16 (sgm_backend.encode_images keeps it in fp32).
             levers.enter_context(weights_in(plan.weights_dtype, model.model, model.conditioner))
@@ -43,8 +48,9 @@ def sgm_memory_levers(model: torch.nn.Module, plan: MemoryPlan, keep_fp8: bool =
 class SdxlTrainingPlacement(TrainingPlacement):
     """`TrainingPlacement` for SDXL under --medvram-sdxl (or --medvram/--lowvram): the UNet on the GPU for the
     run, the VAE and both text encoders in RAM. Each text encoder comes to the GPU for its own forward
-    (`text_encoder_lent`), and what its backward needs waits in RAM meanwhile, so at the UNet's peak the GPU
-    holds the UNet and its activations alone (bigG is ~1.4 GB of fp16 weights: a sixth of 8 GB)."""
+    (memory/plan.py `text_encoder_lent`), and what its backward needs waits in RAM meanwhile, so at the
+    UNet's peak the GPU holds the UNet and its activations alone (bigG is ~1.4 GB of fp16 weights: a sixth
+    of 8 GB)."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device | str):
         super().__init__(model, device)
@@ -57,40 +63,3 @@ class SdxlTrainingPlacement(TrainingPlacement):
     def _take_over(self) -> None:
         super()._take_over()
         self.model.conditioner.to(self.text_device)  # lowvram may have left it on the GPU last
-
-
-@contextlib.contextmanager
-def text_encoder_lent(module: torch.nn.Module, device: torch.device) -> Iterator[None]:
-    """`module` on `device` for one forward; the tensors its backward keeps (activations and the weights they
-    multiply) wait in RAM until the backward needs them (torch's save_on_cpu). Afterwards the module's tensors
-    are its RAM ones again, the very same storage: frozen weights need no copy back."""
-    if device.type == "cpu":
-        yield
-        return
-    kept = []  # (table, name, the tensor or Parameter object there, its data in RAM)
-    for owner in module.modules():
-        for table in (owner._parameters, owner._buffers):
-            for name, tensor in table.items():
-                if tensor is not None and tensor.device != device:
-                    kept.append((table, name, tensor, tensor.data))
-    try:
-        for table, name, tensor, data in kept:
-            table[name] = _moved(tensor, data.to(device, non_blocking=True))
-        with torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda"):
-            yield
-    finally:
-        for table, name, tensor, data in kept:
-            if isinstance(tensor, torch.nn.Parameter):
-                tensor.data = data
-            table[name] = tensor
-
-
-def _moved(tensor: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """`value` in `tensor`'s place: a Parameter keeps being the same object where torch lets its data move
-    (CPU <-> CUDA), and is stood in for by a new frozen one otherwise."""
-    if not isinstance(tensor, torch.nn.Parameter):
-        return value
-    if torch._has_compatible_shallow_copy_type(tensor, value):
-        tensor.data = value
-        return tensor
-    return torch.nn.Parameter(value, requires_grad=tensor.requires_grad)

@@ -1,7 +1,7 @@
 """`python -m ti_trainer estimate`: the memory a training step needs, by batch and checkpointing, no GPU used.
 
     python -m ti_trainer estimate --model sd21-768 --batch 1 2 4 8 12
-    python -m ti_trainer estimate --model sdxl --text-encoder-on-cpu --budget 7.5
+    python -m ti_trainer estimate --model sdxl --lend-text-encoders --budget 7.5
     python -m ti_trainer estimate --model sd21-768 --a1111        # what A1111's own trainer would need
     python -m ti_trainer estimate --model v2-1_768.safetensors --probe   # on a GPU: measured with real steps
 
@@ -45,6 +45,11 @@ def add_estimate_verb(verbs) -> None:
     )
     verb.add_argument("--vae-on-gpu", action="store_true", help="the VAE's weights stay on the GPU")
     verb.add_argument("--text-encoder-on-cpu", action="store_true", help="the text encoder(s) run on the CPU")
+    verb.add_argument(
+        "--lend-text-encoders",
+        action="store_true",
+        help="SDXL: the text encoders wait in RAM and come to the GPU only for their forward and backward",
+    )
     verb.add_argument("--fp8", action="store_true", help="linear and conv weights stored in fp8")
     verb.add_argument("--vectors", type=int, default=1, help="vectors per token of the embedding")
     verb.add_argument(
@@ -94,7 +99,8 @@ def run_estimate(args: argparse.Namespace) -> int:
             half_weights=args.precision != "fp32",
             fp8_weights=args.fp8,
             vae_on_gpu=args.vae_on_gpu,
-            text_encoder_on_gpu=not args.text_encoder_on_cpu,
+            text_encoder_on_gpu=not (args.text_encoder_on_cpu or args.lend_text_encoders),
+            text_encoders_lent=args.lend_text_encoders and not args.text_encoder_on_cpu,
             num_vectors=args.vectors,
         )
     if args.a1111 or args.checkpointing != "auto":
@@ -159,6 +165,7 @@ def probe(args: argparse.Namespace, width: int, height: int) -> int:
         attention=args.attention,
         gradient_checkpointing=args.checkpointing,
         upcast_attention=args.upcast_attention,
+        lend_text_encoders="on" if args.lend_text_encoders else "auto",
     )
     print("Measured on this GPU (" + torch_device_name(backend.device) + "):", flush=True)
     print(find_largest_batch(config, backend, num_vectors=args.vectors).describe())
@@ -181,7 +188,11 @@ def describe(settings) -> str:
         + " attention"
         + (" in fp32" if settings.upcast_attention else ""),
         "VAE on the GPU" if settings.vae_on_gpu else "VAE in RAM",
-        "text encoder on the GPU" if settings.text_encoder_on_gpu else "text encoder on the CPU",
+        "text encoder lent to the GPU for its forward and backward"
+        if settings.text_encoders_lent
+        else "text encoder on the GPU"
+        if settings.text_encoder_on_gpu
+        else "text encoder on the CPU",
     ]
     if settings.trainable_unet:
         parts.append("UNet trainable (weight gradients kept)")

@@ -13,11 +13,16 @@ standalone model, backends/ldm_memory.py for the WebUI's). Why each lever (DESIG
   elsewhere. Frozen weights are stored in that dtype too: they never learn, so nothing needs their fp32 copy.
 - fp32 attention scores: SD 2.1's attention logits overflow fp16 (the NaN of A1111 #5715). bf16 has fp32's
   exponent range, so the upcast is only needed, and only applied by default, under fp16.
+- text encoders lent (SDXL): both encoders wait in RAM for the run and each comes to the GPU only for its
+  own forward; what its backward needs waits in RAM meanwhile (`text_encoder_lent`). At 1024 px that takes
+  their ~1.5 GiB of fp16 weights off the UNet's peak: what makes batch 2 fit in 8 GB (docs/benchmarks.md).
+  Raised by need like checkpointing, and before it (`escalation` says why).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib.util
 from collections.abc import Iterator
@@ -27,7 +32,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from ti_trainer.config import ATTENTION_CHOICES, CHECKPOINTING_CHOICES, TrainConfig
+from ti_trainer.config import ATTENTION_CHOICES, CHECKPOINTING_CHOICES, LENDING_CHOICES, TrainConfig
 from ti_trainer.errors import UserError
 from ti_trainer.memory.precision import resolve_precision
 
@@ -45,6 +50,7 @@ class MemoryPlan:
     precision: str = "fp32"  # resolved: "fp32" | "bf16" | "fp16"
     upcast_attention: bool = False
     half_weights: bool = False  # frozen weights stored in the autocast dtype while training
+    text_encoders_lent: bool = False  # in RAM for the run, on the GPU only for their own forward and backward
 
     @property
     def weights_dtype(self) -> torch.dtype | None:
@@ -63,15 +69,37 @@ class MemoryPlan:
             "all": "checkpointing of every UNet block",
         }[self.checkpointing]
         vae = "VAE in RAM while training" if self.vae_offload else "VAE stays where it is"
+        if self.text_encoders_lent:
+            vae += ", text encoders in RAM (on the GPU only for their own forward and backward)"
         precision = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16 with loss scaling"}[self.precision]
         if self.weights_dtype is not None:
             precision += " (weights too)"
         return f"{attention}, {checkpointing}, {vae}, {precision}"
 
     def with_checkpointing(self, level: str) -> MemoryPlan:
-        return MemoryPlan(
-            self.attention, level, self.vae_offload, self.precision, self.upcast_attention, self.half_weights
-        )
+        return dataclasses.replace(self, checkpointing=level)
+
+
+def escalation(plan: MemoryPlan, *, checkpointing: bool, lending: bool) -> list[MemoryPlan]:
+    """The plans "auto" may raise `plan` to, least costly first: the fit finder probes them in this order and
+    the estimate starts it at the first it says fits. `checkpointing`: the level is "auto" (all levels);
+    `lending`: lending the text encoders is "auto" and the model can (both keep `plan`'s own otherwise).
+
+    At each checkpointing level the text encoders are lent before the next level is tried. Lending costs
+    copies whatever the batch: the encoders' weights (~1.6 GB of fp16 for SDXL's two) to the GPU for the
+    forward, then (with the few activations of 77-token prompts) out to RAM and back for the backward: ~5 GB
+    over PCIe per step, a few tenths of a second (not yet measured on a GPU). Checkpointing costs
+    recomputation that grows with the batch and the image: "all" is one more UNet forward per image, about
+    a third more time per step; at SDXL's 1024 px roughly what the copies cost at batch 1 on an 8 GB card's
+    GPU, and more with every image after (arithmetic, not yet measured). And on SDXL lending frees about as
+    much as a level does (its high-resolution blocks have no attention, so "high-res" frees little)."""
+    levels = CHECKPOINT_LEVELS if checkpointing else (plan.checkpointing,)
+    lent = (False, True) if lending else (plan.text_encoders_lent,)
+    return [
+        dataclasses.replace(plan, checkpointing=level, text_encoders_lent=each)
+        for level in levels
+        for each in lent
+    ]
 
 
 @functools.lru_cache(maxsize=1)
@@ -94,8 +122,10 @@ def choose_memory_plan(
     vae_offload: bool = True,
     upcast_attention: str = "auto",
     model_upcasts_attention: bool = False,
+    lend_text_encoders: str = "off",
 ) -> MemoryPlan:
-    """The default plan for `device`; "auto" checkpointing starts "off" (fit.py raises it by need).
+    """The default plan for `device`; "auto" checkpointing and lending start "off" (fit.py raises them by
+    need). Off a GPU the text encoders are never lent: they are in RAM already.
 
     `model_upcasts_attention`: the model wants fp32 attention scores (SD 2.x; diffusers' `upcast_attention`).
     """
@@ -116,6 +146,10 @@ def choose_memory_plan(
         raise UserError(
             f"Gradient checkpointing must be one of auto, {', '.join(CHECKPOINT_LEVELS)} (got {checkpointing!r})."
         )
+    if lend_text_encoders not in LENDING_CHOICES:
+        raise UserError(
+            f"Lending the text encoders must be one of {', '.join(LENDING_CHOICES)} (got {lend_text_encoders!r})."
+        )
     if upcast_attention == "auto":
         upcast = model_upcasts_attention and resolved == "fp16"
     else:
@@ -128,6 +162,7 @@ def choose_memory_plan(
         precision=resolved,
         upcast_attention=upcast,
         half_weights=on_gpu and resolved != "fp32",
+        text_encoders_lent=on_gpu and lend_text_encoders == "on",
     )
 
 
@@ -142,6 +177,9 @@ class PlannedModel(Protocol):
 
     @property
     def preferred_precision(self) -> str | None: ...
+
+    @property
+    def lends_text_encoders(self) -> bool: ...
 
 
 def plan_for(config: TrainConfig, backend: PlannedModel) -> MemoryPlan:
@@ -160,6 +198,25 @@ def plan_for(config: TrainConfig, backend: PlannedModel) -> MemoryPlan:
         vae_offload=config.vae_offload,
         upcast_attention=config.upcast_attention,
         model_upcasts_attention=backend.upcasts_attention,
+        lend_text_encoders=lending_asked(config, backend),
+    )
+
+
+def lending_asked(config: TrainConfig, backend: PlannedModel) -> str:
+    """The config's choice about lending the text encoders, as far as `backend` can follow it: "off" where
+    it cannot lend ("auto" then simply never raises it); a clear refusal where "on" was asked of it.
+
+    Only SDXL's backends lend. SD 1.x/2.x's text encoder is small (0.25 / 0.7 GB in fp16) beside what
+    checkpointing frees, so a copy of it every step buys little; Forge places its models itself."""
+    choice = config.lend_text_encoders
+    if backend.lends_text_encoders:
+        return choice
+    if choice != "on":
+        return "off"
+    raise UserError(
+        "'SDXL text encoders on the GPU only for their own work' is on, but the loaded model is not an SDXL "
+        "model trained through this trainer's SDXL backends (SD 1.x/2.x's text encoder is small enough to stay "
+        "on the GPU; Forge places its models itself). Set it to auto or off."
     )
 
 
@@ -223,6 +280,43 @@ def on_device(module: torch.nn.Module, device: torch.device | str) -> Iterator[t
         yield module
     finally:
         module.to(home)
+
+
+@contextlib.contextmanager
+def text_encoder_lent(module: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """`module` on `device` for one forward; the tensors its backward keeps (activations and the weights they
+    multiply) wait in RAM until the backward needs them (torch's save_on_cpu). Afterwards the module's tensors
+    are its RAM ones again, the very same storage: frozen weights need no copy back.
+
+    On the CPU nothing moves; what the backward keeps still goes through save_on_cpu (a copy in RAM), so a
+    run on the CPU takes the lever's own backward path (the tests compare its vectors with a run without)."""
+    kept = []  # (table, name, the tensor or Parameter object there, its data in RAM)
+    for owner in module.modules():
+        for table in (owner._parameters, owner._buffers):
+            for name, tensor in table.items():
+                if tensor is not None and tensor.device != device:
+                    kept.append((table, name, tensor, tensor.data))
+    try:
+        for table, name, tensor, data in kept:
+            table[name] = _moved(tensor, data.to(device, non_blocking=True))
+        with torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda"):
+            yield
+    finally:
+        for table, name, tensor, data in kept:
+            if isinstance(tensor, torch.nn.Parameter):
+                tensor.data = data
+            table[name] = tensor
+
+
+def _moved(tensor: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`value` in `tensor`'s place: a Parameter keeps being the same object where torch lets its data move
+    (CPU <-> CUDA), and is stood in for by a new frozen one otherwise."""
+    if not isinstance(tensor, torch.nn.Parameter):
+        return value
+    if torch._has_compatible_shallow_copy_type(tensor, value):
+        tensor.data = value
+        return tensor
+    return torch.nn.Parameter(value, requires_grad=tensor.requires_grad)
 
 
 @contextlib.contextmanager

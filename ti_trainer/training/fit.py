@@ -8,8 +8,9 @@ released (the failed step's frames are cleared, the allocator's cache emptied), 
 nothing of the probe stays registered, and no weight holds a gradient.
 
 `memory_for_training` is the context a run trains in: the run's memory plan (on a GPU, "auto" checkpointing
-is raised block by block only if the batch needs it), reported in words, applied, and undone afterwards. An
-out-of-memory during the run becomes a UserError naming the batch, or the size, that would fit.
+is raised block by block, and SDXL's text encoders lent, only if the batch needs it: memory/plan.py
+`escalation` says in which order), reported in words, applied, and undone afterwards. An out-of-memory during
+the run becomes a UserError naming the batch, or the size, that would fit.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from ti_trainer.config import TrainConfig
 from ti_trainer.embeddings.vectors import map_vectors
 from ti_trainer.errors import UserError
-from ti_trainer.memory.plan import CHECKPOINT_LEVELS, MemoryPlan, plan_for
+from ti_trainer.memory.plan import CHECKPOINT_LEVELS, MemoryPlan, escalation, lending_asked, plan_for
 from ti_trainer.training.step import step_loss
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 PROBE_NAME = "tiprobevectors"  # registered with the prompt chunker only while a probe step runs
 PROBE_SEED = 0
 SMALLEST_SIDE_PX = 256
+LENT = "+lent"  # in a FitReport's keys: the level, with the text encoders lent
 
 Step = Callable[[int], None]  # runs one training step at the given batch size
 
@@ -200,6 +202,23 @@ def largest_latent_size(data: TrainingData) -> tuple[int, int]:
     return max((image.size for image in data.images), key=lambda hw: hw[0] * hw[1])
 
 
+def least_costly_fitting(
+    backend: Backend,
+    candidates: list[MemoryPlan],
+    batch: int,
+    latent_hw: tuple[int, int],
+    num_vectors: int = 1,
+) -> MemoryPlan | None:
+    """The first of `candidates` (least costly first) at which a training step at `batch` fits; None if it
+    fits at none."""
+    step = training_step_probe(backend, latent_hw, candidates[0].precision, num_vectors)
+    for candidate in candidates:
+        with backend.memory_levers(candidate):
+            if fits(step, batch):
+                return candidate
+    return None
+
+
 def checkpointing_by_need(
     backend: Backend,
     plan: MemoryPlan,
@@ -210,31 +229,25 @@ def checkpointing_by_need(
 ) -> MemoryPlan | None:
     """The plan with the least checkpointing among `levels` (off, high-res, all) at which a training step
     at `batch` fits; None if it fits at none."""
-    step = training_step_probe(backend, latent_hw, plan.precision, num_vectors)
-    for level in levels:
-        candidate = plan.with_checkpointing(level)
-        with backend.memory_levers(candidate):
-            if fits(step, batch):
-                return candidate
-    return None
+    candidates = [plan.with_checkpointing(level) for level in levels]
+    return least_costly_fitting(backend, candidates, batch, latent_hw, num_vectors)
 
 
-def _levels_from_estimate(
-    levels: tuple[str, ...],
-    plan: MemoryPlan,
+def _candidates_from_estimate(
+    candidates: list[MemoryPlan],
     backend: Backend,
     latent_hw: tuple[int, int],
     batch: int,
     num_vectors: int,
-) -> tuple[str, ...]:
-    """The checkpointing levels left to probe once the estimate has ruled out those that cannot fit."""
-    from ti_trainer.vram.for_config import least_fitting_level
+) -> list[MemoryPlan]:
+    """The candidates left to probe once the estimate has ruled out those before the first it says fits."""
+    from ti_trainer.vram.for_config import first_fitting
 
     budget = gpu_budget_bytes(backend.device)
     if budget is None:
-        return levels
-    start = least_fitting_level(plan, backend, *size_px(backend, latent_hw), batch, num_vectors, budget)
-    return levels[levels.index(start) :] if start in levels else levels
+        return candidates
+    start = first_fitting(candidates, backend, *size_px(backend, latent_hw), batch, num_vectors, budget)
+    return candidates[start:] if start is not None else candidates
 
 
 @contextlib.contextmanager
@@ -245,26 +258,29 @@ def memory_for_training(
     num_vectors: int,
     *,
     auto_checkpointing: bool,
+    auto_lending: bool = False,
     say: Callable[[str], None] = print,
     probe_first: bool | None = None,
     say_estimate: bool | None = None,
 ) -> Iterator[MemoryPlan]:
     """The memory context a run trains in, under the run's `plan` (see the module's docstring); yields the
     plan as applied. `probe_first` (default: on a GPU) runs test steps before the run: with
-    `auto_checkpointing` (the config's "auto") checkpointing is raised by need, and a batch that cannot fit
-    is reported before any training time is spent. `say_estimate` (default: on a GPU; on the CPU it costs
-    seconds and says nothing about the run) adds the VRAM estimate's line for the plan to the messages."""
+    `auto_checkpointing` (the config's "auto") checkpointing is raised by need, with `auto_lending` (the
+    config's "auto" on a model that can lend) the text encoders are lent by need, in memory/plan.py
+    `escalation`'s order; a batch that cannot fit is reported before any training time is spent.
+    `say_estimate` (default: on a GPU; on the CPU it costs seconds and says nothing about the run) adds the
+    VRAM estimate's line for the plan to the messages."""
     latent_hw = largest_latent_size(data)
     batch, accumulation = data.batch_size, data.gradient_accumulation
     if probe_first is None:
         probe_first = backend.device.type == "cuda"
     if probe_first:
-        levels = CHECKPOINT_LEVELS if auto_checkpointing else (plan.checkpointing,)
-        if auto_checkpointing:
-            levels = _levels_from_estimate(levels, plan, backend, latent_hw, batch, num_vectors)
-        needed = checkpointing_by_need(backend, plan, batch, latent_hw, num_vectors, levels)
+        candidates = escalation(plan, checkpointing=auto_checkpointing, lending=auto_lending)
+        if len(candidates) > 1:
+            candidates = _candidates_from_estimate(candidates, backend, latent_hw, batch, num_vectors)
+        needed = least_costly_fitting(backend, candidates, batch, latent_hw, num_vectors)
         if needed is None:
-            most_saving = plan.with_checkpointing(levels[-1])
+            most_saving = candidates[-1]
             what = "Training would run out of GPU memory"
             raise UserError(_advice(backend, most_saving, batch, accumulation, latent_hw, num_vectors, what))
         plan = needed
@@ -308,7 +324,8 @@ def _estimate_line(
 @dataclass
 class FitReport:
     latent_hw: tuple[int, int]
-    batches: dict[str, int]  # checkpointing level -> the largest batch that fits (up to the search limit)
+    # checkpointing level (+LENT: with the text encoders lent) -> the largest batch that fits (up to the limit)
+    batches: dict[str, int]
     plan: MemoryPlan
     vae_scale_factor: int
 
@@ -321,8 +338,9 @@ class FitReport:
     def describe(self) -> str:
         words = {"off": "with checkpointing off", "high-res": "with the high-resolution blocks checkpointed"}
         parts = [
-            f"batch {b or 'none'} {words.get(level, 'with every block checkpointed')}"
-            for level, b in self.batches.items()
+            f"batch {b or 'none'} {words.get(key.removesuffix(LENT), 'with every block checkpointed')}"
+            + (" and the text encoders lent" if key.endswith(LENT) else "")
+            for key, b in self.batches.items()
         ]
         return f"At {px(self.latent_hw, self.vae_scale_factor)} px: " + "; ".join(parts) + "."
 
@@ -330,19 +348,24 @@ class FitReport:
 def find_largest_batch(
     config: TrainConfig, backend: Backend, limit: int = 64, num_vectors: int = 1
 ) -> FitReport:
-    """The largest batch at the config's size for each checkpointing level it allows ("auto": all of them,
-    stopping once the limit is reached). Runs real training steps: meant for a GPU, where each takes a
-    fraction of a second; the model is left as it was."""
+    """The largest batch at the config's size for each plan it allows (on "auto", every checkpointing level,
+    each with the text encoders lent too where "auto" may lend them; least costly first, stopping once the
+    limit is reached). Runs real training steps: meant for a GPU, where each takes a fraction of a second;
+    the model is left as it was."""
     plan = plan_for(config, backend)
     factor = backend.family.vae_scale_factor
     latent_hw = (config.height // factor, config.width // factor)
-    levels = CHECKPOINT_LEVELS if config.gradient_checkpointing == "auto" else (plan.checkpointing,)
+    candidates = escalation(
+        plan,
+        checkpointing=config.gradient_checkpointing == "auto",
+        lending=lending_asked(config, backend) == "auto",
+    )
     batches: dict[str, int] = {}
     budget = gpu_budget_bytes(backend.device)
     with backend.training_session():
         step = training_step_probe(backend, latent_hw, plan.precision, num_vectors)
-        for level in levels:
-            candidate = plan.with_checkpointing(level)
+        for candidate in candidates:
+            key = candidate.checkpointing + (LENT if candidate.text_encoders_lent else "")
             guess = None
             if budget is not None:
                 from ti_trainer.vram.for_config import largest_estimated_batch
@@ -351,7 +374,7 @@ def find_largest_batch(
                     candidate, backend, config.width, config.height, num_vectors, budget, limit
                 )
             with backend.memory_levers(candidate):
-                batches[level] = largest_batch(step, limit, start=guess)
-            if batches[level] >= limit:
+                batches[key] = largest_batch(step, limit, start=guess)
+            if batches[key] >= limit:
                 break
     return FitReport(latent_hw, batches, plan, factor)

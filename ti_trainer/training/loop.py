@@ -24,7 +24,7 @@ from ti_trainer.backends.contract import PreviewRequest
 from ti_trainer.config import TrainConfig
 from ti_trainer.embeddings.vectors import Vectors, detached_copy, map_vectors, vector_tensors
 from ti_trainer.errors import UserError
-from ti_trainer.memory.plan import MemoryPlan
+from ti_trainer.memory.plan import MemoryPlan, lending_asked
 from ti_trainer.memory.precision import grad_scaler
 from ti_trainer.training import batch_plan, fit, outputs
 from ti_trainer.training.data import TrainingData, encode_dataset, prepare_images
@@ -192,8 +192,8 @@ def _locked_train(run: PreparedRun, backend: Backend, hooks: TrainingHooks) -> T
         },
     )
     loss_log = outputs.LossLog(folders.loss_csv, data.steps_per_epoch, run.initial_step)
-    # The run's memory plan (attention, checkpointing, VAE in RAM, precision), worked out once in
-    # prepare_run, holds for the run and is undone after; "auto" checkpointing is raised by need, and running
+    # The run's memory plan (attention, checkpointing, VAE in RAM, precision, lent text encoders), worked out
+    # once in prepare_run, holds for the run and is undone after; "auto" levers are raised by need, and running
     # out of GPU memory ends the run with a message naming the batch or size that fits (fit.py).
     with fit.memory_for_training(
         run.memory_plan,
@@ -201,6 +201,7 @@ def _locked_train(run: PreparedRun, backend: Backend, hooks: TrainingHooks) -> T
         data,
         run.embedding.num_vectors,
         auto_checkpointing=config.gradient_checkpointing == "auto",
+        auto_lending=lending_asked(config, backend) == "auto",
         say=hooks.on_message,
     ) as plan:
         context = RunContext(

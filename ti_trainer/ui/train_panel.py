@@ -200,6 +200,7 @@ def build_train_panel(services: HostServices, live: LiveRun | None = None) -> Tr
                     field("upcast_attention", gr.Radio)
                 field("gradient_checkpointing", gr.Radio)
                 field("vae_offload", gr.Checkbox)
+                field("lend_text_encoders", gr.Radio)
                 gr.HTML(
                     note(
                         "info",

@@ -57,12 +57,20 @@ class Settings:
     fp8_weights: bool = False  # linear and conv weights stored in fp8, cast to the compute dtype when used
     vae_on_gpu: bool = False  # its weights only: latents are cached before training
     text_encoder_on_gpu: bool = True
+    # SDXL's lever (memory/plan.py `text_encoders_lent`): the text encoders' weights wait in RAM (not resident)
+    # and each encoder comes to the GPU for its own forward; what its backward keeps waits in RAM meanwhile.
+    text_encoders_lent: bool = False
     num_vectors: int = 1
     trainable_unet: bool = False  # A1111's own trainer leaves the UNet trainable (weight gradients kept)
 
     @property
     def compute_dtype(self) -> torch.dtype | None:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+    @property
+    def text_encoders_resident(self) -> bool:
+        """The text encoders' weights sit on the GPU for the whole step."""
+        return self.text_encoder_on_gpu and not self.text_encoders_lent
 
     @property
     def weights_dtype(self) -> torch.dtype:
@@ -160,7 +168,7 @@ def store_weights(meta: MetaModel, settings: Settings) -> None:
 
 def resident_weight_bytes(meta: MetaModel, settings: Settings) -> int:
     modules = [meta.unet]
-    if settings.text_encoder_on_gpu:
+    if settings.text_encoders_resident:
         modules += meta.text_encoders
     if settings.vae_on_gpu:
         modules.append(meta.vae)
@@ -208,9 +216,10 @@ def run_step(meta: MetaModel, settings: Settings, tally: LiveBytes | None, devic
         timesteps = torch.full((batch,), 500, dtype=torch.long)
         noisy, target = latents * 0.9 + noise * 0.1, noise * 0.9 - latents * 0.1
         with emulated_autocast(compute) if emulating else contextlib.nullcontext():
-            counter.counting = settings.text_encoder_on_gpu
-            cond, added = encode_prompt(meta, vectors, batch)
-            if not settings.text_encoder_on_gpu:
+            lent = settings.text_encoders_lent and emulating
+            counter.counting = settings.text_encoder_on_gpu or lent
+            cond, added = encode_prompt(meta, vectors, batch, lent=lent)
+            if not counter.counting:
                 cond, added = on_gpu_from_here(cond, added, counter)
             prediction = meta.unet(
                 noisy.to(unet_input),
@@ -238,9 +247,31 @@ def on_gpu_from_here(cond, added, tally: LiveBytes):
     return cond, added
 
 
-def encode_prompt(meta: MetaModel, vectors: list[torch.Tensor], batch: int):
+@contextlib.contextmanager
+def lent_on_meta(encoder: torch.nn.Module):
+    """memory/plan.py `text_encoder_lent`, as the tally sees it: copies of the encoder's weights arrive for its
+    forward (counted while it runs), and what its backward keeps leaves for RAM (save_on_cpu: no longer
+    counted) until the backward brings it back (counted again, then)."""
+
+    def pack(tensor: torch.Tensor):
+        return tensor.shape, tensor.dtype, tensor.device
+
+    def unpack(packed) -> torch.Tensor:
+        shape, dtype, device = packed
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    copies = [torch.empty_like(tensor) for tensor in (*encoder.parameters(), *encoder.buffers())]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+    finally:
+        del copies
+
+
+def encode_prompt(meta: MetaModel, vectors: list[torch.Tensor], batch: int, lent: bool = False):
     """The conditioning (and SDXL's pooled embedding and size ids) for a batch of 77-token prompts, each with
-    the embedding's vectors injected into every encoder's token embedding."""
+    the embedding's vectors injected into every encoder's token embedding; `lent`: each encoder lent to the
+    GPU for its forward (on the meta device only)."""
     from ti_trainer.text.conditioning import InjectingTokenEmbedding, injector_installed
 
     architecture = meta.architecture
@@ -249,7 +280,10 @@ def encode_prompt(meta: MetaModel, vectors: list[torch.Tensor], batch: int):
     for encoder, own_vectors in zip(meta.text_encoders, vectors):
         text_model = getattr(encoder, "text_model", encoder)
         injector = InjectingTokenEmbedding(text_model.embeddings.token_embedding)
-        with injector_installed(injector, text_model.embeddings, "token_embedding"):
+        with (
+            injector_installed(injector, text_model.embeddings, "token_embedding"),
+            lent_on_meta(encoder) if lent else contextlib.nullcontext(),
+        ):
             injector.fixes = [[(VECTORS_OFFSET, own_vectors)] for _ in range(batch)]
             out = encoder(input_ids=ids, output_hidden_states=architecture.text_layer != "last")
         if architecture.text_layer == "last":

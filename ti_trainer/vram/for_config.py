@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from ti_trainer.memory.plan import MemoryPlan, choose_memory_plan, plan_for
+from ti_trainer.memory.plan import MemoryPlan, choose_memory_plan, escalation, lending_asked, plan_for
 from ti_trainer.vram.architectures import Architecture, architecture_of_backend
 from ti_trainer.vram.estimate import (
-    CHECKPOINT_LEVELS,
     DEFAULT_BUDGET_GIB,
     GIB,
     Estimate,
@@ -39,7 +38,22 @@ def gpu_plan(config, backend) -> MemoryPlan:
         upcast_attention=config.upcast_attention,
         model_upcasts_attention=backend.upcasts_attention,
     )
-    return dataclasses.replace(plan, vae_offload=config.vae_offload, half_weights=plan.precision != "fp32")
+    return dataclasses.replace(
+        plan,
+        vae_offload=config.vae_offload,
+        half_weights=plan.precision != "fp32",
+        text_encoders_lent=lending_asked(config, backend) == "on",
+    )
+
+
+def plans_by_need(config, backend, plan: MemoryPlan) -> list[MemoryPlan]:
+    """The plans a run of `config` may be raised to by need, least costly first (memory/plan.py
+    `escalation`): the run's probes (fit.memory_for_training) go through the same."""
+    return escalation(
+        plan,
+        checkpointing=config.gradient_checkpointing == "auto",
+        lending=lending_asked(config, backend) == "auto",
+    )
 
 
 def settings_for(config, plan: MemoryPlan, num_vectors: int = 1) -> Settings:
@@ -59,6 +73,8 @@ def settings_for_plan(
         upcast_attention=plan.upcast_attention,
         half_weights=plan.half_weights,
         vae_on_gpu=not plan.vae_offload,
+        text_encoder_on_gpu=not plan.text_encoders_lent,
+        text_encoders_lent=plan.text_encoders_lent,
         num_vectors=num_vectors,
     )
 
@@ -66,15 +82,12 @@ def settings_for_plan(
 def estimate_for_config(
     config, backend, budget_gib: float = DEFAULT_BUDGET_GIB, num_vectors: int = 1
 ) -> Estimate:
-    """The estimate for the run `config` describes on `backend`'s model. With "auto" checkpointing: at the
-    least checkpointing whose estimate fits `budget_gib` (or every block checkpointed, if none does), which
-    is where the run's own search (fit.checkpointing_by_need) can start."""
+    """The estimate for the run `config` describes on `backend`'s model. With "auto" levers: at the least
+    costly plan whose estimate fits `budget_gib` (or the most saving one, if none does), which is where the
+    run's own search (fit.memory_for_training) can start."""
     architecture = architecture_of_backend(backend)
-    settings = settings_for(config, gpu_plan(config, backend), num_vectors)
-    if config.gradient_checkpointing != "auto":
-        return cached_estimate(architecture, settings)
-    for level in CHECKPOINT_LEVELS:
-        estimate = cached_estimate(architecture, dataclasses.replace(settings, checkpointing=level))
+    for plan in plans_by_need(config, backend, gpu_plan(config, backend)):
+        estimate = cached_estimate(architecture, settings_for(config, plan, num_vectors))
         if estimate.fits(int(budget_gib * GIB)):
             return estimate
     return estimate
@@ -83,17 +96,21 @@ def estimate_for_config(
 def largest_batch_for_config(
     config, backend, budget_gib: float = DEFAULT_BUDGET_GIB, num_vectors: int = 1, limit: int = 64
 ) -> int:
-    """The largest batch the estimate says fits `budget_gib` at the config's size (its checkpointing, or on
-    "auto" the level that fits the most): the number the planner's splits are built from."""
+    """The largest batch the estimate says fits `budget_gib` at the config's size (its plan, or on "auto"
+    levers the plan that fits the most): the number the planner's splits are built from."""
     from ti_trainer.vram.estimate import largest_batch
 
     architecture = architecture_of_backend(backend)
-    settings = settings_for(config, gpu_plan(config, backend), num_vectors)
-    levels = CHECKPOINT_LEVELS if config.gradient_checkpointing == "auto" else (settings.checkpointing,)
     budget = int(budget_gib * GIB)
+    plans = plans_by_need(config, backend, gpu_plan(config, backend))
+    # Where a level may lend, only its lent plan: it never needs more than the same level unlent (lent, the
+    # encoders' weights are on the GPU only while they compute, never beside the UNet's step), and each plan
+    # here costs several estimates of a few seconds.
+    lent_levels = {plan.checkpointing for plan in plans if plan.text_encoders_lent}
+    plans = [plan for plan in plans if plan.text_encoders_lent or plan.checkpointing not in lent_levels]
     return max(
-        largest_batch(architecture, dataclasses.replace(settings, checkpointing=level), budget, limit)[0]
-        for level in levels
+        largest_batch(architecture, settings_for(config, plan, num_vectors), budget, limit)[0]
+        for plan in plans
     )
 
 
@@ -121,9 +138,10 @@ def summary(estimate: Estimate, budget_gib: float = DEFAULT_BUDGET_GIB) -> str:
     s = estimate.settings
     size = f"{s.width} px" if s.width == s.height else f"{s.width}x{s.height} px"
     verb = "fits" if estimate.fits(int(budget_gib * GIB)) else "does not fit"
+    lent = " and the text encoders lent" if s.text_encoders_lent else ""
     return (
-        f"batch {s.batch} {verb} in {card_words(budget_gib)} at {size} {CHECKPOINTING_WORDS[s.checkpointing]}: "
-        f"about {estimate.needed_gib:.1f} GiB (estimate)"
+        f"batch {s.batch} {verb} in {card_words(budget_gib)} at {size} {CHECKPOINTING_WORDS[s.checkpointing]}"
+        f"{lent}: about {estimate.needed_gib:.1f} GiB (estimate)"
     )
 
 
@@ -166,21 +184,27 @@ def run_estimate_line(
     return f"Memory estimate: {summary(estimate, budget_gib)}."
 
 
-def least_fitting_level(
-    plan: MemoryPlan, backend, width: int, height: int, batch: int, num_vectors: int, budget_bytes: int
-) -> str | None:
-    """The least checkpointing level whose estimate fits `budget_bytes` ("all" if none does), for the run's
-    `plan` at `width` x `height` px and `batch`; None when no estimate can be made (then nothing is skipped).
-    The GPU probes start here instead of at an out-of-memory error."""
+def first_fitting(
+    candidates: list[MemoryPlan],
+    backend,
+    width: int,
+    height: int,
+    batch: int,
+    num_vectors: int,
+    budget_bytes: int,
+) -> int | None:
+    """The index of the first of `candidates` (least costly first) whose estimate fits `budget_bytes` (the
+    last if none does) at `width` x `height` px and `batch`; None when no estimate can be made (then nothing
+    is skipped). The GPU probes start there instead of at an out-of-memory error."""
     try:
         architecture = architecture_of_backend(backend)
-        for level in CHECKPOINT_LEVELS:
-            settings = settings_for_plan(plan.with_checkpointing(level), width, height, batch, num_vectors)
+        for index, plan in enumerate(candidates):
+            settings = settings_for_plan(plan, width, height, batch, num_vectors)
             if cached_estimate(architecture, settings).fits(budget_bytes):
-                return level
+                return index
     except Exception:  # an estimate is advice: a failure in it must not stop the run the probes would check
         return None
-    return CHECKPOINT_LEVELS[-1]
+    return len(candidates) - 1
 
 
 def largest_estimated_batch(
