@@ -117,13 +117,13 @@ def test_both_traps_are_real_on_the_stand_in_and_the_session_gets_past_them(forg
 
     backend = backend_for(forge)
     vectors = backend.token_vectors("red circle").requires_grad_(True)
-    assert next(backend.unet.parameters()).is_inference()
+    assert next(backend.loan.unet.parameters()).is_inference()
     with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
         one_step(backend, vectors)
     from ti_trainer.backends.forge_memory import TrainableWeights
 
-    with TrainableWeights([backend.unet_patcher.model, backend.clip.cond_stage_model]):
-        assert any(isinstance(m, BasicTransformerBlock) for m in backend.unet.modules())
+    with TrainableWeights([backend.loan.unet_patcher.model, backend.loan.clip.cond_stage_model]):
+        assert any(isinstance(m, BasicTransformerBlock) for m in backend.loan.unet.modules())
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             one_step(backend, vectors)
     vectors.grad = None
@@ -141,9 +141,13 @@ def test_a_step_asks_forge_for_unet_and_text_encoder_with_room_for_the_backward(
     vectors = backend.token_vectors("red circle").requires_grad_(True)
     with backend.training_session(), backend.memory_levers(MemoryPlan(checkpointing="off")):
         one_step(backend, vectors, batch=2)
-        asked = [memory for models, memory in calls if models == [backend.unet_patcher, backend.clip.patcher]]
+        asked = [
+            memory
+            for models, memory in calls
+            if models == [backend.loan.unet_patcher, backend.loan.clip.patcher]
+        ]
         assert asked, f"never asked for UNet and text encoder together: {calls}"
-        forward_only = backend.unet_patcher.memory_required([2, 4, 8, 8])
+        forward_only = backend.loan.unet_patcher.memory_required([2, 4, 8, 8])
         assert max(asked) >= 2 * forward_only  # room for the activations the backward pass keeps
         assert memory_management.current_inference_memory == budget  # Forge's GPU-weights budget untouched
         count = len(calls)
@@ -174,7 +178,7 @@ def test_the_model_and_forges_memory_come_back_as_found(forge, ending):
 
     def body():
         one_step(backend, vectors)
-        assert not next(backend.unet.parameters()).is_inference()  # trainable while the run lasts
+        assert not next(backend.loan.unet.parameters()).is_inference()  # trainable while the run lasts
         assert forge.model.forge_objects.unet in memory_state()[0]
         if ending == "error":
             raise RuntimeError("boom")
@@ -196,7 +200,7 @@ def test_a_weight_forge_re_creates_mid_run_is_made_trainable_again_and_given_bac
     """A preview's loads run in inference mode and may re-create weights as inference tensors."""
     backend = backend_for(forge)
     vectors = backend.token_vectors("red circle").requires_grad_(True)
-    linear = backend.unet.out[2]
+    linear = backend.loan.unet.out[2]
     with backend.training_session():
         one_step(backend, vectors)
         with backend.previewing(), torch.inference_mode():
@@ -249,5 +253,8 @@ def test_models_it_cannot_train_are_refused_with_a_message(forge):
 def test_parts_are_forges_own_objects_not_copies(forge):
     backend = backend_for(forge)
     parts = model_parts(forge.model)
-    assert backend.unet_patcher.model is parts["unet"] and backend.clip.cond_stage_model is parts["text"]
-    assert backend.vae.first_stage_model is parts["vae"]
+    assert (
+        backend.loan.unet_patcher.model is parts["unet"]
+        and backend.loan.clip.cond_stage_model is parts["text"]
+    )
+    assert backend.loan.vae.first_stage_model is parts["vae"]

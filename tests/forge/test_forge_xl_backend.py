@@ -198,9 +198,11 @@ def test_a_step_asks_forge_for_unet_and_both_text_encoders_with_room_for_the_bac
     backend = backend_for(forge_xl)
     with backend.training_session(), backend.memory_levers(MemoryPlan(checkpointing="off")):
         one_step(backend, trainable(backend), batch=2)
-    asked = [memory for models, memory in calls if models == [backend.unet_patcher, backend.clip.patcher]]
-    assert asked and max(asked) >= 2 * backend.unet_patcher.memory_required([2, 4, 8, 8])
-    assert set(backend.clip.cond_stage_model.children()) == {
+    asked = [
+        memory for models, memory in calls if models == [backend.loan.unet_patcher, backend.loan.clip.patcher]
+    ]
+    assert asked and max(asked) >= 2 * backend.loan.unet_patcher.memory_required([2, 4, 8, 8])
+    assert set(backend.loan.clip.cond_stage_model.children()) == {
         engine.text_encoder for engine in forge_xl.engines
     }  # the one patcher holds both text encoders
 
@@ -227,7 +229,7 @@ def test_the_model_forges_memory_and_databases_come_back_as_found(forge_xl, endi
 
     def body():
         one_step(backend, vectors)
-        assert not next(backend.unet.parameters()).is_inference()  # trainable while the run lasts
+        assert not next(backend.loan.unet.parameters()).is_inference()  # trainable while the run lasts
         if ending == "error":
             raise RuntimeError("boom")
 
@@ -296,6 +298,9 @@ def test_the_refiner_inpainting_and_other_families_are_refused(forge_xl):
 def test_parts_are_forges_own_objects_not_copies(forge_xl):
     backend = backend_for(forge_xl)
     parts = model_parts(forge_xl.model)
-    assert backend.unet_patcher.model is parts["unet"] and backend.clip.cond_stage_model is parts["text"]
-    assert backend.vae.first_stage_model is parts["vae"]
+    assert (
+        backend.loan.unet_patcher.model is parts["unet"]
+        and backend.loan.clip.cond_stage_model is parts["text"]
+    )
+    assert backend.loan.vae.first_stage_model is parts["vae"]
     assert list(backend.text_engines.values()) == forge_xl.engines

@@ -177,7 +177,7 @@ def test_the_backend_loads_the_model_if_forge_has_not_yet(forge_unloaded):
 
     assert isinstance(shared.sd_model, sd_models.FakeInitialModel)
     backend = forge_host.get_backend()
-    assert shared.sd_model.forge_objects is not None and backend.model is shared.sd_model
+    assert shared.sd_model.forge_objects is not None and backend.loan.model is shared.sd_model
     assert backend.model_name == "tiny-sd2" and backend.model_hash == "f0e1d2c3b4"
 
 

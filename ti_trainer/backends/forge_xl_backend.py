@@ -1,10 +1,11 @@
 """Forge's SDXL backend: training on the `StableDiffusionXL` Forge has loaded (reference/forge.md), in place.
 
-The loan of Forge's model is ForgeBackend's (backends/forge_backend.py): its patchers, its memory management
-(UNet and both text encoders asked for together, with room for the backward pass), the session that makes the
-inference-mode weights trainable and gives everything back as found, the VAE's distribution through Forge's
-patcher and scale (in the VAE dtype Forge chose: fp32, or bf16 where it prefers it; never fp16 unless asked
-for with --vae-in-fp16, as for its own generations). What SDXL changes:
+It holds a `ForgeLoan` of Forge's model (backends/forge_loan.py), as ForgeBackend (SD 1.x / 2.x,
+backends/forge_backend.py) does: its patchers, its memory management (UNet and both text encoders asked for
+together, with room for the backward pass), the session that makes the inference-mode weights trainable and
+gives everything back as found, the VAE's distribution through Forge's patcher and scale (in the VAE dtype
+Forge chose: fp32, or bf16 where it prefers it; never fp16 unless asked for with --vae-in-fp16, as for its own
+generations). What SDXL changes:
 
 - Text: Forge's two engines, `text_processing_engine_l` (clip_l) and `text_processing_engine_g` (clip_g), as
   text/multi_encoder.py runs them: our chunker over the clip_l engine's tokenizer and ids (the two share CLIP's
@@ -31,10 +32,10 @@ from types import ModuleType
 
 import torch
 
-from ti_trainer.backends.contract import CLIP_G, CLIP_L, sdxl_family
-from ti_trainer.backends.forge_backend import (
+from ti_trainer.backends.contract import CLIP_G, CLIP_L, PreviewRequest, sdxl_family
+from ti_trainer.backends.forge_loan import (
     EngineFixes,
-    ForgeBackend,
+    ForgeLoan,
     check_trainable,
     engine_chunker,
     token_rows,
@@ -46,7 +47,7 @@ from ti_trainer.text.multi_encoder import EncoderPath, MultiEncoderPromptEncoder
 ENGINE_ATTRIBUTES = {CLIP_L: "text_processing_engine_l", CLIP_G: "text_processing_engine_g"}
 
 
-class ForgeXLBackend(ForgeBackend):
+class ForgeXLBackend:
     """The contract (backends/contract.py `Backend`) over Forge's loaded SDXL base model."""
 
     def __init__(
@@ -64,8 +65,12 @@ class ForgeXLBackend(ForgeBackend):
         "Clip skip" applies to both engines, as its txt2img sets it)."""
         _check_supported(model)
         self.text_engines = {key: getattr(model, name) for key, name in ENGINE_ATTRIBUTES.items()}
-        engines = list(self.text_engines.values())
-        self._borrow_parts(model, memory_management, engines, clip_skip, model_name, model_hash)
+        self.loan = loan = ForgeLoan(model, memory_management, list(self.text_engines.values()), clip_skip)
+        # The contract's members the loan fills alike for both Forge backends (backends/forge_loan.py).
+        self.device, self.schedule = loan.device, loan.schedule
+        self.training_session, self.previewing = loan.training_session, loan.previewing
+        self.memory_levers, self.encode_images = loan.memory_levers, loan.encode_images
+        self.model_name, self.model_hash = model_name, model_hash
         self.crop_top_left = tuple(int(value) for value in crop_top_left)
         paths = [
             EncoderPath(
@@ -77,8 +82,16 @@ class ForgeXLBackend(ForgeBackend):
             engine_chunker(self.text_engines[CLIP_L], emphasis), paths, self.device
         )
         widths = {key: token_table(engine).weight.shape[1] for key, engine in self.text_engines.items()}
-        self.family = sdxl_family(widths[CLIP_L], widths[CLIP_G], vae_scale_factor=self.vae.downscale_ratio)
+        self.family = sdxl_family(widths[CLIP_L], widths[CLIP_G], vae_scale_factor=loan.vae.downscale_ratio)
         self.text_width = self.family.text_width
+
+    # Attention precision is Forge's own setting (its attention backend), left as it is.
+    upcasts_attention = False
+    lends_text_encoders = False  # Forge's memory manager places its text encoders itself
+
+    @property
+    def preferred_precision(self) -> str | None:
+        return self.loan.preferred_precision
 
     # --- text ------------------------------------------------------------------------------------------------
 
@@ -93,7 +106,7 @@ class ForgeXLBackend(ForgeBackend):
 
     def _encode_xl(self, engine, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One engine's hidden states and, for clip_g, its projected pooled output (Forge hangs it on z)."""
-        z = self._engine_forward(engine, tokens)
+        z = self.loan.engine_forward(engine, tokens)
         return z, getattr(z, "pooled", None)
 
     # --- the UNet's vector input ---------------------------------------------------------------------------
@@ -103,7 +116,7 @@ class ForgeXLBackend(ForgeBackend):
         embedder over height, width, crop top, crop left, target height, target width."""
         crop_top, crop_left = self.crop_top_left
         numbers = [height_px, width_px, crop_top, crop_left, height_px, width_px]
-        embedded = [self.model.embedder(torch.tensor([float(number)])) for number in numbers]
+        embedded = [self.loan.model.embedder(torch.tensor([float(number)])) for number in numbers]
         return torch.cat(embedded).flatten().unsqueeze(0)
 
     def unet_conditioning(
@@ -122,9 +135,13 @@ class ForgeXLBackend(ForgeBackend):
         factor = self.family.vae_scale_factor
         height, width = noisy_latents.shape[-2] * factor, noisy_latents.shape[-1] * factor
         conditioning = self.unet_conditioning(cond, height, width)
-        return self._unet_forward(
+        return self.loan.unet_forward(
             noisy_latents, timesteps, conditioning["crossattn"], y=conditioning["vector"]
         )
+
+    def render(self, request: PreviewRequest) -> None:
+        """None: in Forge, previews go through its own txt2img (host/forge.py `render_preview`)."""
+        return None
 
 
 def _check_supported(model) -> None:

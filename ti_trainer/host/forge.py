@@ -86,7 +86,7 @@ def loaded_model():
     return shared.sd_model
 
 
-def get_backend() -> ForgeBackend:
+def get_backend() -> ForgeBackend | ForgeXLBackend:
     """The loaded model, trained in place through Forge's memory management (no second copy): SDXL by
     ForgeXLBackend (with Forge's crop settings), SD 1.x / 2.x by ForgeBackend."""
     model = loaded_model()
