@@ -201,7 +201,7 @@ class ForgeLoan:
         else:
             precision += f" (the UNet computing in Forge's {computes})"
         forge = forge_memory_in_words(self.memory_management, self.unet_patcher.model.storage_dtype)
-        return f"{plan.checkpointing_words}, {precision}; attention, weight storage and placement: Forge's ({forge})"
+        return f"{plan.checkpointing_words}, {precision}; attention, weight storage and placement are Forge's: {forge}"
 
     @contextlib.contextmanager
     def memory_levers(self, plan: MemoryPlan) -> Iterator[None]:
