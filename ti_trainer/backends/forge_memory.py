@@ -229,7 +229,9 @@ def forge_memory_in_words(memory_management: ModuleType, storage_dtype) -> str:
         total = getattr(memory_management, "total_vram", None)
         budget = f"GPU Weights {total - reserve:.0f} of {total:.0f} MB" if total else ""
         budget = budget or f"{reserve:.0f} MB kept free for computing"
-        parts.append(budget + " (weights beyond it wait in RAM and are copied to the GPU as each layer computes)")
+        parts.append(
+            budget + " (weights beyond it wait in RAM and are copied to the GPU as each layer computes)"
+        )
     if getattr(memory_management, "ALWAYS_VRAM_OFFLOAD", False):
         parts.append("other models unloaded whenever one loads")
     return ", ".join(parts)
