@@ -217,6 +217,32 @@ def test_the_webuis_model_is_matched_to_its_named_architecture():
     assert architecture_of_backend(ldm(80, "eps", "sdxl")).name == "sdxl"  # the WebUI's SDXL, at any width
 
 
+def test_the_room_a_forge_step_asks_is_the_estimate_beyond_the_weights():
+    """What Forge is asked to keep free for a step (backends/forge_loan.py): the estimate at the step's batch,
+    size, precision and checkpointing, less the weights Forge itself places; refused (the caller falls back)
+    for a model whose architecture the estimate does not know by name."""
+    from types import SimpleNamespace
+
+    from ti_trainer.backends.contract import sd_family
+    from ti_trainer.memory.plan import MemoryPlan
+    from ti_trainer.vram.for_config import step_room_bytes
+
+    def forge(width: int):
+        family = sd_family("sd1", width)
+        return SimpleNamespace(
+            text_width=width, family=family, schedule=SimpleNamespace(parameterization="eps")
+        )
+
+    plan = MemoryPlan(checkpointing="all", vae_offload=True, precision="bf16", half_weights=True)
+    room = step_room_bytes(plan, (2, 4, 8, 12), forge(768))
+    settings = Settings(width=96, height=64, batch=2, precision="bf16", checkpointing="all", vae_on_gpu=False)
+    estimate = estimate_step_bytes("sd15", settings)
+    assert room == estimate.needed_bytes - estimate.weights_bytes
+    assert 0 < room < estimate.needed_bytes
+    with pytest.raises(ValueError, match="text width 32"):
+        step_room_bytes(plan, (1, 4, 8, 8), forge(32))
+
+
 def test_estimate_probe_wants_a_gpu_and_says_so(capsys):
     """--probe runs the fit finder with real steps; off a GPU it says why it cannot, after the estimate."""
     argv = ["estimate", "--model", "tiny", "--width", "64", "--batch", "1", "--probe", "--device", "cpu"]

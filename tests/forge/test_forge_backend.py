@@ -1,6 +1,8 @@
 """The Forge backend on the stand-in's tiny model: conditioning equal to Forge's at generation time, training
 through Forge's memory management, and the model and memory manager given back as found."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from forge_state import (
@@ -13,6 +15,7 @@ from forge_state import (
 
 from ti_trainer.backends.contract import Backend
 from ti_trainer.backends.forge_backend import ForgeBackend
+from ti_trainer.backends.forge_memory import backward_bytes
 from ti_trainer.errors import UserError
 from ti_trainer.memory.plan import MemoryPlan
 
@@ -26,7 +29,7 @@ PROMPTS = [
 ]
 
 
-def backend_for(forge) -> ForgeBackend:
+def backend_for(forge, step_memory=None) -> ForgeBackend:
     from backend import memory_management
     from modules import shared
 
@@ -35,6 +38,7 @@ def backend_for(forge) -> ForgeBackend:
         memory_management,
         emphasis=shared.opts.emphasis,
         clip_skip=shared.opts.CLIP_stop_at_last_layers,
+        step_memory=step_memory,
     )
 
 
@@ -157,6 +161,138 @@ def test_a_step_asks_forge_for_unet_and_text_encoder_with_room_for_the_backward(
             pass
         one_step(backend, vectors, batch=2)
         assert len(calls) == count + 1, "not asked again after a preview had the GPU"
+
+
+MIB = 1024 * 1024
+
+
+def unet_and_text_encoder_asks(backend, calls) -> list:
+    wanted = [backend.loan.unet_patcher, backend.loan.clip.patcher]
+    return [memory for models, memory in calls if models == wanted]
+
+
+def test_the_room_asked_for_a_step_is_the_estimates_made_once_per_shape_and_plan(forge, monkeypatch):
+    """The host's estimate of what a step needs beyond the weights is what Forge is asked to keep free; it is
+    made once per (plan, latent shape), never per step; the largest asked so far stands."""
+    calls = recorded_loads(monkeypatch)
+    estimated = []
+
+    def step_memory(plan, latent_shape, backend):
+        estimated.append((plan.checkpointing, latent_shape, backend))
+        return {"off": 7, "all": 3}[plan.checkpointing] * MIB * latent_shape[0]
+
+    backend = backend_for(forge, step_memory)
+    vectors = backend.token_vectors("red circle").requires_grad_(True)
+    with backend.training_session():
+        with backend.memory_levers(MemoryPlan(checkpointing="off")):
+            for batch in (2, 2, 1, 2):
+                one_step(backend, vectors, batch=batch)
+        assert unet_and_text_encoder_asks(backend, calls) == [0, 14 * MIB]  # the text encoders run first
+        assert estimated == [("off", (2, 4, 8, 8), backend), ("off", (1, 4, 8, 8), backend)]
+        calls.clear()
+        with backend.memory_levers(MemoryPlan(checkpointing="all")):
+            one_step(backend, vectors, batch=2)
+            one_step(backend, vectors, batch=2)
+        assert unet_and_text_encoder_asks(backend, calls) == [0, 6 * MIB]
+        with backend.memory_levers(MemoryPlan(checkpointing="off")):  # known already: not estimated again
+            one_step(backend, vectors, batch=2)
+    assert [level for level, _, _ in estimated] == ["off", "off", "all"]
+    forward = backend.loan.unet_patcher.memory_required([2, 4, 8, 8])
+    assert backward_bytes(forward, "off") != 14 * MIB  # the factor would have asked otherwise
+
+
+def test_where_the_estimate_fails_the_room_is_forges_forward_estimate_times_the_factor(forge, monkeypatch):
+    calls = recorded_loads(monkeypatch)
+    attempts = []
+
+    def failing(plan, latent_shape, backend):
+        attempts.append(latent_shape)
+        raise RuntimeError("no estimate for this model")
+
+    backend = backend_for(forge, failing)
+    vectors = backend.token_vectors("red circle").requires_grad_(True)
+    with backend.training_session(), backend.memory_levers(MemoryPlan(checkpointing="high-res")):
+        one_step(backend, vectors, batch=2)
+        one_step(backend, vectors, batch=2)
+    forward = backend.loan.unet_patcher.memory_required([2, 4, 8, 8])
+    assert unet_and_text_encoder_asks(backend, calls) == [0, backward_bytes(forward, "high-res")]
+    assert attempts == [(2, 4, 8, 8)]  # the fallback is kept too: a failing estimate is not retried per step
+    assert vectors.grad is not None and vectors.grad.abs().sum() > 0
+
+
+def test_the_host_sizes_the_room_with_the_vram_estimate(forge, monkeypatch):
+    """host/forge.py hands its backends the VRAM estimate's room (vram/for_config.py `step_room_bytes`); the
+    tiny model is no architecture the estimate knows, so it is stood in for here."""
+    from ti_trainer.host import forge as forge_host
+    from ti_trainer.vram import for_config
+
+    asked_of_vram = []
+
+    def room(plan, latent_shape, backend):
+        asked_of_vram.append((plan.checkpointing, latent_shape))
+        return 5 * MIB
+
+    monkeypatch.setattr(for_config, "step_room_bytes", room)
+    calls = recorded_loads(monkeypatch)
+    backend = forge_host.get_backend()
+    vectors = backend.token_vectors("red circle").requires_grad_(True)
+    with backend.training_session(), backend.memory_levers(MemoryPlan(checkpointing="all")):
+        one_step(backend, vectors)
+    assert asked_of_vram == [("all", (1, 4, 8, 8))]
+    assert unet_and_text_encoder_asks(backend, calls) == [0, 5 * MIB]
+
+
+def test_the_memory_line_says_what_is_the_trainers_and_what_is_forges(forge, monkeypatch):
+    """Checkpointing and the precision computed in are the trainer's; attention, the weights' dtype and
+    their placement stay Forge's, and the line says so with Forge's own settings."""
+    from backend import memory_management
+
+    backend = backend_for(forge)
+    kmodel = backend.loan.unet_patcher.model
+    monkeypatch.setattr(kmodel, "computation_dtype", torch.bfloat16)
+    monkeypatch.setattr(kmodel, "storage_dtype", torch.float16)
+    monkeypatch.setattr(memory_management, "vram_state", memory_management.VRAMState.NORMAL_VRAM)
+    monkeypatch.setattr(memory_management, "total_vram", 8192.0)
+    monkeypatch.setattr(memory_management, "current_inference_memory", 2048 * MIB)
+    plan = MemoryPlan(
+        attention="xformers", checkpointing="all", vae_offload=True, precision="bf16", half_weights=True
+    )
+    assert backend.describe_memory(plan) == (
+        "checkpointing of every UNet block, bf16 (Forge's computation dtype); attention, weight storage and "
+        "placement are Forge's: UNet weights in fp16, GPU Weights 6144 of 8192 MB (weights beyond it wait in "
+        "RAM and are copied to the GPU as each layer computes)"
+    )
+    monkeypatch.setattr(memory_management, "ALWAYS_VRAM_OFFLOAD", True)
+    fp32 = backend.describe_memory(MemoryPlan(checkpointing="off", precision="fp32"))
+    assert fp32.startswith("checkpointing off, fp32 (the UNet computing in Forge's bf16); ")
+    assert fp32.endswith(", other models unloaded whenever one loads")
+
+
+def test_the_runs_memory_line_is_the_backends_own(forge):
+    """On the stand-in (Forge's --always-cpu) the run's line names Forge's CPU placement, and none of the
+    plan's levers Forge keeps (its attention, the VAE's place, the weights' dtype)."""
+    from ti_trainer.training import fit
+
+    backend = backend_for(forge)
+    data = SimpleNamespace(images=[SimpleNamespace(size=(8, 8))], batch_size=1, gradient_accumulation=1)
+    plan = MemoryPlan(attention="sdpa", checkpointing="high-res", vae_offload=True, precision="fp32")
+    said = []
+    with fit.memory_for_training(
+        plan,
+        backend,
+        data,
+        1,
+        auto_checkpointing=False,
+        say=said.append,
+        probe_first=False,
+        say_estimate=False,
+    ):
+        pass
+    assert said == [
+        "Memory: checkpointing of the high-resolution UNet blocks, fp32 (Forge's computation dtype); attention, "
+        "weight storage and placement are Forge's: UNet weights in fp32, everything on the CPU"
+    ]
+    assert plan.describe() not in said[0] and "SDPA" not in said[0] and "VAE" not in said[0]
 
 
 def run_session(backend, body):

@@ -29,7 +29,7 @@ PROMPTS = [
 HEIGHT, WIDTH = 96, 64  # not Forge's 1024 default: the prompt object's size must reach the vector
 
 
-def backend_for(forge) -> ForgeXLBackend:
+def backend_for(forge, step_memory=None) -> ForgeXLBackend:
     from backend import memory_management
     from modules import shared
 
@@ -40,6 +40,7 @@ def backend_for(forge) -> ForgeXLBackend:
         emphasis=opts.emphasis,
         clip_skip=opts.CLIP_stop_at_last_layers,
         crop_top_left=(opts.sdxl_crop_top, opts.sdxl_crop_left),
+        step_memory=step_memory,
     )
 
 
@@ -205,6 +206,34 @@ def test_a_step_asks_forge_for_unet_and_both_text_encoders_with_room_for_the_bac
     assert set(backend.loan.clip.cond_stage_model.children()) == {
         engine.text_encoder for engine in forge_xl.engines
     }  # the one patcher holds both text encoders
+
+
+def test_the_room_asked_for_an_sdxl_step_is_the_estimates_and_its_line_says_what_is_forges(
+    forge_xl, monkeypatch
+):
+    """As for SD (tests/forge/test_forge_backend.py): the host's estimate, once per (plan, shape), for the
+    UNet and both text encoders; and the memory line names what stays Forge's."""
+    calls = recorded_loads(monkeypatch)
+    estimated = []
+
+    def step_memory(plan, latent_shape, backend):
+        estimated.append((plan.checkpointing, latent_shape))
+        return 9 * 1024 * 1024 * latent_shape[0]
+
+    backend = backend_for(forge_xl, step_memory)
+    plan = MemoryPlan(checkpointing="high-res")
+    with backend.training_session(), backend.memory_levers(plan):
+        one_step(backend, trainable(backend), batch=2)
+        one_step(backend, trainable(backend), batch=2)
+    asked = [
+        memory for models, memory in calls if models == [backend.loan.unet_patcher, backend.loan.clip.patcher]
+    ]
+    assert asked == [0, 18 * 1024 * 1024] and estimated == [("high-res", (2, 4, 8, 8))]
+    line = backend.describe_memory(plan)
+    assert line.startswith(
+        "checkpointing of the high-resolution UNet blocks, fp32 (Forge's computation dtype); "
+    )
+    assert "attention, weight storage and placement are Forge's: UNet weights in fp32" in line
 
 
 def database_state(forge) -> list:

@@ -237,6 +237,13 @@ class Backend(Protocol):
         the model for the duration of a `with` block, and undo it afterwards (backends/*_memory.py)."""
         ...
 
+    def describe_memory(self, plan: MemoryPlan) -> str:
+        """The plan in words as this backend applies it, for the run's "Memory:" line and its out-of-memory
+        advice: `plan.describe()` where every lever of the plan is the backend's to pull. A backend whose host
+        keeps some levers its own (Forge: attention, weight storage, placement) says which are the trainer's
+        and which the host's, from the host's state as far as it is cheap to read."""
+        ...
+
     def previewing(self) -> contextlib.AbstractContextManager:
         """For one preview during a run: take back what was lent out while training (the WebUI's placement,
         the VAE waiting in RAM). A backend that lends nothing out returns a `nullcontext`."""

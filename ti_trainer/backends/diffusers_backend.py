@@ -92,6 +92,10 @@ class DiffusersBackend:
     # SD 1.x/2.x's text encoder is small (0.25 / 0.7 GB in fp16): not worth a copy each step (memory/plan.py).
     lends_text_encoders = False
 
+    def describe_memory(self, plan: MemoryPlan) -> str:
+        """Every lever of the plan is this backend's: the plan's own words."""
+        return plan.describe()
+
     def memory_levers(self, plan: MemoryPlan) -> contextlib.AbstractContextManager:
         """Apply a memory plan for the duration of a `with` block (backends/diffusers_memory.py)."""
         from ti_trainer.backends.diffusers_memory import diffusers_memory_levers

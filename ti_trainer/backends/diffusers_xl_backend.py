@@ -114,6 +114,10 @@ class DiffusersXLBackend:
 
     lends_text_encoders = True  # SDXL's two encoders are ~1.6 GB of fp16 weights: worth lending (plan.py)
 
+    def describe_memory(self, plan: MemoryPlan) -> str:
+        """Every lever of the plan is this backend's: the plan's own words."""
+        return plan.describe()
+
     @contextlib.contextmanager
     def memory_levers(self, plan: MemoryPlan) -> Iterator[None]:
         """The diffusers levers (backends/diffusers_memory.py), with both text encoders in the plan's weights

@@ -21,6 +21,7 @@ What this backend adds is its text:
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -29,6 +30,7 @@ from ti_trainer.backends.contract import PreviewRequest, sd_family
 from ti_trainer.backends.forge_loan import (
     EngineFixes,
     ForgeLoan,
+    bound,
     check_trainable,
     engine_chunker,
     token_rows,
@@ -50,17 +52,20 @@ class ForgeBackend:
         clip_skip: int = 1,
         model_name: str = "",
         model_hash: str | None = None,
+        step_memory: Callable[..., int] | None = None,
     ):
         """`model` is Forge's loaded model (`shared.sd_model` after `forge_model_reload()`);
         `memory_management` is Forge's `backend.memory_management`; `emphasis` and `clip_skip` are its
-        "Emphasis mode" and "Clip skip" settings, as its txt2img applies them."""
+        "Emphasis mode" and "Clip skip" settings, as its txt2img applies them; `step_memory(plan, latent_shape,
+        backend)` is the host's estimate of the room a step needs beyond the weights (backends/forge_loan.py)."""
         _check_supported(model)
         self.engine = engine = model.text_processing_engine
-        self.loan = loan = ForgeLoan(model, memory_management, [engine], clip_skip)
+        self.loan = loan = ForgeLoan(model, memory_management, [engine], clip_skip, bound(step_memory, self))
         # The contract's members the loan fills alike for both Forge backends (backends/forge_loan.py).
         self.device, self.schedule = loan.device, loan.schedule
         self.training_session, self.previewing = loan.training_session, loan.previewing
         self.memory_levers, self.encode_images = loan.memory_levers, loan.encode_images
+        self.describe_memory = loan.describe_memory
         self.model_name, self.model_hash = model_name, model_hash
         # The fixes adapter stands where conditioning.py's own injector would: Forge's wrapper injects.
         self.prompt_encoder = PromptEncoder(

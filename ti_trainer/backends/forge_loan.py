@@ -18,7 +18,10 @@ the text encoders' (`clip.patcher`) and the VAE (`vae`). What the loan uses of e
 - Memory: Forge's (backends/forge_memory.py): before a step, the UNet and the text encoders are asked for
   together, with room for the backward pass; Forge's budget and offload settings stay in force, and what it
   had loaded is given back after the run. The plan's checkpointing goes on Forge's UNet; attention and weight
-  dtypes are Forge's own settings and stay as they are.
+  dtypes are Forge's own settings and stay as they are (`describe_memory` says so in the run's "Memory:" line).
+  The room is what the host's `step_memory` says a step at that shape needs beyond the weights (the VRAM
+  estimate on the meta device, handed in by host/forge.py: backends/ lies below vram/), worked out once per
+  (shape, plan); where it cannot be made, Forge's own forward estimate times BACKWARD_FACTOR.
 
 The model is borrowed: `training_session()` makes it trainable (Forge's inference-mode weights, its in-place
 residual adds) and gives it back as found, after success, an error or an Interrupt. `memory_management` is
@@ -28,7 +31,8 @@ Forge's module, handed in by host/forge.py; nothing here imports Forge.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from types import ModuleType
 
 import torch
@@ -38,7 +42,9 @@ from ti_trainer.backends.contract import LatentDistribution
 from ti_trainer.backends.forge_memory import (
     TrainableWeights,
     backward_bytes,
+    dtype_words,
     forge_checkpointing,
+    forge_memory_in_words,
     in_place_safe,
     loaded_state,
     restore_loaded,
@@ -50,16 +56,34 @@ from ti_trainer.text.conditioning import PromptChunker, TextRules, TokenIds
 
 FORGE_COMMA_BACKTRACK = 20  # classic_engine.tokenize_line fixes it; Forge has no setting for it
 PARAMETERIZATIONS = {"epsilon": "eps", "v_prediction": "v"}
+# The room a training step needs on the GPU beyond the weights, in bytes, under a plan at a latent shape
+# [batch, channels, height, width]: the host's VRAM estimate (it may raise: then the factor stands in).
+StepMemory = Callable[[MemoryPlan, tuple[int, ...]], int]
+
+
+def bound(step_memory: Callable[..., int] | None, backend) -> StepMemory | None:
+    """A host's `step_memory(plan, latent_shape, backend)` for one backend, as the loan calls it."""
+    if step_memory is None:
+        return None
+    return functools.partial(step_memory, backend=backend)
 
 
 class ForgeLoan:
     """Forge's loaded model lent to one backend: its parts, schedule and text engines, the memory asked of
     Forge for each step, and the session that gives it all back."""
 
-    def __init__(self, model, memory_management: ModuleType, engines: list, clip_skip: int):
+    def __init__(
+        self,
+        model,
+        memory_management: ModuleType,
+        engines: list,
+        clip_skip: int,
+        step_memory: StepMemory | None = None,
+    ):
         """`model` is Forge's loaded model; `memory_management` is Forge's `backend.memory_management`;
         `engines` are the text engines the backend encodes with (a session gives back their pending fixes);
-        `clip_skip` is Forge's "Clip skip" setting, which its txt2img sets on every engine."""
+        `clip_skip` is Forge's "Clip skip" setting, which its txt2img sets on every engine; `step_memory`
+        sizes the room asked for a step's backward pass (None: Forge's forward estimate x BACKWARD_FACTOR)."""
         objects = model.forge_objects_original or model.forge_objects
         self.model = model
         self.memory_management = memory_management
@@ -73,7 +97,9 @@ class ForgeLoan:
         )
         self._sessions = SessionDepth()
         self._weights: TrainableWeights | None = None
-        self._checkpointing = "off"
+        self._plan: MemoryPlan | None = None  # the plan applied (memory_levers); None: no lever applied
+        self.step_memory = step_memory
+        self._rooms: dict[tuple[MemoryPlan | None, tuple[int, ...]], int] = {}  # once per (plan, shape)
         self._requested: int | None = (
             None  # memory_required last asked of Forge; None: ask before the next step
         )
@@ -120,14 +146,42 @@ class ForgeLoan:
         in inference mode meanwhile are made trainable again."""
         needed = self._needed
         if latent_shape is not None:
-            forward = self.unet_patcher.memory_required(list(latent_shape))
-            needed = max(needed, backward_bytes(forward, self._checkpointing))
+            needed = max(needed, self.step_room(tuple(latent_shape)))
         if self._requested is not None and needed <= self._requested:
             return
         self.memory_management.load_models_gpu([self.unet_patcher, self.clip.patcher], memory_required=needed)
         self._requested = self._needed = needed
         if self._weights is not None:
             self._weights.refresh()
+
+    def step_room(self, latent_shape: tuple[int, ...]) -> int:
+        """The room asked of Forge for a training step at `latent_shape` beyond the weights, under the plan
+        applied: the host's estimate, made once per (plan, shape) (it takes seconds: never per step); where
+        it cannot be made, Forge's own forward estimate x BACKWARD_FACTOR."""
+        key = (self._plan, latent_shape)
+        if key not in self._rooms:
+            estimated = self._estimated_room(latent_shape)
+            if estimated is None:
+                forward = self.unet_patcher.memory_required(list(latent_shape))
+                level = self._plan.checkpointing if self._plan is not None else "off"
+                estimated = backward_bytes(forward, level)
+            self._rooms[key] = estimated
+        return self._rooms[key]
+
+    def _estimated_room(self, latent_shape: tuple[int, ...]) -> int | None:
+        if self.step_memory is None or self._plan is None:
+            return None
+        # Asked from inside a step (its forward has begun, perhaps under autocast or no_grad): the estimate
+        # runs its own step on the meta device, with gradients and without the real autocast.
+        try:
+            with (
+                torch.inference_mode(False),
+                torch.enable_grad(),
+                torch.autocast(self.device.type, enabled=False),
+            ):
+                return int(self.step_memory(self._plan, latent_shape))
+        except Exception:  # advice only: a failing estimate must never stop a run (the factor stands in)
+            return None
 
     # --- memory ------------------------------------------------------------------------------------------------
 
@@ -137,16 +191,28 @@ class ForgeLoan:
         dtype = self.unet_patcher.model.computation_dtype
         return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype)
 
+    def describe_memory(self, plan: MemoryPlan) -> str:
+        """The plan as it applies in Forge: checkpointing and the precision computed in are the trainer's;
+        attention, weight storage and placement Forge's (its settings and memory manager), read from it."""
+        computes = dtype_words(self.unet_patcher.model.computation_dtype)
+        precision = plan.precision_words
+        if plan.precision == computes:
+            precision += " (Forge's computation dtype)"
+        else:
+            precision += f" (the UNet computing in Forge's {computes})"
+        forge = forge_memory_in_words(self.memory_management, self.unet_patcher.model.storage_dtype)
+        return f"{plan.checkpointing_words}, {precision}; attention, weight storage and placement are Forge's: {forge}"
+
     @contextlib.contextmanager
     def memory_levers(self, plan: MemoryPlan) -> Iterator[None]:
         """The plan's checkpointing on Forge's UNet (and the room asked for the backward pass sized by it).
         Attention, weight dtypes and placement stay Forge's: its settings and its memory manager decide."""
-        self._checkpointing, self._requested, self._needed = plan.checkpointing, None, 0
+        self._plan, self._requested, self._needed = plan, None, 0
         try:
             with forge_checkpointing(self.unet, plan.checkpointing):
                 yield
         finally:
-            self._checkpointing, self._requested, self._needed = "off", None, 0
+            self._plan, self._requested, self._needed = None, None, 0
 
     @contextlib.contextmanager
     def previewing(self) -> Iterator[None]:

@@ -186,5 +186,52 @@ def forge_checkpointing(unet: torch.nn.Module, level: str) -> Iterator[list[torc
 
 
 def backward_bytes(forward_estimate: float, checkpointing: str) -> int:
-    """The memory a training step needs beyond the weights, from Forge's estimate of one forward's."""
+    """The memory a training step needs beyond the weights, from Forge's estimate of one forward's: the
+    fallback where the VRAM estimate (the loan's `step_memory`) cannot be made. It falls short: 2 to 5 times
+    below the estimate without checkpointing, 1.0 to 1.7 with every block checkpointed (docs/benchmarks.md)."""
     return int(forward_estimate * BACKWARD_FACTOR[checkpointing])
+
+
+# --- Forge's own levers, in words ------------------------------------------------------------------------------
+
+MIB = 1024 * 1024
+_DTYPE_WORDS = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    getattr(torch, "float8_e4m3fn", None): "fp8 (e4m3fn)",
+    getattr(torch, "float8_e5m2", None): "fp8 (e5m2)",
+}
+# What Forge's VRAM states (its --always-*-vram flags; normal otherwise) mean for where weights sit.
+_VRAM_STATE_WORDS = {
+    "DISABLED": "everything on the CPU",
+    "NO_VRAM": "every weight in RAM, copied to the GPU as each layer computes",
+    "HIGH_VRAM": "every model kept on the GPU",
+    "SHARED": "models in memory the GPU shares with the CPU",
+}
+
+
+def dtype_words(dtype) -> str:
+    """A dtype as the plan's words name it ("fp16"); Forge's low-bit storages ("nf4", "gguf") as they are."""
+    return _DTYPE_WORDS.get(dtype) or str(dtype).removeprefix("torch.")
+
+
+def forge_memory_in_words(memory_management: ModuleType, storage_dtype) -> str:
+    """Forge's part of a run's memory, as its settings stand: the dtype the UNet's weights are stored in, and
+    where its memory manager puts the weights ("GPU Weights" slider, VRAM state, offload flag). Read with
+    defaults: a Forge without one of these members still gets its line."""
+    parts = [f"UNet weights in {dtype_words(storage_dtype)}"]
+    state = getattr(getattr(memory_management, "vram_state", None), "name", "NORMAL_VRAM")
+    if state in _VRAM_STATE_WORDS:
+        parts.append(_VRAM_STATE_WORDS[state])
+    else:  # normal or low VRAM: the "GPU Weights" budget decides what stays in RAM
+        reserve = int(getattr(memory_management, "current_inference_memory", 0)) / MIB
+        total = getattr(memory_management, "total_vram", None)
+        budget = f"GPU Weights {total - reserve:.0f} of {total:.0f} MB" if total else ""
+        budget = budget or f"{reserve:.0f} MB kept free for computing"
+        parts.append(
+            budget + " (weights beyond it wait in RAM and are copied to the GPU as each layer computes)"
+        )
+    if getattr(memory_management, "ALWAYS_VRAM_OFFLOAD", False):
+        parts.append("other models unloaded whenever one loads")
+    return ", ".join(parts)

@@ -28,6 +28,7 @@ models.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -36,6 +37,7 @@ from ti_trainer.backends.contract import CLIP_G, CLIP_L, PreviewRequest, sdxl_fa
 from ti_trainer.backends.forge_loan import (
     EngineFixes,
     ForgeLoan,
+    bound,
     check_trainable,
     engine_chunker,
     token_rows,
@@ -60,16 +62,20 @@ class ForgeXLBackend:
         crop_top_left: tuple[int, int] = (0, 0),
         model_name: str = "",
         model_hash: str | None = None,
+        step_memory: Callable[..., int] | None = None,
     ):
         """As ForgeBackend's; `crop_top_left` is Forge's "sdxl_crop_top" and "sdxl_crop_left" settings (its
         "Clip skip" applies to both engines, as its txt2img sets it)."""
         _check_supported(model)
         self.text_engines = {key: getattr(model, name) for key, name in ENGINE_ATTRIBUTES.items()}
-        self.loan = loan = ForgeLoan(model, memory_management, list(self.text_engines.values()), clip_skip)
+        self.loan = loan = ForgeLoan(
+            model, memory_management, list(self.text_engines.values()), clip_skip, bound(step_memory, self)
+        )
         # The contract's members the loan fills alike for both Forge backends (backends/forge_loan.py).
         self.device, self.schedule = loan.device, loan.schedule
         self.training_session, self.previewing = loan.training_session, loan.previewing
         self.memory_levers, self.encode_images = loan.memory_levers, loan.encode_images
+        self.describe_memory = loan.describe_memory
         self.model_name, self.model_hash = model_name, model_hash
         self.crop_top_left = tuple(int(value) for value in crop_top_left)
         paths = [

@@ -125,6 +125,10 @@ class LdmBackend:
     # SD 1.x/2.x's text encoder is small (0.25 / 0.7 GB in fp16): not worth a copy each step (memory/plan.py).
     lends_text_encoders = False
 
+    def describe_memory(self, plan: MemoryPlan) -> str:
+        """Every lever of the plan is this backend's: the plan's own words."""
+        return plan.describe()
+
     @contextlib.contextmanager
     def memory_levers(self, plan: MemoryPlan) -> Iterator[None]:
         """The plan's attention, checkpointing, weights and VAE placement on the WebUI's model for a run;

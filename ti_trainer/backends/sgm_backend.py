@@ -150,6 +150,10 @@ class SgmBackend:
 
     lends_text_encoders = True  # SDXL's two encoders are ~1.6 GB of fp16 weights: worth lending (plan.py)
 
+    def describe_memory(self, plan: MemoryPlan) -> str:
+        """Every lever of the plan is this backend's: the plan's own words."""
+        return plan.describe()
+
     @contextlib.contextmanager
     def memory_levers(self, plan: MemoryPlan) -> Iterator[None]:
         """The plan on the WebUI's SDXL for a run (backends/sgm_memory.py), with placement taken over under

@@ -86,6 +86,14 @@ def loaded_model():
     return shared.sd_model
 
 
+def estimated_step_room(plan, latent_shape: tuple[int, ...], backend) -> int:
+    """The room a training step needs beyond the weights, from the VRAM estimate (vram/for_config.py
+    `step_room_bytes`, imported when first asked: it builds models on the meta device)."""
+    from ti_trainer.vram.for_config import step_room_bytes
+
+    return step_room_bytes(plan, latent_shape, backend)
+
+
 def get_backend() -> ForgeBackend | ForgeXLBackend:
     """The loaded model, trained in place through Forge's memory management (no second copy): SDXL by
     ForgeXLBackend (with Forge's crop settings), SD 1.x / 2.x by ForgeBackend."""
@@ -96,6 +104,8 @@ def get_backend() -> ForgeBackend | ForgeXLBackend:
         clip_skip=int(shared.opts.CLIP_stop_at_last_layers),
         model_name=getattr(checkpoint, "model_name", "") or "",
         model_hash=getattr(checkpoint, "shorthash", None),
+        # The room asked of Forge for a step's backward pass: the VRAM estimate (docs/benchmarks.md)
+        step_memory=estimated_step_room,
     )
     if getattr(model, "is_sdxl", False):
         crop = (int(shared.opts.sdxl_crop_top), int(shared.opts.sdxl_crop_left))

@@ -40,6 +40,12 @@ ATTENTION_KINDS = ATTENTION_CHOICES[1:]  # without "auto"
 # Which UNet blocks are checkpointed: none, those at the highest resolution (the first down block and the
 # last up block, where activations are largest), or every down, middle and up block.
 CHECKPOINT_LEVELS = CHECKPOINTING_CHOICES[1:]
+CHECKPOINTING_WORDS = {
+    "off": "checkpointing off",
+    "high-res": "checkpointing of the high-resolution UNet blocks",
+    "all": "checkpointing of every UNet block",
+}
+PRECISION_WORDS = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16 with loss scaling"}
 
 
 @dataclass(frozen=True)
@@ -63,18 +69,23 @@ class MemoryPlan:
         """The plan in words, for the UI and the run's log."""
         attention = {"sdpa": "SDPA", "xformers": "xformers", "math": "plain (math)"}[self.attention]
         attention += " attention" + (" (scores in fp32)" if self.upcast_attention else "")
-        checkpointing = {
-            "off": "checkpointing off",
-            "high-res": "checkpointing of the high-resolution UNet blocks",
-            "all": "checkpointing of every UNet block",
-        }[self.checkpointing]
         vae = "VAE in RAM while training" if self.vae_offload else "VAE stays where it is"
         if self.text_encoders_lent:
             vae += ", text encoders in RAM (on the GPU only for their own forward and backward)"
-        precision = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16 with loss scaling"}[self.precision]
+        precision = self.precision_words
         if self.weights_dtype is not None:
             precision += " (weights too)"
-        return f"{attention}, {checkpointing}, {vae}, {precision}"
+        return f"{attention}, {self.checkpointing_words}, {vae}, {precision}"
+
+    @property
+    def checkpointing_words(self) -> str:
+        """The checkpointing lever in words (a part of `describe`, and of a host's own line: Forge's)."""
+        return CHECKPOINTING_WORDS[self.checkpointing]
+
+    @property
+    def precision_words(self) -> str:
+        """The precision computed in, in words (without the weights' storage, which a host may keep)."""
+        return PRECISION_WORDS[self.precision]
 
     def with_checkpointing(self, level: str) -> MemoryPlan:
         return dataclasses.replace(self, checkpointing=level)

@@ -175,7 +175,7 @@ def _advice(
                 if fits(training_step_probe(backend, smaller, plan.precision, num_vectors), 1):
                     size = smaller
                     break
-    text = f"{what} at batch {batch}, {px(latent_hw, factor)} px (memory: {plan.describe()})."
+    text = f"{what} at batch {batch}, {px(latent_hw, factor)} px (memory: {backend.describe_memory(plan)})."
     if fitting:
         images = batch * accumulation
         steps = math.ceil(images / fitting)
@@ -284,7 +284,7 @@ def memory_for_training(
             what = "Training would run out of GPU memory"
             raise UserError(_advice(backend, most_saving, batch, accumulation, latent_hw, num_vectors, what))
         plan = needed
-    say(f"Memory: {plan.describe()}")
+    say(f"Memory: {backend.describe_memory(plan)}")
     if say_estimate if say_estimate is not None else backend.device.type == "cuda":
         line = _estimate_line(plan, backend, latent_hw, batch, num_vectors)
         if line:

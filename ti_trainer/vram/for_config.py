@@ -219,3 +219,24 @@ def largest_estimated_batch(
         return largest_batch(architecture_of_backend(backend), settings, budget_bytes, limit)[0]
     except Exception:  # advice only, as above
         return None
+
+
+def step_room_bytes(plan: MemoryPlan, latent_shape: tuple[int, ...], backend) -> int:
+    """What a training step of `backend`'s model at `latent_shape` ([batch, channels, height, width]) needs on
+    the GPU beyond its resident weights, under `plan`: the estimate's needed bytes (activations, the vectors'
+    gradients, the allocator's and the kernels' allowances) less its weights. The room a host that places
+    the weights itself (Forge's `load_models_gpu(..., memory_required=)`) is asked to keep free.
+
+    Only for the released architectures the estimate knows by name (SD 1.x, 2.x, SDXL): a model of another
+    width (the tests' tiny ones) raises ValueError, as any failure of the estimate raises: the caller has a
+    fallback (backends/forge_loan.py)."""
+    from ti_trainer.backends.contract import FAMILY_TEXT_WIDTHS
+
+    family = backend.family
+    if backend.text_width != FAMILY_TEXT_WIDTHS.get(family.name):
+        raise ValueError(f"no named architecture of {family.title} has text width {backend.text_width}")
+    batch, _, height, width = (int(size) for size in latent_shape)
+    factor = family.vae_scale_factor
+    settings = settings_for_plan(plan, width * factor, height * factor, batch)
+    estimate = cached_estimate(architecture_of_backend(backend), settings)
+    return estimate.needed_bytes - estimate.weights_bytes

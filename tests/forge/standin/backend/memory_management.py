@@ -13,7 +13,7 @@ extension relies on is kept with Forge's meaning:
   from the least recently used on, except those in `keep_loaded`, until enough is free (all of them with
   `--always-offload-from-vram`).
 - `current_inference_memory`: the reserve the "GPU Weights" slider leaves for computation (bytes);
-  `minimum_inference_memory()` reads it.
+  `minimum_inference_memory()` reads it. `total_vram`: the device's memory in MB (the slider's maximum).
 - `unload_all_models()`, `soft_empty_cache()`, `module_size()`, the device and dtype helpers.
 
 Not here: CUDA/XPU/MPS/DirectML detection, partial loading (`build_module_profile`, manual casts), bitsandbytes
@@ -48,6 +48,7 @@ empty_cache_calls = 0  # test probe: how often soft_empty_cache ran
 
 current_loaded_models = []
 current_inference_memory = 1024 * 1024 * 1024
+total_vram = free_memory_bytes / (1024 * 1024)  # MB, as Forge reads the device's total at start-up
 
 
 def get_torch_device():
