@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from ti_trainer.config import ATTENTION_CHOICES, CHECKPOINTING_CHOICES, LENDING_CHOICES, TrainConfig
 from ti_trainer.errors import UserError
 from ti_trainer.memory.precision import resolve_precision
+from ti_trainer.memory.saved_in_ram import saved_in_ram
 
 ATTENTION_KINDS = ATTENTION_CHOICES[1:]  # without "auto"
 # Which UNet blocks are checkpointed: none, those at the highest resolution (the first down block and the
@@ -284,12 +285,18 @@ def on_device(module: torch.nn.Module, device: torch.device | str) -> Iterator[t
 
 @contextlib.contextmanager
 def text_encoder_lent(module: torch.nn.Module, device: torch.device) -> Iterator[None]:
-    """`module` on `device` for one forward; the tensors its backward keeps (activations and the weights they
-    multiply) wait in RAM until the backward needs them (torch's save_on_cpu). Afterwards the module's tensors
-    are its RAM ones again, the very same storage: frozen weights need no copy back.
+    """`module` on `device` for one forward; the tensors its backward keeps wait in RAM until the backward
+    needs them (memory/saved_in_ram.py). Afterwards the module's tensors are its RAM ones again, the very same
+    storage: frozen weights need no copy back.
 
-    On the CPU nothing moves; what the backward keeps still goes through save_on_cpu (a copy in RAM), so a
-    run on the CPU takes the lever's own backward path (the tests compare its vectors with a run without)."""
+    What crosses PCIe per forward and backward, for an encoder of W bytes of weights of which W_b are those
+    its backward multiplies by (every Linear's and LayerNorm's: all but the token and position tables), and
+    A bytes of saved activations: W host -> device for the forward; A device -> host while it runs; W_b + A
+    host -> device for the backward. The saved weights are packed as references to their RAM originals (the
+    module's own storage, kept here), so they are not copied out as torch's `save_on_cpu` would (W_b more
+    device -> host, and a stride-0 expanded weight materialised at its full expanded size).
+
+    On the CPU nothing moves and nothing is packed: the saved tensors are in RAM already."""
     kept = []  # (table, name, the tensor or Parameter object there, its data in RAM)
     for owner in module.modules():
         for table in (owner._parameters, owner._buffers):
@@ -297,9 +304,14 @@ def text_encoder_lent(module: torch.nn.Module, device: torch.device) -> Iterator
                 if tensor is not None and tensor.device != device:
                     kept.append((table, name, tensor, tensor.data))
     try:
+        lent = []  # (device copy, RAM original)
         for table, name, tensor, data in kept:
-            table[name] = _moved(tensor, data.to(device, non_blocking=True))
-        with torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda"):
+            copy = data.to(device, non_blocking=True)
+            lent.append((copy, data))
+            table[name] = _moved(tensor, copy)
+        packing = saved_in_ram(lent, device) if device.type != "cpu" else contextlib.nullcontext()
+        del lent  # the index in `saved_in_ram` holds them while the forward runs, and lets go after
+        with packing:
             yield
     finally:
         for table, name, tensor, data in kept:
