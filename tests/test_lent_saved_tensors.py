@@ -7,12 +7,12 @@ stood in for), or the "device copies" are CPU copies of the weights, in other st
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import weakref
 
 import pytest
 import torch
+from lent_on_cpu import lent_in_other_storage
 
 from ti_trainer.backends.tiny_xl import tiny_xl_backend
 from ti_trainer.memory import saved_in_ram
@@ -21,9 +21,8 @@ from ti_trainer.memory.saved_in_ram import from_ram_view, lent_index, lent_weigh
 
 
 class Encoder(torch.nn.Module):
-    """A text encoder's pieces: LayerNorm, open_clip's attention (sequence first after a permute, so the
-    in-projection's weight is saved transposed and expanded over the sequence, stride 0), Linear, GELU, and a
-    buffer."""
+    """A text encoder's pieces: LayerNorm, attention on a permuted (sequence-first, non-contiguous) input, so
+    that its in-projection's weight is saved transposed and expanded, stride 0; Linear, GELU, and a buffer."""
 
     def __init__(self, width: int = 8):
         super().__init__()
@@ -35,7 +34,7 @@ class Encoder(torch.nn.Module):
         self.requires_grad_(False)  # only the embedding learns
 
     def forward(self, vectors: torch.Tensor) -> torch.Tensor:
-        x = self.norm(vectors).permute(1, 0, 2)  # NLD -> LND, as sgm runs open_clip's transformer
+        x = self.norm(vectors).permute(1, 0, 2)  # NLD -> LND
         x = x + self.attention(x, x, x, need_weights=False)[0]
         return self.out(self.mlp(x)).permute(1, 0, 2) * self.scale
 
@@ -49,33 +48,6 @@ def encoder_and_vectors(seed: int = 0, device: str = "cpu") -> tuple[Encoder, to
 
 def tensors_of(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [*module.named_parameters(), *module.named_buffers()]
-
-
-@contextlib.contextmanager
-def copies_in_place(module: torch.nn.Module):
-    """Each weight and buffer of `module` replaced by a copy in other CPU storage, as lending puts its device
-    copies in place; yields (copy, original) pairs and puts the originals back."""
-    pairs, kept = [], []
-    for owner in module.modules():
-        for table in (owner._parameters, owner._buffers):
-            for name, tensor in table.items():
-                if tensor is None:
-                    continue
-                copy = tensor.detach().clone()
-                pairs.append((copy, tensor.data))
-                kept.append((table, name, tensor, tensor.data))
-                if isinstance(tensor, torch.nn.Parameter):
-                    tensor.data = copy
-                else:
-                    table[name] = copy
-    try:
-        yield pairs
-    finally:
-        for table, name, tensor, data in kept:
-            if isinstance(tensor, torch.nn.Parameter):
-                tensor.data = data
-            else:
-                table[name] = data
 
 
 def input_gradient(encoder: torch.nn.Module, vectors: torch.Tensor, run=None) -> torch.Tensor:
@@ -191,7 +163,7 @@ def test_with_the_hooks_the_input_gradient_is_bit_identical_and_the_weights_come
     xl = tiny_xl_backend()
     text = xl.text_encoder_2
     ids = torch.tensor([xl.tokenize(["a red cat, simple shapes"])[0]])
-    vectors = text.text_model.embeddings.token_embedding(ids).detach()
+    token_vectors = text.text_model.embeddings.token_embedding(ids).detach()
 
     def clip_g(vectors):
         # The vectors in place of the token embedding's output, as the trainer's injector puts them.
@@ -202,18 +174,16 @@ def test_with_the_hooks_the_input_gradient_is_bit_identical_and_the_weights_come
             handle.remove()
         return torch.cat([out.hidden_states[-2].flatten(), out.text_embeds.flatten()])
 
-    for encoder, vectors, run in ((*encoder_and_vectors(), None), (text, vectors, clip_g)):
-        plain = input_gradient(encoder, vectors, run)
+    encoder, vectors = encoder_and_vectors()
+    for module, inputs, run in ((encoder, vectors, None), (text, token_vectors, clip_g)):
+        plain = input_gradient(module, inputs, run)
 
-        def through_the_hooks(vectors, encoder=encoder, run=run):
-            with copies_in_place(encoder) as pairs, saved_in_ram.saved_in_ram(pairs, torch.device("cpu")):
-                out = encoder(vectors) if run is None else run(vectors)
-            for copy, _ in pairs:  # the backward must read the RAM originals, not the copies
-                if copy.is_floating_point():
-                    copy.fill_(float("nan"))
-            return out
+        def through_the_hooks(vectors, module=module, run=run):
+            # The copies are NaN once the forward ends: the backward must read the RAM originals.
+            with lent_in_other_storage(module, torch.device("cpu")):
+                return module(vectors) if run is None else run(vectors)
 
-        assert torch.equal(input_gradient(encoder, vectors, through_the_hooks), plain)
+        assert torch.equal(input_gradient(module, inputs, through_the_hooks), plain)
 
 
 # --- on the CPU nothing is packed ------------------------------------------------------------------------------

@@ -3,12 +3,13 @@
 While an encoder is lent, the tensors autograd saves for its backward wait in RAM instead of on the GPU. Two
 kinds reach the pack hook:
 
-- the lent weights themselves, or views of them: Linear saves its weight transposed (`weight.t()`),
-  LayerNorm its weight and bias, and a Linear over a non-contiguous 3-D input (open_clip's attention after
-  its NLD -> LND permute) the transposed weight expanded over the sequence, stride 0. These already have a
-  RAM copy, the module's own storage the lending keeps: they are packed as a reference to it plus how to
-  view it (`RamView`), so nothing is copied out, and the backward gets them back with one host -> device
-  copy of the weight;
+- the lent weights themselves, or views of them (torch 2.x, by experiment): Linear saves its weight
+  transposed (`weight.t()`, not its bias), LayerNorm its weight and bias, a matmul its matrix, and a Linear
+  over a non-contiguous 3-D input (nn.MultiheadAttention's in-projection on a permuted input) the transposed
+  weight expanded over the leading dimension, stride 0; an Embedding saves nothing of its frozen table.
+  These already have a RAM copy, the module's own storage the lending keeps: they are packed as a
+  reference to it plus how to view it (`RamView`), so nothing is copied out, and the backward gets each
+  back with one host -> device copy of the weight, laid out as autograd saved it;
 - everything else (activations, and weights cast by autocast: a new tensor): copied to RAM, pinned when the
   device is a GPU, as torch's `save_on_cpu` does.
 
@@ -35,7 +36,9 @@ class RamView:
 
     original: torch.Tensor  # the module's own RAM tensor (not a copy)
     storage_elements: int  # the device copy's storage, in elements
-    copy_layout: tuple[torch.Size, tuple[int, ...], int]  # the device copy in that storage: size, stride, offset
+    copy_layout: tuple[
+        torch.Size, tuple[int, ...], int
+    ]  # the device copy in that storage: size, stride, offset
     view_layout: tuple[torch.Size, tuple[int, ...], int]  # the saved tensor in that storage
 
 
