@@ -28,6 +28,8 @@ import torch
 
 # storage key -> (the device copy of a lent weight, its RAM original)
 LentIndex = dict[int, tuple[torch.Tensor, torch.Tensor]]
+# A tensor's place in its storage: size, stride, offset (in elements)
+Layout = tuple[torch.Size, tuple[int, ...], int]
 
 
 @dataclass(frozen=True)
@@ -36,10 +38,8 @@ class RamView:
 
     original: torch.Tensor  # the module's own RAM tensor (not a copy)
     storage_elements: int  # the device copy's storage, in elements
-    copy_layout: tuple[
-        torch.Size, tuple[int, ...], int
-    ]  # the device copy in that storage: size, stride, offset
-    view_layout: tuple[torch.Size, tuple[int, ...], int]  # the saved tensor in that storage
+    copy_layout: Layout  # the device copy in that storage
+    view_layout: Layout  # the saved tensor in that storage
 
 
 def storage_key(tensor: torch.Tensor) -> int:
