@@ -14,6 +14,7 @@ import types
 import pytest
 import torch
 from conftest import quick_config
+from lent_on_cpu import lent_in_other_storage
 from test_config_fields import parse_train
 
 from ti_trainer.backends import diffusers_xl_backend
@@ -252,11 +253,20 @@ def quiet(messages: list | None = None) -> TrainingHooks:
 
 
 def test_a_run_with_the_encoders_lent_trains_the_same_vectors(xl, tmp_path, lent_forwards, monkeypatch):
-    """On the CPU nothing moves, but what the encoders' backward keeps goes through save_on_cpu as on a GPU:
-    the vectors must come out bit for bit as without the lever, and the model as it was."""
+    """Each encoder's forward lent, and what its backward keeps packed as on a GPU (the lending stood in for
+    on the CPU: tests/lent_on_cpu.py): the vectors must come out bit for bit as without the lever, and the
+    model as it was."""
     before = weights(xl)
     plain = train(quick_config(tmp_path, xl, name="plain", save_format="safetensors"), xl, quiet())
     assert lent_forwards == []
+    recorded = diffusers_xl_backend.text_encoder_lent
+
+    @contextlib.contextmanager
+    def lent_as_on_a_gpu(module, device):
+        with recorded(module, device), lent_in_other_storage(module, device):
+            yield
+
+    monkeypatch.setattr(diffusers_xl_backend, "text_encoder_lent", lent_as_on_a_gpu)
     run_plan = setup.plan_for
     monkeypatch.setattr(
         setup, "plan_for", lambda c, b: dataclasses.replace(run_plan(c, b), text_encoders_lent=True)

@@ -545,8 +545,10 @@ def test_the_plan_lends_each_text_encoder_for_its_own_forward_only_while_it_hold
 def test_a_run_with_the_text_encoders_lent_trains_the_same_vectors_and_leaves_the_model_as_found(
     sdxl_run, monkeypatch
 ):
-    """On the CPU nothing moves, but what the encoders' backward keeps goes through save_on_cpu as on a GPU:
-    the vectors must come out bit for bit as without the lever."""
+    """Each encoder's forward lent, and what its backward keeps packed as on a GPU (the lending stood in for
+    on the CPU: tests/lent_on_cpu.py): the vectors must come out bit for bit as without the lever."""
+    from lent_on_cpu import lent_in_other_storage
+
     from ti_trainer.memory import plan as memory_plan
     from ti_trainer.training import setup
 
@@ -560,11 +562,14 @@ def test_a_run_with_the_text_encoders_lent_trains_the_same_vectors_and_leaves_th
 
     lent = []
     real_lent = memory_plan.text_encoder_lent
-    monkeypatch.setattr(
-        memory_plan,
-        "text_encoder_lent",
-        lambda module, device: lent.append(module) or real_lent(module, device),
-    )
+
+    @contextlib.contextmanager
+    def lent_as_on_a_gpu(module, device):
+        lent.append(module)
+        with real_lent(module, device), lent_in_other_storage(module, device):
+            yield
+
+    monkeypatch.setattr(memory_plan, "text_encoder_lent", lent_as_on_a_gpu)
     run_plan = setup.plan_for
     monkeypatch.setattr(
         setup, "plan_for", lambda c, b: dataclasses.replace(run_plan(c, b), text_encoders_lent=True)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from ti_trainer.config import ATTENTION_CHOICES, CHECKPOINTING_CHOICES, LENDING_CHOICES, TrainConfig
 from ti_trainer.errors import UserError
 from ti_trainer.memory.precision import resolve_precision
+from ti_trainer.memory.saved_in_ram import saved_in_ram
 
 ATTENTION_KINDS = ATTENTION_CHOICES[1:]  # without "auto"
 # Which UNet blocks are checkpointed: none, those at the highest resolution (the first down block and the
@@ -98,8 +99,9 @@ def escalation(plan: MemoryPlan, *, checkpointing: bool, lending: bool) -> list[
 
     At each checkpointing level the text encoders are lent before the next level is tried. Lending costs
     copies whatever the batch: the encoders' weights (~1.6 GB of fp16 for SDXL's two) to the GPU for the
-    forward, then (with the few activations of 77-token prompts) out to RAM and back for the backward: ~5 GB
-    over PCIe per step, a few tenths of a second (not yet measured on a GPU). Checkpointing costs
+    forward, those the backward multiplies by (~1.4 GB: all but the token tables) again from RAM for the
+    backward, and the few activations of 77-token prompts out to RAM and back: ~3 GB over PCIe per step
+    (`text_encoder_lent` has the arithmetic), a few tenths of a second (not yet measured on a GPU). Checkpointing costs
     recomputation that grows with the batch and the image: "all" is one more UNet forward per image, about
     a third more time per step; at SDXL's 1024 px roughly what the copies cost at batch 1 on an 8 GB card's
     GPU, and more with every image after (arithmetic, not yet measured). And on SDXL lending frees about as
@@ -295,12 +297,21 @@ def on_device(module: torch.nn.Module, device: torch.device | str) -> Iterator[t
 
 @contextlib.contextmanager
 def text_encoder_lent(module: torch.nn.Module, device: torch.device) -> Iterator[None]:
-    """`module` on `device` for one forward; the tensors its backward keeps (activations and the weights they
-    multiply) wait in RAM until the backward needs them (torch's save_on_cpu). Afterwards the module's tensors
-    are its RAM ones again, the very same storage: frozen weights need no copy back.
+    """`module` on `device` for one forward; the tensors its backward keeps wait in RAM until the backward
+    needs them (memory/saved_in_ram.py). Afterwards the module's tensors are its RAM ones again, the very same
+    storage: frozen weights need no copy back.
 
-    On the CPU nothing moves; what the backward keeps still goes through save_on_cpu (a copy in RAM), so a
-    run on the CPU takes the lever's own backward path (the tests compare its vectors with a run without)."""
+    What crosses PCIe per forward and backward, for an encoder of W bytes of weights of which W_b are those
+    its backward multiplies by (each Linear's weight, each LayerNorm's weight and bias: all but the token and
+    position tables and the Linear biases), and A bytes of saved activations: W host -> device for the
+    forward, A device -> host while it runs, then at most W_b + A host -> device for the backward (a layer
+    past the output used is never brought back). The saved weights are packed as references to their RAM
+    originals (the module's own storage, kept here), not copied out as torch's `save_on_cpu` did: that was W_b
+    more device -> host (a weight saved expanded, stride 0, at its expanded size), into pinned RAM each step.
+    For SDXL's two encoders in fp16: W = 1.64 GB (817.7M parameters), W_b = 1.43 GB (CLIP-L's 85.0M and bigG's
+    631.0M), so 3.07 GB + 2A per step where `save_on_cpu` made it 4.50 GB + 2A (arithmetic, not measured).
+
+    On the CPU nothing moves and nothing is packed: the saved tensors are in RAM already."""
     kept = []  # (table, name, the tensor or Parameter object there, its data in RAM)
     for owner in module.modules():
         for table in (owner._parameters, owner._buffers):
@@ -308,9 +319,14 @@ def text_encoder_lent(module: torch.nn.Module, device: torch.device) -> Iterator
                 if tensor is not None and tensor.device != device:
                     kept.append((table, name, tensor, tensor.data))
     try:
+        lent = []  # (device copy, RAM original)
         for table, name, tensor, data in kept:
-            table[name] = _moved(tensor, data.to(device, non_blocking=True))
-        with torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda"):
+            copy = data.to(device, non_blocking=True)
+            lent.append((copy, data))
+            table[name] = _moved(tensor, copy)
+        packing = saved_in_ram(lent, device) if device.type != "cpu" else contextlib.nullcontext()
+        del lent  # the index in `saved_in_ram` holds them while the forward runs, and lets go after
+        with packing:
             yield
     finally:
         for table, name, tensor, data in kept:

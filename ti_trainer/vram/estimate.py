@@ -250,8 +250,8 @@ def on_gpu_from_here(cond, added, tally: LiveBytes):
 @contextlib.contextmanager
 def lent_on_meta(encoder: torch.nn.Module):
     """memory/plan.py `text_encoder_lent`, as the tally sees it: copies of the encoder's weights arrive for its
-    forward (counted while it runs), and what its backward keeps leaves for RAM (save_on_cpu: no longer
-    counted) until the backward brings it back (counted again, then)."""
+    forward (counted while it runs), and what its backward keeps leaves for RAM (memory/saved_in_ram.py: no
+    longer counted) until the backward brings it back (counted again, then)."""
 
     def pack(tensor: torch.Tensor):
         return tensor.shape, tensor.dtype, tensor.device
