@@ -16,7 +16,7 @@ from ti_trainer.errors import UserError
 LATENT_SAMPLING = ("once", "deterministic", "random")
 CLIP_MODES = ("disabled", "value", "norm")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-# Memory levers (ti_trainer/memory.py); "auto" chooses from the device and the model.
+# Memory levers (ti_trainer/memory/plan.py); "auto" chooses from the device and the model.
 ATTENTION_CHOICES = ("auto", "sdpa", "xformers", "math")
 CHECKPOINTING_CHOICES = ("auto", "off", "high-res", "all")
 UPCAST_CHOICES = ("auto", "on", "off")
@@ -211,7 +211,7 @@ class TrainConfig:
         help="auto: bf16 where the GPU has it, else fp16; fp32 on a CPU",
         choices=PRECISIONS,
     )
-    # Memory levers (ti_trainer/memory.py). The plan in force is reported in words when a run starts.
+    # Memory levers (ti_trainer/memory/plan.py). The plan in force is reported in words when a run starts.
     # SDPA, or xformers when installed; "math" is the plain path A1111 trains with
     attention: str = setting(
         "auto",

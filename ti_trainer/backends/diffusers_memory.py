@@ -1,4 +1,4 @@
-"""The memory plan (memory.py) applied to diffusers models, and undone afterwards. diffusers 0.27 to 0.42.
+"""The memory plan (memory/plan.py) applied to diffusers models, and undone afterwards. diffusers 0.27 to 0.42.
 
 - Attention: diffusers' own processors (AttnProcessor2_0 for SDPA, XFormersAttnProcessor) in the UNet and the
   VAE; when fp32 scores are wanted, or for the plain math path, `TrainingAttnProcessor` (same maths, through

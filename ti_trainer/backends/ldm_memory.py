@@ -1,4 +1,4 @@
-"""The memory plan (memory.py) applied to the WebUI's ldm model, and the model given back exactly as found.
+"""The memory plan (memory/plan.py) applied to the WebUI's ldm model, and the model given back exactly as found.
 
 Everything here patches instances, never classes: the WebUI patches the classes itself (its attention
 optimizations replace `CrossAttention.forward` and `AttnBlock.forward` class-wide), and an instance attribute

@@ -44,9 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the built-in tiny model: SD 2.x-like (tiny) or SDXL-like (tiny-sdxl)",
     )
 
-    # Dataset preparation verbs: preprocess, report (ti_trainer/prepare/cli_verbs.py).
+    # Dataset preparation verbs: preprocess, report (ti_trainer/cli/prepare_verbs.py).
     add_prepare_verbs(verbs)
-    # Choosing the result: compare, analyze, use-step (ti_trainer/analysis/commands.py).
+    # Choosing the result: compare, analyze, use-step (ti_trainer/cli/analysis_verbs.py).
     analysis_verbs.add_verbs(verbs)
     # The standalone app: the WebUI tab's panels in a browser (ti_trainer/host/standalone.py).
     _add_app_verb(verbs)

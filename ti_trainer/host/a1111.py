@@ -1,4 +1,5 @@
-"""The WebUI host: the only module of ti_trainer that imports the WebUI's `modules.*`.
+"""The A1111 WebUI host: with host/forge.py, the only modules of ti_trainer that import the WebUI's
+`modules.*`.
 
 It gives the panels, the API and the training loop what the WebUI has: its folders (embeddings, templates),
 its loaded model (an LdmBackend for SD 1.x/2.x, an SgmBackend for SDXL; trained in place), previews through its own txt2img processing, its queue,

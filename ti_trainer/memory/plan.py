@@ -2,7 +2,8 @@
 
 A `MemoryPlan` says how a run saves GPU memory; each backend applies it to its own model for the duration
 of the run and undoes it afterwards (`backend.memory_levers(plan)`: backends/diffusers_memory.py for the
-standalone model, backends/ldm_memory.py for the WebUI's). Why each lever (DESIGN.md, "Memory and speed"):
+standalone models, backends/ldm_memory.py and backends/sgm_memory.py for A1111's, backends/forge_memory.py for
+Forge's, which keeps Forge's own attention and weights). Why each lever (DESIGN.md, "Memory and speed"):
 
 - attention: PyTorch SDPA (or xformers) never materialises the tokens x tokens score matrix. At 768 px
   the math path holds ~0.85 GB per self-attention layer per image for the backward pass.
@@ -219,7 +220,7 @@ def lending_asked(config: TrainConfig, backend: PlannedModel) -> str:
     """The config's choice about lending the text encoders, as far as `backend` can follow it: "off" where
     it cannot lend ("auto" then simply never raises it); a clear refusal where "on" was asked of it.
 
-    Only SDXL's backends lend. SD 1.x/2.x's text encoder is small (0.25 / 0.7 GB in fp16) beside what
+    Only the standalone and A1111 SDXL backends lend. SD 1.x/2.x's text encoder is small (0.25 / 0.7 GB in fp16) beside what
     checkpointing frees, so a copy of it every step buys little; Forge places its models itself."""
     choice = config.lend_text_encoders
     if backend.lends_text_encoders:
@@ -233,7 +234,7 @@ def lending_asked(config: TrainConfig, backend: PlannedModel) -> str:
     )
 
 
-# --- shared by both backends -------------------------------------------------------------------------------
+# --- shared by the backends ---------------------------------------------------------------------------------
 
 
 def attention(
