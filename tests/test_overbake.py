@@ -85,3 +85,17 @@ def test_a_run_whose_vectors_blow_up_is_warned_about_and_analyze_agrees(make_con
     for index, step in analysis.departures.items():
         assert f"vector {index} from step {step}" in " ".join(warnings)
     assert any(line.startswith("Overbake warning: vector") for line in summary_lines(analysis))
+    # The command it suggests renders with the run's own (built-in) model: no --model needed.
+    assert f"python -m ti_trainer compare {result.log_folder})" in warnings[0]
+
+
+def test_the_suggested_compare_command_names_the_model_only_when_it_is_not_built_in(tmp_path):
+    from ti_trainer.backends.loading import TINY, TINY_SDXL, built_in_model, compare_command
+
+    assert built_in_model("tiny-sd2-v") == (TINY, "v") and built_in_model("tiny-sd1-eps") == (TINY, "eps")
+    assert built_in_model("tiny-sdxl") == (TINY_SDXL, None)
+    assert built_in_model("animeXL_v3") is None and built_in_model(None) is None
+    assert compare_command(tmp_path, "tiny-sdxl") == f"python -m ti_trainer compare {tmp_path}"
+    assert compare_command(tmp_path, "animeXL_v3") == (
+        f"python -m ti_trainer compare {tmp_path} --model <your animeXL_v3 checkpoint>"
+    )

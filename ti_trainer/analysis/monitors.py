@@ -51,6 +51,7 @@ from ti_trainer.analysis.run_files import (
     read_rows,
     update_summary,
 )
+from ti_trainer.backends.loading import compare_command
 from ti_trainer.config import TrainConfig
 from ti_trainer.embeddings.create import existing_embedding_file
 from ti_trainer.embeddings.embedding import Embedding
@@ -345,7 +346,8 @@ class NormMonitor:
             f"Step {step}: {self.context.embedding_name!r} may be overbaking: {which}"
             f"{norms.describe_overgrowth(flagged, self.references[key])} (lengths now "
             f"{', '.join(f'{value:.2f}' for value in lengths)}). Compare the steps around "
-            f"{min(flagged.values())} with earlier copies (python -m ti_trainer compare {self.context.folders.root})."
+            f"{min(flagged.values())} with earlier copies (the Results tab, or "
+            f"{compare_command(self.context.folders.root, self.context.backend.model_name)})."
         )
 
 

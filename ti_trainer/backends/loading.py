@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,23 @@ TINY_SDXL = "tiny-sdxl"
 # The key A1111 recognises an SDXL base checkpoint by (sd_models_config.py): bigG's final norm in sgm's
 # conditioner. A diffusers folder is SDXL when it has a second text encoder.
 SDXL_CHECKPOINT_KEY = "conditioner.embedders.1.model.ln_final.weight"
+
+
+def built_in_model(model_name: str | None) -> tuple[str, str | None] | None:
+    """The `--model` and parameterization that load the built-in model a backend named `model_name` was
+    (`tiny-sdxl`; `tiny-sd2-v` and the other tiny SD ones), or None for any other model: a run's settings
+    record the model's name, not where its file is."""
+    if model_name == TINY_SDXL:
+        return TINY_SDXL, None
+    tiny = re.fullmatch(r"tiny-sd[12]-(eps|v)", model_name or "")
+    return (TINY, tiny.group(1)) if tiny else None
+
+
+def compare_command(run_folder: Path, model_name: str | None) -> str:
+    """The `compare` command for a run on the model `model_name`: a built-in model is found by itself; any
+    other must be named with --model."""
+    command = f"python -m ti_trainer compare {run_folder}"
+    return command if built_in_model(model_name) else f"{command} --model <your {model_name} checkpoint>"
 
 
 def resolve_device(device: str = "auto") -> torch.device:

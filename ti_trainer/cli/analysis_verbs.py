@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -123,16 +122,16 @@ def _model_to_render_with(args, trained_on: str | None) -> tuple[str, str | None
     """The model and parameterization `compare` loads: `--model` when given; else the built-in tiny model the
     run was trained on (its settings file names it), or the tiny SD model for a run that names none. A run on
     a real checkpoint needs it named: rendering it with a tiny model would only fail on the vectors' width."""
-    from ti_trainer.backends.loading import TINY, TINY_SDXL
+    from ti_trainer.backends.loading import TINY, built_in_model
     from ti_trainer.errors import UserError
 
     if args.model:
         return args.model, args.parameterization
-    if trained_on is None or trained_on == TINY_SDXL:
-        return trained_on or TINY, args.parameterization
-    tiny = re.fullmatch(r"tiny-sd[12]-(eps|v)", trained_on)
-    if tiny:
-        return TINY, args.parameterization or tiny.group(1)
+    if trained_on is None:
+        return TINY, args.parameterization
+    built_in = built_in_model(trained_on)
+    if built_in:
+        return built_in[0], args.parameterization or built_in[1]
     raise UserError(
         f"This run was trained on {trained_on}. Give that model with --model (its checkpoint file or diffusers "
         "folder) to render the comparison with it."

@@ -24,7 +24,7 @@ def add_estimate_verb(verbs) -> None:
     verb.add_argument(
         "--model",
         default="sd21-768",
-        help="a named architecture (sd15, sd21-base, sd21-768, sdxl), a model path, or 'tiny' (default sd21-768)",
+        help="a named architecture (sd15, sd21-base, sd21-768, sdxl), a model path, or a built-in tiny model ('tiny', 'tiny-sdxl'; default sd21-768)",
     )
     verb.add_argument("--width", type=int, help="training width in px (default: the model's native size)")
     verb.add_argument("--height", type=int, help="training height in px (default: the width)")
@@ -56,7 +56,7 @@ def add_estimate_verb(verbs) -> None:
         "--probe",
         action="store_true",
         help="on a GPU, also find the largest batch with real training steps on the model (the fit finder, "
-        "starting from the estimate); --model must then be a model file or folder, or 'tiny'",
+        "starting from the estimate); --model must then be a model file or folder, 'tiny' or 'tiny-sdxl'",
     )
     verb.add_argument("--device", default="auto", help="for --probe: auto, cuda, cuda:1 ...")
     verb.add_argument(

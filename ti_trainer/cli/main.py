@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_app_verb(verbs) -> None:
     app = verbs.add_parser("app", help="open the training panels in your browser (localhost only)")
     app.add_argument(
-        "--model", default="tiny", help="checkpoint file, diffusers folder, or 'tiny' (built in)"
+        "--model",
+        default="tiny",
+        help="checkpoint file, diffusers folder, or a built-in tiny model: 'tiny' (SD 2.x-like) or 'tiny-sdxl'",
     )
     app.add_argument("--port", type=int, default=7861)
     app.add_argument("--workspace", type=Path, default=Path("ti_trainer_workspace"))
@@ -67,7 +69,9 @@ def _add_app_verb(verbs) -> None:
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", default="tiny", help="checkpoint file, diffusers folder, or 'tiny' (built in)"
+        "--model",
+        default="tiny",
+        help="checkpoint file, diffusers folder, or a built-in tiny model: 'tiny' (SD 2.x-like) or 'tiny-sdxl'",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument(
