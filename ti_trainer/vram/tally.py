@@ -3,11 +3,11 @@
 Four pieces, used together by estimate.py around one forward and backward pass:
 
 - `LiveBytes`, a TorchDispatchMode: every tensor an aten op returns is looked at once; a storage it has not
-  seen is added to the live total, and taken off when the storage is freed (a weakref callback). The peak of
-  that total is the peak the GPU allocator would report for the same program, since meta tensors are created
-  and freed at exactly the points real ones are (Python refcounts, autograd's saved tensors, checkpoint
-  recomputation in the backward pass). Storages created before the mode (the weights) are not seen: they are
-  counted once by the caller. Each storage is also rounded up to 512 bytes, as PyTorch's CUDA caching
+  seen is added to the live total, and taken off when the storage is freed, with the last tensor on it (weakref
+  callbacks). The peak of that total is the peak the GPU allocator would report for the same program, since
+  meta tensors are created and freed at exactly the points real ones are (Python refcounts, autograd's saved
+  tensors, checkpoint recomputation in the backward pass). Storages created before the mode (the weights) are
+  not seen: they are counted once by the caller. Each storage is also rounded up to 512 bytes, as PyTorch's CUDA caching
   allocator rounds every block (that rounded figure is what `torch.cuda.max_memory_allocated` sums).
 - `CudaAutocast`, a TorchFunctionMode: CUDA autocast's casts, reproduced above autograd so that the cast
   copies are what autograd saves (as they are under real autocast). Meta tensors have no autocast dispatch
@@ -48,72 +48,80 @@ class LiveBytes(TorchDispatchMode):
     """Tallies the bytes of storages created under it while they live; keeps the peak.
 
     `counting` can be switched off (the text encoder's work on the CPU when it is placed there): storages
-    created then are never added. `peak_tag` is the label of the op at which the peak was reached.
+    created then are never added. `peak_op` is the label of the op at which the peak was reached.
+
+    A storage is freed when the last tensor on it is. Every tensor made under the mode is seen here: an op's
+    result, and each view or alias of it (`detach` included: while a dispatch mode is on, torch makes even
+    its internal shallow copies, such as the one autograd keeps of a saved output, through that op). torch
+    keeps a tensor's Python object alive as long as C++ holds the tensor, so a weak reference to each of them
+    says when it is gone, under every torch this package installs with. (A storage's own Python object
+    could not say it: before torch 2.2 each `untyped_storage()` call makes a new one.)
     """
 
     def __init__(self):
         super().__init__()
-        _require_lasting_storage_objects()
         self.live = self.peak = 0  # bytes as asked for
         self.live_rounded = self.peak_rounded = 0  # bytes as the allocator rounds them
         self.counting = True
         self.peak_op = ""
-        self._sizes: dict[int, tuple[int, int]] = {}
-        self._refs: dict[int, object] = {}
+        self._storages: dict[int, _Counted] = {}  # by the storage's address (`_cdata`)
+        self._watchers: dict[int, tuple[weakref.ref, int]] = {}  # id of the weak reference -> storage address
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if self.counting:
-            declared_returns = func._schema.returns
-            results = (out,) if len(declared_returns) == 1 else out
-            for declared, result in zip(declared_returns, results):
-                # A view or an in-place result shares an input's storage: nothing new (and a view of a
-                # weight must not count the weight again).
-                if declared.alias_info is not None:
-                    continue
-                for tensor in tree_flatten(result)[0]:
-                    if isinstance(tensor, torch.Tensor):
-                        self._track(tensor, func)
+        declared_returns = func._schema.returns
+        results = (out,) if len(declared_returns) == 1 else out
+        for declared, result in zip(declared_returns, results):
+            # A view or an in-place result shares an input's storage: nothing new (and a view of a weight
+            # must not count the weight again), but one more tensor that keeps a counted storage alive.
+            aliased = declared.alias_info is not None
+            if aliased and not self._storages:
+                continue
+            for tensor in tree_flatten(result)[0]:
+                if isinstance(tensor, torch.Tensor):
+                    self._track(tensor, func, new=self.counting and not aliased)
         return out
 
-    def _track(self, tensor: torch.Tensor, func) -> None:
+    def _track(self, tensor: torch.Tensor, func, new: bool) -> None:
         storage = tensor.untyped_storage()
         key = storage._cdata
-        if key in self._sizes:
-            return
-        nbytes = storage.nbytes()
-        if nbytes == 0:
-            return
-        rounded = allocator_rounded(nbytes)
-        self._sizes[key] = (nbytes, rounded)
-        self._refs[key] = weakref.ref(storage, lambda _, key=key: self._release(key))
-        self.live += nbytes
-        self.live_rounded += rounded
+        counted = self._storages.get(key)
+        if counted is None:
+            if not new:
+                return
+            nbytes = storage.nbytes()
+            if nbytes == 0:
+                return
+            counted = self._storages[key] = _Counted(nbytes, allocator_rounded(nbytes))
+            self._add(counted, func)
+        watcher = weakref.ref(tensor, self._tensor_freed)
+        self._watchers[id(watcher)] = (watcher, key)
+        counted.tensors += 1
+
+    def _add(self, counted: _Counted, func) -> None:
+        self.live += counted.nbytes
+        self.live_rounded += counted.rounded
         if self.live_rounded > self.peak_rounded:
             self.peak_rounded, self.peak_op = self.live_rounded, str(func)
         self.peak = max(self.peak, self.live)
 
-    def _release(self, key: int) -> None:
-        sizes = self._sizes.pop(key, None)
-        self._refs.pop(key, None)
-        if sizes is not None:
-            self.live -= sizes[0]
-            self.live_rounded -= sizes[1]
+    def _tensor_freed(self, watcher: weakref.ref) -> None:
+        _, key = self._watchers.pop(id(watcher))
+        counted = self._storages[key]
+        counted.tensors -= 1
+        if counted.tensors == 0:  # the storage goes with its last tensor
+            del self._storages[key]
+            self.live -= counted.nbytes
+            self.live_rounded -= counted.rounded
 
 
-def _require_lasting_storage_objects() -> None:
-    """The tally's weak references need a storage's Python object to live exactly as long as the storage
-    (torch keeps one object per storage since its "PyObject preservation for UntypedStorage", torch 2.1).
-    Where `untyped_storage()` gives a new object each call instead, each reference would die at once and
-    every figure would read zero: refuse clearly rather than answer that."""
-    probe = torch.empty(1, device="meta")
-    if probe.untyped_storage() is not probe.untyped_storage():
-        from ti_trainer.errors import UserError
+class _Counted:
+    """A storage being counted: its bytes (as asked for, as rounded), and how many tensors on it are alive."""
 
-        raise UserError(
-            f"The VRAM estimate cannot count memory with torch {torch.__version__}: it needs torch 2.1 or "
-            "newer. Measure instead with `python -m ti_trainer estimate --probe` on the GPU."
-        )
+    __slots__ = ("nbytes", "rounded", "tensors")
+
+    def __init__(self, nbytes: int, rounded: int):
+        self.nbytes, self.rounded, self.tensors = nbytes, rounded, 0
 
 
 # --- CUDA autocast, reproduced --------------------------------------------------------------------------------
