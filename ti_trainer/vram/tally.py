@@ -7,8 +7,9 @@ Four pieces, used together by estimate.py around one forward and backward pass:
   callbacks). The peak of that total is the peak the GPU allocator would report for the same program, since
   meta tensors are created and freed at exactly the points real ones are (Python refcounts, autograd's saved
   tensors, checkpoint recomputation in the backward pass). Storages created before the mode (the weights) are
-  not seen: they are counted once by the caller. Each storage is also rounded up to 512 bytes, as PyTorch's CUDA caching
-  allocator rounds every block (that rounded figure is what `torch.cuda.max_memory_allocated` sums).
+  not seen: they are counted once by the caller. Each storage is also rounded up to 512 bytes, as PyTorch's
+  CUDA caching allocator rounds every block (that rounded figure is what `torch.cuda.max_memory_allocated`
+  sums).
 - `CudaAutocast`, a TorchFunctionMode: CUDA autocast's casts, reproduced above autograd so that the cast
   copies are what autograd saves (as they are under real autocast). Meta tensors have no autocast dispatch
   key, so the real one cannot run here. The lists below are the subset of aten/src/ATen/autocast_mode.cpp
