@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from vram_figures import RECORDED, SMALL, figures
 
 from ti_trainer.cli.main import main
@@ -285,6 +287,7 @@ def test_a_region_checkpointed_by_a_direct_call_is_recomputed_under_the_emulated
     assert peaks[True] < peaks[False]
 
 
+@pytest.mark.skipif(torch.__version__ < "2.5", reason="torch's own checkpoint runs on meta tensors from 2.5")
 def test_the_recomputation_holds_what_torchs_own_checkpoint_holds():
     """The estimate's recomputation against torch's non-reentrant checkpoint (which the backends use on a
     GPU), on two checkpointed transformer blocks in a row. At fp32 there are no casts to restore: torch's
@@ -392,6 +395,10 @@ def test_a_storage_is_counted_until_the_last_tensor_on_it_goes():
         assert tally.live == 4096
 
 
+@pytest.mark.skipif(
+    Version(transformers.__version__) < Version("4.41"),
+    reason="CLIP's eager attention before transformers 4.41 holds more: tests/ui compares within that",
+)
 def test_the_recorded_figures_are_the_core_venvs():
     """tests/vram_figures.py's RECORDED, which the WebUI-pinned suites compare to, is this venv's estimate
     (when the estimate changes on purpose, print the new figures as its docstring says)."""
