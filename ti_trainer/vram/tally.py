@@ -66,7 +66,7 @@ class LiveBytes(TorchDispatchMode):
         self.counting = True
         self.peak_op = ""
         self._storages: dict[int, _Counted] = {}  # by the storage's address (`_cdata`)
-        self._watchers: dict[int, tuple[weakref.ref, int]] = {}  # id of the weak reference -> storage address
+        self._watchers: dict[int, tuple[weakref.ref, _Counted]] = {}  # by id of the weak reference
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -93,11 +93,13 @@ class LiveBytes(TorchDispatchMode):
             nbytes = storage.nbytes()
             if nbytes == 0:
                 return
-            counted = self._storages[key] = _Counted(nbytes, allocator_rounded(nbytes))
+            counted = self._storages[key] = _Counted(key, nbytes, allocator_rounded(nbytes))
             self._add(counted, func)
-        watcher = weakref.ref(tensor, self._tensor_freed)
-        self._watchers[id(watcher)] = (watcher, key)
+        # Counted before the weak reference is made: a garbage collection that allocation may start must not
+        # free the storage in between (were the other tensors on it in a reference cycle).
         counted.tensors += 1
+        watcher = weakref.ref(tensor, self._tensor_freed)
+        self._watchers[id(watcher)] = (watcher, counted)
 
     def _add(self, counted: _Counted, func) -> None:
         self.live += counted.nbytes
@@ -107,22 +109,22 @@ class LiveBytes(TorchDispatchMode):
         self.peak = max(self.peak, self.live)
 
     def _tensor_freed(self, watcher: weakref.ref) -> None:
-        _, key = self._watchers.pop(id(watcher))
-        counted = self._storages[key]
+        _, counted = self._watchers.pop(id(watcher))
         counted.tensors -= 1
         if counted.tensors == 0:  # the storage goes with its last tensor
-            del self._storages[key]
+            del self._storages[counted.key]
             self.live -= counted.nbytes
             self.live_rounded -= counted.rounded
 
 
 class _Counted:
-    """A storage being counted: its bytes (as asked for, as rounded), and how many tensors on it are alive."""
+    """A storage being counted: its address, its bytes (as asked for, as rounded), and how many tensors on it
+    are alive."""
 
-    __slots__ = ("nbytes", "rounded", "tensors")
+    __slots__ = ("key", "nbytes", "rounded", "tensors")
 
-    def __init__(self, nbytes: int, rounded: int):
-        self.nbytes, self.rounded, self.tensors = nbytes, rounded, 0
+    def __init__(self, key: int, nbytes: int, rounded: int):
+        self.key, self.nbytes, self.rounded, self.tensors = key, nbytes, rounded, 0
 
 
 # --- CUDA autocast, reproduced --------------------------------------------------------------------------------
