@@ -1,6 +1,6 @@
-# Every target does its own set-up: virtual environments in the checkout, with the pinned CPU torch.
+# Every target does its own set-up: virtual environments in the checkout, each with its world's pinned torch.
 #   .venv        the core, the CLI and the demo (current diffusers/transformers)
-#   .venv-a1111  everything A1111-facing, under the WebUI's pins (gradio 3.41.2, transformers 4.30.2, ldm)
+#   .venv-a1111  everything A1111-facing, under the WebUI's pins (torch 2.1.2, gradio 3.41.2, transformers 4.30.2, ldm)
 #   .venv-forge  the panels under Forge's pins (gradio 4.40.0, transformers 4.46.1, diffusers 0.31.0)
 PYTHON ?= python3
 VENV := .venv
@@ -35,11 +35,9 @@ $(STAMP): pyproject.toml requirements-dev.txt
 
 $(A1111_STAMP): pyproject.toml requirements-a1111.txt
 	test -x $(A1111_BIN)/python || $(PYTHON) -m venv $(A1111_VENV)
-	$(A1111_BIN)/python -m pip install -q torch==2.13.0
+	# A1111's torch (2.1.2, pinned in the file): not the local CPU build of the other venvs.
 	$(A1111_BIN)/python -m pip install -q -r requirements-a1111.txt
 	$(A1111_BIN)/python -m pip install -q --no-deps stable-diffusion-sdkit==2.1.5
-	# open_clip pulls a torchvision built for CUDA torch, which cannot load here; the tests shim it.
-	$(A1111_BIN)/python -m pip uninstall -q -y torchvision || true
 	$(A1111_BIN)/python -m pip install -q --no-deps -e .
 	$(CHROMIUM_INSTALL)
 	touch $(A1111_STAMP)

@@ -5,19 +5,11 @@ They run only in .venv-a1111 (the WebUI's pins plus the `ldm` package A1111 runs
 """
 
 import sys
-import warnings
 from pathlib import Path
 
-# ldm imports pytorch_lightning, whose torchmetrics decides at import time whether torchvision is usable and
-# would then import parts of it the shim below does not have. Imported first, it sees no torchvision.
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)  # pytorch_lightning 1.9 on a newer setuptools
-    import pytorch_lightning  # noqa: F401
-
 HERE = Path(__file__).parent
-# shims/: an import-only torchvision (no CPU build exists for the pinned torch; see shims/torchvision).
 # standin/: the WebUI's `modules` package as the extension sees it (see standin/README.md).
-sys.path[:0] = [str(HERE / "shims"), str(HERE / "standin")]
+sys.path[:0] = [str(HERE / "standin")]
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

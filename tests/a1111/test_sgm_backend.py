@@ -15,7 +15,7 @@ from model_state import assert_same_fingerprint, model_fingerprint
 from PIL import Image
 from quick_runs import quick_train_config
 from test_ldm_memory import pre_hooks
-from tiny_sgm import BIGG_WIDTH, CLIP_L_WIDTH, CROSSATTN_WIDTH
+from tiny_sgm import BIGG_WIDTH, CLIP_L_WIDTH, CROSSATTN_WIDTH, FP8_RUNS_ON_CPU
 
 from ti_trainer.backends.contract import Backend
 from ti_trainer.backends.ldm_memory import lowvram_hooks
@@ -365,6 +365,7 @@ def test_under_medvram_sdxl_a_run_takes_placement_over_and_gives_it_back(fresh_s
     assert_same_fingerprint(before, model_fingerprint(model))
 
 
+@FP8_RUNS_ON_CPU
 @pytest.mark.parametrize("fresh_sdxl_webui", [FP8_FOR_SDXL], indirect=True)
 def test_with_fp8_weight_storage_a_run_trains_and_the_fp8_weights_stay_as_stored(fresh_sdxl_run):
     from modules import devices

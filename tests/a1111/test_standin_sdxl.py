@@ -16,6 +16,7 @@ from tiny_sgm import (
     CLIP_L_LAYERS,
     CLIP_L_WIDTH,
     CROSSATTN_WIDTH,
+    FP8_RUNS_ON_CPU,
     SIZE_EMBEDDING_WIDTH,
     VECTOR_WIDTH,
 )
@@ -407,6 +408,7 @@ def test_medvram_sdxl_leaves_other_models_and_sdxl_without_it_alone(webui_sdxl, 
     assert lowvram.is_needed(webui_sdxl.model) and not lowvram.is_needed(tiny_sd2)
 
 
+@FP8_RUNS_ON_CPU
 @pytest.mark.parametrize("fresh_sdxl_webui", [FP8_FOR_SDXL], indirect=True)
 def test_fp8_for_sdxl_stores_linear_and_conv_weights_outside_the_vae_and_still_generates(fresh_sdxl_webui):
     from modules import devices, processing

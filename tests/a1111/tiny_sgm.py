@@ -13,11 +13,21 @@ import json
 from pathlib import Path
 
 import open_clip
+import pytest
 import torch
 from omegaconf import OmegaConf
 from tiny_ldm import write_clip_vocabulary
 
 from ti_trainer.backends.tiny import make_random_init_informative
+
+# A1111's FP8 path on the CPU (devices.autocast: bf16 CPU autocast) runs open_clip's float attention mask
+# against bf16 queries; torch casts the two to one dtype only where scaled_dot_product_attention has an
+# AutocastCPU kernel (not in torch 2.1, A1111's). A1111 itself fails there at model load, before any of our
+# code; on a GPU it autocasts for CUDA, which has the kernel.
+FP8_RUNS_ON_CPU = pytest.mark.skipif(
+    not torch._C._dispatch_has_kernel_for_dispatch_key("aten::scaled_dot_product_attention", "AutocastCPU"),
+    reason="A1111's FP8 on the CPU needs torch's CPU autocast of attention (torch 2.2+); A1111's torch 2.1 lacks it",
+)
 
 CLIP_L_WIDTH = 32
 CLIP_L_LAYERS = 3

@@ -1,1 +1,0 @@
-"""Imported by open_clip's transform module as `F`; nothing in it is called by the tests."""
