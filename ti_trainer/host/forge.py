@@ -25,13 +25,9 @@ from ti_trainer.backends.forge_backend import ForgeBackend
 from ti_trainer.backends.forge_xl_backend import ForgeXLBackend
 from ti_trainer.embeddings.vectors import Vectors
 from ti_trainer.errors import UserError
-from ti_trainer.host import api, webui_settings
+from ti_trainer.host import webui_settings
 from ti_trainer.host.base import HostServices
-from ti_trainer.host.jobs import JobRegistry
 from ti_trainer.host.webui_host import WebuiHost
-
-TAB_TITLE = "TI Trainer"
-TAB_ID = "ti_trainer"
 
 # What this WebUI shares with the other (host/webui_host.py): jobs, progress, folders, flags, BLIP.
 _webui = WebuiHost(shared, call_queue, progress)
@@ -48,9 +44,7 @@ def register_callbacks() -> None:
 
 
 def ui_tabs() -> list[tuple[object, str, str]]:
-    from ti_trainer.ui.tab import build_tab  # Gradio panels load only when the WebUI builds its UI
-
-    return [(build_tab(host_services()), TAB_TITLE, TAB_ID)]
+    return _webui.ui_tabs(host_services())
 
 
 def add_settings() -> None:
@@ -58,12 +52,7 @@ def add_settings() -> None:
 
 
 def add_api_routes(demo, app) -> None:
-    """Our routes where Forge serves its own API (--api, or --nowebui), behind the same --api-auth."""
-    if not _webui.serves_api():
-        return
-    services = host_services()
-    jobs = JobRegistry(services, run_exclusive=run_exclusive)
-    api.add_routes(app, services, jobs, api.parse_credentials(shared.cmd_opts.api_auth))
+    _webui.add_api_routes(app, host_services)
 
 
 # --- host services -------------------------------------------------------------------------------------------

@@ -15,9 +15,13 @@ from types import ModuleType
 
 from PIL import Image
 
-from ti_trainer.host import webui_settings
+from ti_trainer.host import api, webui_settings
 from ti_trainer.host.base import HostServices
+from ti_trainer.host.jobs import JobRegistry
 from ti_trainer.text.templates import BUILTIN_TEMPLATES_DIR
+
+TAB_TITLE = "TI Trainer"  # not "Train": that is A1111's own tab, which may or may not be there
+TAB_ID = "ti_trainer"
 
 
 class WebuiHost:
@@ -92,6 +96,24 @@ class WebuiHost:
             interrupt_requested=lambda: bool(shared.state.interrupted),
             request_interrupt=lambda: shared.state.interrupt(),
         )
+
+    def ui_tabs(self, services: HostServices) -> list[tuple[object, str, str]]:
+        """Our tab, for the WebUI's `on_ui_tabs` callback."""
+        from ti_trainer.ui.tab import build_tab  # Gradio panels load only when the WebUI builds its UI
+
+        return [(build_tab(services), TAB_TITLE, TAB_ID)]
+
+    def add_api_routes(self, app, host_services: Callable[[], HostServices]) -> None:
+        """Our routes where the WebUI serves its own API, guarded by the same credentials (--api-auth).
+
+        The WebUI adds its API only with --api, or with --nowebui (API only); otherwise `/sdapi/v1/*` answers
+        404, and so must ours: a WebUI behind --gradio-auth alone guards its pages, not routes added here.
+        """
+        if not self.serves_api():
+            return
+        services = host_services()
+        jobs = JobRegistry(services, run_exclusive=self.run_exclusive)
+        api.add_routes(app, services, jobs, api.parse_credentials(self.shared.cmd_opts.api_auth))
 
     def serves_api(self) -> bool:
         """Whether the WebUI registered its own API routes (webui.py: `--api`, or `--nowebui`): ours go
