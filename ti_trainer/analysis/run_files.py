@@ -125,7 +125,7 @@ class RunInfo:
     @classmethod
     def open(cls, folder: str | Path) -> RunInfo:
         root = Path(folder).expanduser()
-        settings = sorted(root.glob("settings-*.json"))
+        settings = settings_files(root)
         if not root.is_dir() or not settings:
             raise UserError(
                 f"{root} is not a training run's log folder (it has no settings-*.json). Give the folder that "
@@ -134,6 +134,15 @@ class RunInfo:
         config = TrainConfig.from_settings_file(settings[-1])
         name = config.embedding_name or root.name
         return cls(root, config, name)
+
+    def trained_on(self) -> str | None:
+        """The name of the model the run trained on, as its newest settings file records it (None if it
+        records none, or cannot be read)."""
+        try:
+            recorded = json.loads(settings_files(self.root)[-1].read_text(encoding="utf-8"))
+        except (OSError, ValueError, IndexError):
+            return None
+        return recorded.get("model_name") if isinstance(recorded, dict) else None
 
     @property
     def embeddings_folder(self) -> Path:
@@ -227,6 +236,11 @@ def _curve(path: Path, column: str) -> Curve:
             steps.append(step)
             values.append(value)
     return Curve(steps, values)
+
+
+def settings_files(root: Path) -> list[Path]:
+    """A run folder's settings files, oldest first (each start or resume writes one)."""
+    return sorted(root.glob("settings-*.json"))
 
 
 def find_runs(log_dir: str | Path) -> list[Path]:

@@ -96,7 +96,7 @@ def _compare(run_info, args) -> int:
     settings.check()
     saved = run_info.saved_steps()
     steps = compare.parse_steps(args.steps, list(saved))
-    trained_on = _trained_model(run_info)
+    trained_on = run_info.trained_on()
     model, parameterization = _model_to_render_with(args, trained_on)
     backend = load_backend(model, args.device, parameterization)
     if trained_on and trained_on != backend.model_name:
@@ -136,16 +136,6 @@ def _model_to_render_with(args, trained_on: str | None) -> tuple[str, str | None
         f"This run was trained on {trained_on}. Give that model with --model (its checkpoint file or diffusers "
         "folder) to render the comparison with it."
     )
-
-
-def _trained_model(run_info) -> str | None:
-    import json
-
-    settings = sorted(run_info.root.glob("settings-*.json"))
-    try:
-        return json.loads(settings[-1].read_text(encoding="utf-8")).get("model_name")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _analyze(run_info, args) -> int:
