@@ -116,25 +116,7 @@ def render_preview(request: PreviewRequest) -> Image.Image | None:
     engine's embedding database for the while; afterwards the database holds what it held before."""
     model = loaded_model()
     with registered_embeddings(request.vectors, text_engines(model)):
-        p = processing.StableDiffusionProcessingTxt2Img(
-            sd_model=model,
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            steps=request.steps,
-            sampler_name=request.sampler,
-            cfg_scale=request.cfg_scale,
-            seed=request.seed,
-            width=request.width,
-            height=request.height,
-            do_not_save_grid=True,
-            do_not_save_samples=True,
-        )
-        processed = processing.process_images(p)
-    if not processed.images:  # interrupted while sampling
-        return None
-    image = processed.images[0]
-    shared.state.assign_current_image(image)
-    return image
+        return _webui.txt2img_preview(processing, model, request)
 
 
 @contextlib.contextmanager

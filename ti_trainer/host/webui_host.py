@@ -15,6 +15,7 @@ from types import ModuleType
 
 from PIL import Image
 
+from ti_trainer.backends.contract import PreviewRequest
 from ti_trainer.host import api, webui_settings
 from ti_trainer.host.base import HostServices
 from ti_trainer.host.jobs import JobRegistry
@@ -96,6 +97,32 @@ class WebuiHost:
             interrupt_requested=lambda: bool(shared.state.interrupted),
             request_interrupt=lambda: shared.state.interrupt(),
         )
+
+    def txt2img_preview(
+        self, processing: ModuleType, model, request: PreviewRequest, **extra
+    ) -> Image.Image | None:
+        """One preview image through the WebUI's own txt2img (`processing`), saving nothing; None when
+        Interrupt stopped it while sampling. `extra`: the WebUI's own further processing options."""
+        p = processing.StableDiffusionProcessingTxt2Img(
+            sd_model=model,
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            steps=request.steps,
+            sampler_name=request.sampler,
+            cfg_scale=request.cfg_scale,
+            seed=request.seed,
+            width=request.width,
+            height=request.height,
+            do_not_save_grid=True,
+            do_not_save_samples=True,
+            **extra,
+        )
+        processed = processing.process_images(p)
+        if not processed.images:
+            return None
+        image = processed.images[0]
+        self.shared.state.assign_current_image(image)
+        return image
 
     def ui_tabs(self, services: HostServices) -> list[tuple[object, str, str]]:
         """Our tab, for the WebUI's `on_ui_tabs` callback."""
